@@ -1,0 +1,61 @@
+//! The driver step of the dispatch path: one handle per open connection, whose only entry
+//! point demands a policy [`Grant`] and [`ValidArgs`], so an ungated call does not compile.
+//!
+//! Today a handle wraps an in-process plugin connection; an out-of-process (isolated) backend
+//! slots in here behind the same `invoke`.
+
+use abi_stable::{sabi_trait::TD_Opaque, std_types::RStr};
+use capvirt_plugin_api::{CallContext, CallContext_TO, DriverBox, PluginError, Value};
+
+use crate::{policy::Grant, validate::ValidArgs};
+
+/// Receives what a driver reports while a call runs (progress, events) and can cancel it.
+pub trait CallObserver: Sync {
+    fn progress(&self, _done: u64, _total: u64) {}
+    fn event(&self, _name: &str, _data: &Value) {}
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+impl CallObserver for NoObserver {}
+
+/// An open connection to a driver.
+pub struct DriverHandle {
+    inner: DriverBox,
+}
+
+impl DriverHandle {
+    pub(crate) fn new(inner: DriverBox) -> Self {
+        DriverHandle { inner }
+    }
+
+    /// Performs the granted capability with validated arguments.
+    pub fn invoke(&self, grant: &Grant<'_>, args: &ValidArgs, observer: &dyn CallObserver) -> Result<Value, PluginError> {
+        let capability = grant.capability();
+        if args.capability() != capability.index {
+            // Arguments validated for another capability: a host bug, never sent to a driver.
+            return Err(PluginError::internal(format!("arguments were validated for a different capability than `{}`", capability.id())));
+        }
+        let bridge = ObserverBridge(observer);
+        let context = CallContext_TO::from_ptr(&bridge, TD_Opaque);
+        self.inner.invoke(RStr::from(capability.id()), args.value(), context).into_result()
+    }
+}
+
+/// Adapts a host [`CallObserver`] to the ABI's [`CallContext`] trait.
+struct ObserverBridge<'a>(&'a dyn CallObserver);
+
+impl CallContext for ObserverBridge<'_> {
+    fn progress(&self, done: u64, total: u64) {
+        self.0.progress(done, total);
+    }
+    fn event(&self, name: RStr<'_>, data: &Value) {
+        self.0.event(name.as_str(), data);
+    }
+    fn is_cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
+}

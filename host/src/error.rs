@@ -1,0 +1,102 @@
+//! Library errors. The binary prints them as one line and maps [`ErrorCategory`] to exit codes.
+
+use capvirt_plugin_api::{ErrorKind, PluginError};
+
+use crate::registry::{RegistryError, Stage, ValidationError};
+
+/// Coarse classes of failure, stable for scripts (the CLI maps them to exit codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCategory {
+    /// Bad usage or invalid arguments.
+    Usage,
+    /// Refused by policy: not in the registry, rejected/removed, not enabled, read-only.
+    Denied,
+    /// The driver does not support it.
+    Unsupported,
+    NotFound,
+    InvalidState,
+    Other,
+}
+
+/// Why a capability call did not produce a result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The id is not declared by the registry.
+    #[error("capability `{id}` is not in the registry {registry_version}")]
+    Unknown { id: String, registry_version: semver::Version },
+    /// The capability's stage forbids calling it.
+    #[error("capability `{id}` is {stage}: {reason}")]
+    Refused { id: String, stage: Stage, reason: String },
+    /// Experimental and not enabled on this host.
+    #[error("capability `{id}` is experimental and not enabled (use --enable {id})")]
+    NotEnabled { id: String },
+    /// A mutating capability on a read-only connection.
+    #[error("capability `{id}` changes state, and the connection to {uri} is read-only")]
+    ReadOnly { id: String, uri: String },
+    /// The argument record does not match the declared parameters.
+    #[error("invalid arguments for `{id}`: {error}")]
+    InvalidArguments { id: String, error: ValidationError },
+    /// The connected driver does not implement the capability.
+    #[error("the `{driver}` driver does not implement `{id}`")]
+    NotImplemented { id: String, driver: String },
+    /// The driver tried and failed.
+    #[error("`{id}` failed: {error}")]
+    Driver { id: String, error: PluginError },
+    /// The driver's result does not have the declared type (only checked when enabled).
+    #[error("the `{driver}` driver returned a malformed result for `{id}`: {error}")]
+    MalformedResult { id: String, driver: String, error: ValidationError },
+}
+
+impl CallError {
+    pub fn category(&self) -> ErrorCategory {
+        match self {
+            CallError::Unknown { .. } | CallError::Refused { .. } | CallError::NotEnabled { .. } | CallError::ReadOnly { .. } => {
+                ErrorCategory::Denied
+            }
+            CallError::InvalidArguments { .. } => ErrorCategory::Usage,
+            CallError::NotImplemented { .. } => ErrorCategory::Unsupported,
+            CallError::Driver { error, .. } => match error.kind {
+                ErrorKind::NotFound => ErrorCategory::NotFound,
+                ErrorKind::InvalidArgument => ErrorCategory::Usage,
+                ErrorKind::InvalidState => ErrorCategory::InvalidState,
+                ErrorKind::Unsupported => ErrorCategory::Unsupported,
+                ErrorKind::DriverFailure | ErrorKind::Timeout | ErrorKind::Internal => ErrorCategory::Other,
+            },
+            CallError::MalformedResult { .. } => ErrorCategory::Other,
+        }
+    }
+
+    /// The short outcome word recorded in the audit log.
+    pub fn audit_outcome(&self) -> &'static str {
+        match self.category() {
+            ErrorCategory::Denied => "denied",
+            _ => "failed",
+        }
+    }
+}
+
+/// Why a host could not be set up or a connection opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("cannot read registry directory: {0}")]
+    RegistryIo(#[from] std::io::Error),
+    #[error("invalid connection URI {uri:?}: {why}")]
+    BadUri { uri: String, why: String },
+    #[error("no loaded plugin serves the `{scheme}` scheme of {uri} ({hint})")]
+    NoDriver { uri: String, scheme: String, hint: String },
+    #[error("cannot connect to {uri}: {error}")]
+    Connect { uri: String, error: PluginError },
+}
+
+impl HostError {
+    pub fn category(&self) -> ErrorCategory {
+        match self {
+            HostError::BadUri { .. } => ErrorCategory::Usage,
+            HostError::NoDriver { .. } => ErrorCategory::Unsupported,
+            HostError::Connect { error, .. } => CallError::Driver { id: String::new(), error: error.clone() }.category(),
+            HostError::Registry(_) | HostError::RegistryIo(_) => ErrorCategory::Other,
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The capvirt management host as a library: the registry, the plugin loader, the one
+//! dispatch path, and the CLI built on them.
+//!
+//! ```no_run
+//! use capvirt_host::{Host, HostConfig, Value};
+//! let host = Host::new(HostConfig { plugin_dirs: vec!["target/debug".into()], ..Default::default() })?;
+//! let conn = host.connect("test:///default", false)?;
+//! let info = conn.call("domain.info", Value::record([("domain", "test")]))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(unsafe_code)]
+
+pub mod audit;
+pub mod cli;
+pub mod convert;
+pub mod driver;
+pub mod error;
+pub mod host;
+mod loader;
+pub mod plugins;
+pub mod policy;
+pub mod registry;
+pub mod validate;
+
+pub use capvirt_plugin_api::{ErrorKind, PluginError, Value};
+pub use driver::CallObserver;
+pub use error::{CallError, ErrorCategory, HostError};
+pub use host::{Connection, Host, HostConfig, RegistrySource, DEFAULT_URI};
+pub use registry::Registry;

@@ -1,0 +1,224 @@
+//! Plugin discovery and the load-time checks of each plugin against the registry.
+//!
+//! One bad plugin never stops the others: every file ends up either loaded or refused with a
+//! reason, and `capvirt plugins` shows both.
+
+use std::{
+    collections::HashSet,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use capvirt_plugin_api::{Manifest, PluginModuleRef};
+
+use crate::{
+    loader,
+    registry::{model::StringFormat, types::check_format, CapabilityIndex, Registry},
+};
+
+/// Plugin file names: `libcapvirt_driver_<name>.so`.
+pub const PLUGIN_PREFIX: &str = "libcapvirt_driver_";
+pub const PLUGIN_SUFFIX: &str = ".so";
+/// Searched after the executable's directory when no directory is given explicitly.
+pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/capvirt/plugins";
+
+/// The directories to search, in order: explicit ones (`--plugin-dir`, else
+/// `CAPVIRT_PLUGIN_DIR`, colon-separated) replace the defaults, which are the directory of
+/// the executable and then [`SYSTEM_PLUGIN_DIR`].
+pub fn search_path(explicit: &[PathBuf], env_value: Option<&str>, exe_dir: Option<&Path>) -> Vec<PathBuf> {
+    if !explicit.is_empty() {
+        return explicit.to_vec();
+    }
+    if let Some(value) = env_value.filter(|v| !v.is_empty()) {
+        return std::env::split_paths(value).collect();
+    }
+    exe_dir.into_iter().map(Path::to_path_buf).chain([PathBuf::from(SYSTEM_PLUGIN_DIR)]).collect()
+}
+
+/// A plugin's manifest, copied out of the ABI types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    pub name: String,
+    pub vendor: String,
+    pub version: String,
+    pub registry_version: String,
+    pub schemes: Vec<String>,
+    pub description: String,
+    /// `(capability id, capability version)` as declared.
+    pub capabilities: Vec<(String, u32)>,
+}
+
+impl PluginInfo {
+    fn from_manifest(m: &Manifest) -> Self {
+        PluginInfo {
+            name: m.name.to_string(),
+            vendor: m.vendor.to_string(),
+            version: m.version.to_string(),
+            registry_version: m.registry_version.to_string(),
+            schemes: m.schemes.iter().map(|s| s.to_string()).collect(),
+            description: m.description.to_string(),
+            capabilities: m.capabilities.iter().map(|c| (c.id.to_string(), c.version)).collect(),
+        }
+    }
+}
+
+/// A plugin that passed every check.
+pub struct LoadedPlugin {
+    pub path: PathBuf,
+    pub info: PluginInfo,
+    pub(crate) module: PluginModuleRef,
+    /// Registry capabilities this plugin may be called for, by registry index.
+    callable: Vec<bool>,
+    /// Declared capabilities that are never callable, with the reason.
+    pub ignored: Vec<(String, String)>,
+}
+
+impl LoadedPlugin {
+    pub fn implements(&self, index: CapabilityIndex) -> bool {
+        self.callable.get(index.0).copied().unwrap_or(false)
+    }
+
+    /// The declared version of a capability, if the plugin implements it.
+    pub fn implemented_version(&self, id: &str) -> Option<u32> {
+        self.info.capabilities.iter().find(|(c, _)| c == id).map(|(_, v)| *v)
+    }
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin").field("path", &self.path).field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+/// A file that was not loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedPlugin {
+    pub path: PathBuf,
+    /// The plugin's name when its manifest could be read.
+    pub name: Option<String>,
+    pub reason: String,
+}
+
+/// The outcome of loading every plugin on the search path.
+#[derive(Debug, Default)]
+pub struct PluginSet {
+    pub loaded: Vec<Arc<LoadedPlugin>>,
+    pub refused: Vec<RefusedPlugin>,
+    /// Non-fatal findings (ignored capabilities, unreadable directories).
+    pub warnings: Vec<String>,
+}
+
+impl PluginSet {
+    /// Loads every `libcapvirt_driver_*.so` in `dirs`, in order. A file name seen in an earlier
+    /// directory shadows later ones.
+    pub fn discover(registry: &Registry, dirs: &[PathBuf]) -> PluginSet {
+        let mut set = PluginSet::default();
+        let mut seen_names = HashSet::new();
+        for dir in dirs {
+            let entries = match fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    set.warnings.push(format!("cannot read plugin directory {}: {e}", dir.display()));
+                    continue;
+                }
+            };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(PLUGIN_PREFIX) && n.ends_with(PLUGIN_SUFFIX))
+                })
+                .collect();
+            files.sort();
+            for path in files {
+                let file_name = path.file_name().map(|n| n.to_os_string());
+                if !seen_names.insert(file_name) {
+                    continue;
+                }
+                set.load_file(registry, &path);
+            }
+        }
+        set
+    }
+
+    /// Loads one file (also used for plugins named directly).
+    pub fn load_file(&mut self, registry: &Registry, path: &Path) {
+        let raw = match loader::load(path) {
+            Ok(raw) => raw,
+            Err(reason) => {
+                self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason });
+                return;
+            }
+        };
+        let info = PluginInfo::from_manifest(&raw.manifest);
+        match self.admit(registry, &info) {
+            Ok((callable, ignored)) => {
+                for (id, why) in &ignored {
+                    self.warnings.push(format!("plugin `{}`: capability `{id}` ignored: {why}", info.name));
+                }
+                self.loaded.push(Arc::new(LoadedPlugin { path: path.to_path_buf(), info, module: raw.module, callable, ignored }));
+            }
+            Err(reason) => {
+                self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: Some(info.name.clone()), reason });
+            }
+        }
+    }
+
+    /// Checks a manifest against the registry and the plugins already loaded.
+    fn admit(&self, registry: &Registry, info: &PluginInfo) -> Result<(Vec<bool>, Vec<(String, String)>), String> {
+        if let Err(why) = check_format(StringFormat::Name, &info.name) {
+            return Err(format!("invalid plugin name: {why}"));
+        }
+        if semver::Version::parse(&info.version).is_err() {
+            return Err(format!("plugin version {:?} is not a semver version", info.version));
+        }
+        let built_against = semver::Version::parse(&info.registry_version)
+            .map_err(|_| format!("registry version {:?} is not a semver version", info.registry_version))?;
+        let host_version = registry.version();
+        if built_against.major != host_version.major {
+            return Err(format!("built against registry {built_against}, incompatible with this host's registry {host_version} (major differs)"));
+        }
+        if info.schemes.is_empty() {
+            return Err("serves no URI scheme".into());
+        }
+        for scheme in &info.schemes {
+            if check_format(StringFormat::Uri, &format!("{scheme}://")).is_err() {
+                return Err(format!("invalid URI scheme {scheme:?}"));
+            }
+        }
+        if let Some(other) = self.loaded.iter().find(|p| p.info.name == info.name) {
+            return Err(format!("a plugin named `{}` is already loaded from {}", info.name, other.path.display()));
+        }
+        for scheme in &info.schemes {
+            if let Some(other) = self.loaded.iter().find(|p| p.info.schemes.contains(scheme)) {
+                return Err(format!("scheme `{scheme}` is already served by plugin `{}`", other.info.name));
+            }
+        }
+        let mut callable = vec![false; registry.capabilities().len()];
+        let mut ignored = Vec::new();
+        for (id, version) in &info.capabilities {
+            let Some(cap) = registry.lookup(id) else {
+                ignored.push((id.clone(), format!("unknown to registry {host_version}")));
+                continue;
+            };
+            if cap.stage().is_forbidden() {
+                return Err(format!("implements `{id}`, which the registry marks {}", cap.stage()));
+            }
+            if *version > cap.doc.version || *version == 0 {
+                ignored.push((id.clone(), format!("implements contract version {version}, the registry declares version {}", cap.doc.version)));
+                continue;
+            }
+            callable[cap.index.0] = true;
+        }
+        Ok((callable, ignored))
+    }
+
+    /// The plugin serving `scheme`.
+    pub fn for_scheme(&self, scheme: &str) -> Option<&Arc<LoadedPlugin>> {
+        self.loaded.iter().find(|p| p.info.schemes.iter().any(|s| s == scheme))
+    }
+}

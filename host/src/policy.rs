@@ -1,0 +1,74 @@
+//! The policy step of the dispatch path. Deny by default: the only way to obtain a [`Grant`]
+//! is [`authorize`], and a driver cannot be invoked without one.
+
+use std::collections::BTreeSet;
+
+use crate::{
+    error::CallError,
+    registry::{Capability, Registry, Stage},
+};
+
+/// Host-wide policy settings.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Experimental capabilities enabled explicitly (`--enable ID` or host config).
+    pub enabled: BTreeSet<String>,
+}
+
+/// Proof that a call passed the policy step. Only [`authorize`] creates one.
+#[derive(Debug)]
+pub struct Grant<'r> {
+    capability: &'r Capability,
+    /// The capability is deprecated: callable, with a warning.
+    pub deprecated: bool,
+}
+
+impl<'r> Grant<'r> {
+    pub fn capability(&self) -> &'r Capability {
+        self.capability
+    }
+}
+
+/// Looks `id` up in the registry and decides whether it may be called on a connection with
+/// the given read-only flag.
+pub fn authorize<'r>(registry: &'r Registry, policy: &Policy, id: &str, uri: &str, readonly: bool) -> Result<Grant<'r>, CallError> {
+    let capability = registry
+        .lookup(id)
+        .ok_or_else(|| CallError::Unknown { id: id.to_string(), registry_version: registry.version().clone() })?;
+    authorize_capability(capability, policy, uri, readonly)
+}
+
+/// The policy decision for an already looked-up capability.
+pub fn authorize_capability<'r>(capability: &'r Capability, policy: &Policy, uri: &str, readonly: bool) -> Result<Grant<'r>, CallError> {
+    let id = capability.id();
+    let refused = |reason: String| CallError::Refused { id: id.to_string(), stage: capability.stage(), reason };
+    let deprecated = match capability.stage() {
+        Stage::Stable => false,
+        Stage::Deprecated => true,
+        Stage::Experimental if policy.enabled.contains(id) => false,
+        Stage::Experimental => return Err(CallError::NotEnabled { id: id.to_string() }),
+        Stage::Draft => return Err(refused("the proposal is still under review".into())),
+        Stage::Removed => return Err(refused(match &capability.doc.replaced_by {
+            Some(other) => format!("removed from the registry; use `{other}`"),
+            None => "removed from the registry".into(),
+        })),
+        Stage::Rejected => return Err(refused(first_sentence(&capability.doc.review.record))),
+    };
+    if readonly && capability.mutates() {
+        return Err(CallError::ReadOnly { id: id.to_string(), uri: uri.to_string() });
+    }
+    Ok(Grant { capability, deprecated })
+}
+
+fn first_sentence(record: &str) -> String {
+    let text = record.split_whitespace().collect::<Vec<_>>().join(" ");
+    let sentence = match text.find(". ") {
+        Some(end) => &text[..=end],
+        None => text.as_str(),
+    };
+    if sentence.is_empty() {
+        "the proposal was rejected".to_string()
+    } else {
+        format!("the proposal was rejected ({})", sentence.trim_end_matches('.').trim())
+    }
+}

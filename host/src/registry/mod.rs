@@ -1,0 +1,479 @@
+//! The capability registry: the single source of truth for what may be called, with which
+//! arguments, and how the CLI, validation, docs and support matrix present it.
+//!
+//! **Architecture Invariant:** this module (model, types, compilation) does no IO. Files are
+//! read by [`source`]; the embedded copy comes from the build script.
+
+pub mod model;
+pub mod source;
+pub mod types;
+
+use std::{collections::HashMap, fmt};
+
+use capvirt_plugin_api::Value;
+
+use crate::convert::toml_to_value;
+pub use model::{CapabilityFile, CliHint, RegistryFile, Stage, TypesFile};
+pub use types::{Bounds, FieldDef, Ty, TypeBody, TypeDef, TypeId, TypeTable, ValidationError};
+
+/// Index of a capability in its [`Registry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CapabilityIndex(pub usize);
+
+/// A compiled capability: the proposal as written plus its resolved parameter and result types.
+#[derive(Debug, Clone)]
+pub struct Capability {
+    pub index: CapabilityIndex,
+    /// The proposal file as written.
+    pub doc: CapabilityFile,
+    /// Where it came from, relative to the registry root (`capabilities/domain.suspend.toml`).
+    pub source: String,
+    pub params: Vec<FieldDef>,
+    pub result: Ty,
+}
+
+impl Capability {
+    pub fn id(&self) -> &str {
+        &self.doc.id
+    }
+    pub fn stage(&self) -> Stage {
+        self.doc.stage
+    }
+    pub fn mutates(&self) -> bool {
+        self.doc.mutates
+    }
+    pub fn param(&self, name: &str) -> Option<&FieldDef> {
+        self.params.iter().find(|p| p.name == name)
+    }
+}
+
+/// One source file of a registry: its path relative to the registry root and its text.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub path: String,
+    pub text: String,
+}
+
+/// A registry that failed to build; every problem found is listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryError {
+    pub problems: Vec<Problem>,
+}
+
+/// One problem in one registry file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub message: String,
+}
+
+impl fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid registry ({} problem{})", self.problems.len(), if self.problems.len() == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}", p.file, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RegistryError {}
+
+/// The compiled registry.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub info: RegistryFile,
+    pub types: TypeTable,
+    capabilities: Vec<Capability>,
+    by_id: HashMap<String, CapabilityIndex>,
+}
+
+impl Registry {
+    /// The reviewed registry compiled into this host.
+    pub fn embedded() -> Result<Registry, RegistryError> {
+        let files = source::embedded_files();
+        Registry::from_sources(&files)
+    }
+
+    /// Builds a registry from `registry.toml`, `types.toml` and `capabilities/*.toml` sources.
+    pub fn from_sources(files: &[SourceFile]) -> Result<Registry, RegistryError> {
+        let mut problems = Vec::new();
+        let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
+
+        let mut info = None;
+        let mut types_file = TypesFile::default();
+        let mut capability_files = Vec::new();
+        for file in files {
+            match file.path.as_str() {
+                "registry.toml" => match toml::from_str::<RegistryFile>(&file.text) {
+                    Ok(parsed) => info = Some(parsed),
+                    Err(e) => push(&file.path, one_line(&e)),
+                },
+                "types.toml" => match toml::from_str::<TypesFile>(&file.text) {
+                    Ok(parsed) => types_file = parsed,
+                    Err(e) => push(&file.path, one_line(&e)),
+                },
+                path if path.starts_with("capabilities/") && path.ends_with(".toml") => {
+                    match toml::from_str::<CapabilityFile>(&file.text) {
+                        Ok(parsed) => capability_files.push((file.path.clone(), parsed)),
+                        Err(e) => push(&file.path, one_line(&e)),
+                    }
+                }
+                other => push(other, "not a registry file (expected registry.toml, types.toml or capabilities/*.toml)".into()),
+            }
+        }
+        let info = match info {
+            Some(info) => info,
+            None => {
+                drop(push);
+                if !problems.iter().any(|p| p.file == "registry.toml") {
+                    problems.push(Problem { file: "registry.toml".into(), message: "missing".into() });
+                }
+                return Err(RegistryError { problems });
+            }
+        };
+
+        let types = compile_types(&types_file, &mut push);
+
+        capability_files.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        let mut capabilities = Vec::with_capacity(capability_files.len());
+        let mut by_id = HashMap::new();
+        for (path, doc) in capability_files {
+            let expected_name = format!("capabilities/{}.toml", doc.id);
+            if path != expected_name {
+                push(&path, format!("capability `{}` must live in {expected_name}", doc.id));
+            }
+            if by_id.contains_key(&doc.id) {
+                push(&path, format!("duplicate capability id `{}`", doc.id));
+                continue;
+            }
+            let mut params = Vec::with_capacity(doc.params.len());
+            for (i, decl) in doc.params.iter().enumerate() {
+                if doc.params[..i].iter().any(|p| p.name == decl.name) {
+                    push(&path, format!("parameter `{}` declared twice", decl.name));
+                }
+                match compile_field(&types, decl) {
+                    Ok(field) => params.push(field),
+                    Err(message) => push(&path, format!("parameter `{}`: {message}", decl.name)),
+                }
+            }
+            let result = match types.parse_expr(&doc.result.ty) {
+                Ok(ty) => ty,
+                Err(message) => {
+                    push(&path, format!("result: {message}"));
+                    Ty::Unit
+                }
+            };
+            check_capability(&doc, &params, &result, &types, &mut |m| push(&path, m));
+            if doc.stage != Stage::Draft && doc.stage != Stage::Rejected && doc.since.is_none() {
+                push(&path, format!("stage `{}` requires `since`", doc.stage));
+            }
+            if let Some(since) = &doc.since {
+                if since > &info.version {
+                    push(&path, format!("`since = {since}` is newer than the registry version {}", info.version));
+                }
+            }
+            let index = CapabilityIndex(capabilities.len());
+            by_id.insert(doc.id.clone(), index);
+            capabilities.push(Capability { index, doc, source: path, params, result });
+        }
+
+        // CLI command names must be unique, or the derived CLI would be ambiguous.
+        let mut commands: HashMap<&str, &str> = HashMap::new();
+        for cap in &capabilities {
+            if let Some(cli) = &cap.doc.cli {
+                if let Some(other) = commands.insert(cli.command.as_str(), cap.id()) {
+                    problems.push(Problem {
+                        file: cap.source.clone(),
+                        message: format!("CLI command `{}` already used by `{other}`", cli.command),
+                    });
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(Registry { info, types, capabilities, by_id })
+        } else {
+            Err(RegistryError { problems })
+        }
+    }
+
+    pub fn version(&self) -> &semver::Version {
+        &self.info.version
+    }
+
+    /// Looks a capability up by id.
+    pub fn lookup(&self, id: &str) -> Option<&Capability> {
+        self.by_id.get(id).map(|i| &self.capabilities[i.0])
+    }
+
+    pub fn capability(&self, index: CapabilityIndex) -> &Capability {
+        &self.capabilities[index.0]
+    }
+
+    /// Every capability, sorted by id.
+    pub fn capabilities(&self) -> &[Capability] {
+        &self.capabilities
+    }
+
+    /// The capability exposed as CLI command `command`.
+    pub fn by_command(&self, command: &str) -> Option<&Capability> {
+        self.capabilities.iter().find(|c| c.doc.cli.as_ref().is_some_and(|cli| cli.command == command))
+    }
+
+    /// Validates a capability's argument record in place (see [`TypeTable::validate_record`]).
+    pub fn validate_args(&self, capability: &Capability, args: &mut Value) -> Result<(), ValidationError> {
+        let mut path = String::new();
+        self.types.validate_record("argument record", &capability.params, args, &mut path)
+    }
+
+    /// Validates a driver's result against the declared result type.
+    pub fn validate_result(&self, capability: &Capability, result: &mut Value) -> Result<(), ValidationError> {
+        let mut path = String::from("result");
+        self.types.validate(&capability.result, Bounds::default(), result, &mut path)
+    }
+}
+
+fn one_line(err: &toml::de::Error) -> String {
+    err.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+fn compile_types(file: &TypesFile, push: &mut impl FnMut(&str, String)) -> TypeTable {
+    use model::TypeKind;
+    // First pass: register every name so that types may refer to each other in any order.
+    let mut table = TypeTable {
+        defs: file
+            .types
+            .iter()
+            .map(|(name, decl)| TypeDef { name: name.clone(), doc: decl.doc.clone(), body: TypeBody::Enum { values: Vec::new() } })
+            .collect(),
+    };
+    let primitive_names = ["unit", "bool", "int", "uint", "float", "string", "bytes"];
+    let mut bodies = Vec::with_capacity(file.types.len());
+    for (name, decl) in &file.types {
+        if primitive_names.contains(&name.as_str()) || name.starts_with("list") {
+            push("types.toml", format!("type name `{name}` is reserved"));
+        }
+        let base = match decl.kind {
+            TypeKind::String => Some(Ty::Str),
+            TypeKind::Uint => Some(Ty::UInt),
+            TypeKind::Int => Some(Ty::Int),
+            TypeKind::Bool => Some(Ty::Bool),
+            TypeKind::Float => Some(Ty::Float),
+            TypeKind::Bytes => Some(Ty::Bytes),
+            TypeKind::Enum | TypeKind::Record => None,
+        };
+        if decl.format.is_some() && decl.kind != TypeKind::String {
+            push("types.toml", format!("type `{name}`: `format` applies to strings only"));
+        }
+        let body = match (decl.kind, base) {
+            (TypeKind::Enum, _) => {
+                if decl.values.is_empty() {
+                    push("types.toml", format!("enum `{name}` has no values"));
+                }
+                TypeBody::Enum { values: decl.values.clone() }
+            }
+            (TypeKind::Record, _) => {
+                let mut fields = Vec::with_capacity(decl.fields.len());
+                for (i, field) in decl.fields.iter().enumerate() {
+                    if decl.fields[..i].iter().any(|f| f.name == field.name) {
+                        push("types.toml", format!("record `{name}`: field `{}` declared twice", field.name));
+                    }
+                    match compile_field(&table, field) {
+                        Ok(f) => fields.push(f),
+                        Err(message) => push("types.toml", format!("record `{name}`, field `{}`: {message}", field.name)),
+                    }
+                }
+                TypeBody::Record { fields }
+            }
+            (_, Some(base)) => TypeBody::Scalar {
+                base,
+                format: decl.format,
+                max_len: decl.max_len,
+                bounds: Bounds { min: decl.min, max: decl.max },
+            },
+            (_, None) => unreachable_body(),
+        };
+        bodies.push(body);
+    }
+    for (def, body) in table.defs.iter_mut().zip(bodies) {
+        def.body = body;
+    }
+    // Defaults can only be checked once every body is known.
+    for def in &table.defs {
+        if let TypeBody::Record { fields } = &def.body {
+            for field in fields {
+                if let Some(default) = &field.default {
+                    let mut value = default.clone();
+                    let mut path = format!("{}.{}", def.name, field.name);
+                    if let Err(e) = table.validate(&field.ty, field.bounds, &mut value, &mut path) {
+                        push("types.toml", format!("default of {e}"));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(cycle) = find_record_cycle(&table) {
+        push("types.toml", format!("record `{cycle}` contains itself (a value of it could never end)"));
+    }
+    table
+}
+
+// Scalar kinds always have a base; kept as a function so the match above stays total.
+fn unreachable_body() -> TypeBody {
+    TypeBody::Enum { values: Vec::new() }
+}
+
+/// A record that requires a field of its own type (directly or not) has no finite value.
+fn find_record_cycle(table: &TypeTable) -> Option<String> {
+    fn visit(table: &TypeTable, id: TypeId, stack: &mut Vec<TypeId>) -> bool {
+        if stack.contains(&id) {
+            return true;
+        }
+        let TypeBody::Record { fields } = &table.get(id).body else { return false };
+        stack.push(id);
+        let found = fields.iter().filter(|f| f.required).any(|f| matches!(f.ty, Ty::Named(inner) if visit(table, inner, stack)));
+        stack.pop();
+        found
+    }
+    (0..table.defs.len()).map(TypeId).find(|id| visit(table, *id, &mut Vec::new())).map(|id| table.get(id).name.clone())
+}
+
+fn compile_field(table: &TypeTable, decl: &model::FieldDecl) -> Result<FieldDef, String> {
+    let ty = table.parse_expr(&decl.ty)?;
+    let default = match &decl.default {
+        None => None,
+        Some(_) if decl.required => return Err("a required field cannot have a default".into()),
+        Some(value) => Some(toml_to_value(value)),
+    };
+    Ok(FieldDef {
+        name: decl.name.clone(),
+        ty,
+        ty_text: decl.ty.clone(),
+        required: decl.required,
+        default,
+        bounds: Bounds { min: decl.min, max: decl.max },
+        label: decl.label.clone(),
+        doc: decl.doc.clone(),
+    })
+}
+
+fn check_capability(doc: &CapabilityFile, params: &[FieldDef], result: &Ty, types: &TypeTable, push: &mut impl FnMut(String)) {
+    for param in params {
+        if let Some(default) = &param.default {
+            let mut value = default.clone();
+            let mut path = param.name.clone();
+            if let Err(e) = types.validate(&param.ty, param.bounds, &mut value, &mut path) {
+                push(format!("default of {e}"));
+            }
+        }
+    }
+    let Some(cli) = &doc.cli else { return };
+    let mut optional_seen = false;
+    for name in &cli.positional {
+        match params.iter().find(|p| &p.name == name) {
+            None => push(format!("cli.positional names unknown parameter `{name}`")),
+            Some(p) if p.required && optional_seen => {
+                push(format!("cli.positional: required `{name}` cannot follow an optional parameter"))
+            }
+            Some(p) => optional_seen |= !p.required,
+        }
+    }
+    for name in &cli.file_args {
+        if !cli.positional.contains(name) {
+            push(format!("cli.file_args names `{name}`, which is not positional"));
+        }
+    }
+    if cli.output_file.is_some() {
+        let has_bytes = types
+            .record_fields(result)
+            .is_some_and(|fields| fields.iter().any(|f| matches!(types.base(&f.ty), Ty::Bytes)))
+            || matches!(types.base(result), Ty::Bytes);
+        if !has_bytes {
+            push("cli.output_file needs a result with bytes to write".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_registry_is_valid() {
+        let registry = Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
+        assert!(registry.lookup("domain.suspend").is_some());
+        assert_eq!(registry.lookup("domain.monitor-command").map(Capability::stage), Some(Stage::Rejected));
+    }
+
+    fn sources(capability: &str) -> Vec<SourceFile> {
+        let embedded = source::embedded_files();
+        let mut files: Vec<SourceFile> = embedded.into_iter().filter(|f| !f.path.starts_with("capabilities/")).collect();
+        files.push(SourceFile { path: "capabilities/x.y.toml".into(), text: capability.into() });
+        files
+    }
+
+    #[test]
+    fn unknown_type_and_bad_positional_are_reported() {
+        let text = r#"
+id = "x.y"
+version = 1
+title = "t"
+stage = "draft"
+mutates = false
+summary = "s"
+motivation = "m"
+[[params]]
+name = "a"
+type = "NoSuchType"
+[cli]
+command = "xy"
+positional = ["b"]
+"#;
+        let err = Registry::from_sources(&sources(text)).expect_err("must fail");
+        let all = err.to_string();
+        assert!(all.contains("unknown type `NoSuchType`"), "{all}");
+        assert!(all.contains("unknown parameter `b`"), "{all}");
+    }
+
+    #[test]
+    fn validation_normalizes_and_refuses() {
+        let registry = Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
+        let define = registry.lookup("domain.define").unwrap_or_else(|| panic!("define"));
+        let mut args = Value::record([(
+            "spec",
+            Value::record([
+                ("name", Value::from("vm1")),
+                ("memory_mib", Value::Int(512)),
+                ("vcpus", Value::Int(1)),
+                (
+                    "disks",
+                    Value::list([Value::record([
+                        ("path", Value::from("/tmp/a.img")),
+                        ("format", Value::from("raw")),
+                        ("bus", Value::from("virtio")),
+                    ])]),
+                ),
+            ]),
+        )]);
+        registry.validate_args(define, &mut args).unwrap_or_else(|e| panic!("{e}"));
+        let spec = args.get("spec").unwrap_or_else(|| panic!("spec"));
+        assert_eq!(spec.get("memory_mib"), Some(&Value::UInt(512)));
+        let disk = &spec.get("disks").and_then(Value::as_list).unwrap_or_default()[0];
+        assert_eq!(disk.get("readonly"), Some(&Value::Bool(false)), "default filled in");
+
+        let mut bad = Value::record([(
+            "spec",
+            Value::record([("name", Value::from("../x")), ("memory_mib", Value::Int(512)), ("vcpus", Value::Int(1))]),
+        )]);
+        let err = registry.validate_args(define, &mut bad).expect_err("bad name");
+        assert_eq!(err.path, "spec.name");
+
+        let mut huge = Value::record([(
+            "spec",
+            Value::record([("name", Value::from("x")), ("memory_mib", Value::Int(1 << 40)), ("vcpus", Value::Int(1))]),
+        )]);
+        let err = registry.validate_args(define, &mut huge).expect_err("absurd memory");
+        assert_eq!(err.path, "spec.memory_mib");
+    }
+}

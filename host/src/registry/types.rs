@@ -1,0 +1,408 @@
+//! Compiled value types and the validation every argument goes through.
+//!
+//! Type expressions from the registry files are resolved once, when the registry is built;
+//! validation then walks a [`Ty`] tree without any name lookups.
+
+use std::fmt::{self, Write as _};
+
+use capvirt_plugin_api::{Field, Value};
+
+use super::model::StringFormat;
+
+/// Index of a named type in [`TypeTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TypeId(pub(crate) usize);
+
+/// A resolved type expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ty {
+    Unit,
+    Bool,
+    Int,
+    UInt,
+    Float,
+    Str,
+    Bytes,
+    List(Box<Ty>),
+    Named(TypeId),
+}
+
+/// Bounds that a field or parameter adds to its type (e.g. `memory_mib` 16..=1048576).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Bounds {
+    pub min: Option<i64>,
+    pub max: Option<u64>,
+}
+
+/// A named type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeDef {
+    pub name: String,
+    pub doc: String,
+    pub body: TypeBody,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TypeBody {
+    /// A constrained primitive.
+    Scalar { base: Ty, format: Option<StringFormat>, max_len: Option<u64>, bounds: Bounds },
+    Enum { values: Vec<String> },
+    Record { fields: Vec<FieldDef> },
+}
+
+/// A record field or capability parameter, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldDef {
+    pub name: String,
+    pub ty: Ty,
+    /// The type expression as written, for docs and help.
+    pub ty_text: String,
+    pub required: bool,
+    pub default: Option<Value>,
+    pub bounds: Bounds,
+    pub label: Option<String>,
+    pub doc: String,
+}
+
+impl FieldDef {
+    /// The label shown in detail output.
+    pub fn display_label(&self) -> String {
+        self.label.clone().unwrap_or_else(|| {
+            let mut label = self.name.replace('_', " ");
+            if let Some(first) = label.get_mut(0..1) {
+                first.make_ascii_uppercase();
+            }
+            label
+        })
+    }
+}
+
+/// All named types of a registry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeTable {
+    pub(crate) defs: Vec<TypeDef>,
+}
+
+/// Why a value does not fit its declared type. `path` names the offending part
+/// (`spec.disks[0].format`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`: {}", self.path, self.message)
+    }
+}
+
+impl TypeTable {
+    pub fn get(&self, id: TypeId) -> &TypeDef {
+        &self.defs[id.0]
+    }
+
+    pub fn lookup(&self, name: &str) -> Option<TypeId> {
+        self.defs.iter().position(|d| d.name == name).map(TypeId)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TypeDef> {
+        self.defs.iter()
+    }
+
+    /// Resolves a type expression (`uint`, `DomainSpec`, `list<DiskSpec>`).
+    pub fn parse_expr(&self, text: &str) -> Result<Ty, String> {
+        let text = text.trim();
+        if let Some(inner) = text.strip_prefix("list<").and_then(|rest| rest.strip_suffix('>')) {
+            return Ok(Ty::List(Box::new(self.parse_expr(inner)?)));
+        }
+        Ok(match text {
+            "unit" => Ty::Unit,
+            "bool" => Ty::Bool,
+            "int" => Ty::Int,
+            "uint" => Ty::UInt,
+            "float" => Ty::Float,
+            "string" => Ty::Str,
+            "bytes" => Ty::Bytes,
+            name => Ty::Named(self.lookup(name).ok_or_else(|| format!("unknown type `{name}`"))?),
+        })
+    }
+
+    /// Checks `value` against `ty` (with extra `bounds`), normalizing in place: integers are
+    /// converted to the declared signedness and absent optional record fields get their default.
+    pub fn validate(&self, ty: &Ty, bounds: Bounds, value: &mut Value, path: &mut String) -> Result<(), ValidationError> {
+        match (ty, &mut *value) {
+            (Ty::Unit, Value::Unit) => Ok(()),
+            (Ty::Bool, Value::Bool(_)) => Ok(()),
+            (Ty::Float, Value::Float(_)) => Ok(()),
+            (Ty::Float, Value::Int(n)) => {
+                *value = Value::Float(*n as f64);
+                Ok(())
+            }
+            (Ty::Float, Value::UInt(n)) => {
+                *value = Value::Float(*n as f64);
+                Ok(())
+            }
+            (Ty::Int, Value::Int(n)) => check_int_bounds(i128::from(*n), bounds, path),
+            (Ty::Int, Value::UInt(n)) => {
+                let n = *n;
+                let signed = i64::try_from(n).map_err(|_| error(path, format!("{n} is out of range for an integer")))?;
+                *value = Value::Int(signed);
+                check_int_bounds(i128::from(n), bounds, path)
+            }
+            (Ty::UInt, Value::UInt(n)) => check_int_bounds(i128::from(*n), bounds, path),
+            (Ty::UInt, Value::Int(n)) => {
+                let n = *n;
+                let unsigned = u64::try_from(n).map_err(|_| error(path, format!("must not be negative, got {n}")))?;
+                *value = Value::UInt(unsigned);
+                check_int_bounds(i128::from(n), bounds, path)
+            }
+            (Ty::Str, Value::Str(_)) => Ok(()),
+            (Ty::Bytes, Value::Bytes(_)) => Ok(()),
+            (Ty::List(item), Value::List(items)) => {
+                let base = path.len();
+                for (i, item_value) in items.iter_mut().enumerate() {
+                    let _ = write!(path, "[{i}]");
+                    self.validate(item, Bounds::default(), item_value, path)?;
+                    path.truncate(base);
+                }
+                Ok(())
+            }
+            (Ty::Named(id), _) => self.validate_named(*id, bounds, value, path),
+            (ty, value) => Err(error(path, format!("expected {}, got {}", self.describe(ty), value.kind_name()))),
+        }
+    }
+
+    fn validate_named(&self, id: TypeId, bounds: Bounds, value: &mut Value, path: &mut String) -> Result<(), ValidationError> {
+        let def = self.get(id);
+        match &def.body {
+            TypeBody::Scalar { base, format, max_len, bounds: own } => {
+                let merged = Bounds { min: bounds.min.or(own.min), max: bounds.max.or(own.max) };
+                self.validate(base, merged, value, path)?;
+                if let Value::Str(s) = value {
+                    if let Some(max) = max_len {
+                        if s.len() as u64 > *max {
+                            return Err(error(path, format!("{} longer than {max} bytes", def.name)));
+                        }
+                    }
+                    if let Some(format) = format {
+                        check_format(*format, s.as_str()).map_err(|why| error(path, format!("invalid {}: {why}", def.name)))?;
+                    }
+                }
+                if let (Value::Bytes(b), Some(max)) = (&*value, max_len) {
+                    if b.len() as u64 > *max {
+                        return Err(error(path, format!("{} longer than {max} bytes", def.name)));
+                    }
+                }
+                Ok(())
+            }
+            TypeBody::Enum { values } => match value {
+                Value::Str(s) if values.iter().any(|v| v == s.as_str()) => Ok(()),
+                Value::Str(s) => Err(error(path, format!("expected one of {}; got {:?}", values.join(", "), s.as_str()))),
+                other => Err(error(path, format!("expected one of {}; got {}", values.join(", "), other.kind_name()))),
+            },
+            TypeBody::Record { fields } => self.validate_record(&def.name, fields, value, path),
+        }
+    }
+
+    /// Checks a record against its fields: unknown fields and missing required fields are
+    /// refused, defaults are filled in.
+    pub fn validate_record(&self, what: &str, fields: &[FieldDef], value: &mut Value, path: &mut String) -> Result<(), ValidationError> {
+        let Value::Record(given) = value else {
+            return Err(error(path, format!("expected {what} (a record), got {}", value.kind_name())));
+        };
+        // Every given field must be declared and appear once.
+        for (i, field) in given.iter().enumerate() {
+            if !fields.iter().any(|f| f.name == field.name) {
+                let known: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                return Err(error(path, format!("unknown field `{}` (expected: {known})", field.name)));
+            }
+            if given[..i].iter().any(|earlier| earlier.name == field.name) {
+                return Err(error(path, format!("field `{}` given twice", field.name)));
+            }
+        }
+        let base = path.len();
+        for decl in fields {
+            let position = given.iter().position(|f| f.name.as_str() == decl.name);
+            match position {
+                Some(i) if !given[i].value.is_unit() || decl.ty == Ty::Unit => {
+                    push_field(path, &decl.name);
+                    self.validate(&decl.ty, decl.bounds, &mut given[i].value, path)?;
+                    path.truncate(base);
+                }
+                _ if decl.required => {
+                    push_field(path, &decl.name);
+                    let err = error(path, format!("missing required field ({})", decl.ty_text));
+                    path.truncate(base);
+                    return Err(err);
+                }
+                Some(i) => {
+                    if let Some(default) = &decl.default {
+                        given[i].value = default.clone();
+                    }
+                }
+                None => {
+                    if let Some(default) = &decl.default {
+                        given.push(Field::new(decl.name.clone(), default.clone()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A short human description of a type, for messages and help.
+    pub fn describe(&self, ty: &Ty) -> String {
+        match ty {
+            Ty::Unit => "nothing".into(),
+            Ty::Bool => "a boolean".into(),
+            Ty::Int => "an integer".into(),
+            Ty::UInt => "an unsigned integer".into(),
+            Ty::Float => "a number".into(),
+            Ty::Str => "a string".into(),
+            Ty::Bytes => "bytes".into(),
+            Ty::List(item) => format!("a list of {}", self.type_name(item)),
+            Ty::Named(id) => {
+                let def = self.get(*id);
+                match &def.body {
+                    TypeBody::Scalar { base, .. } => format!("{} ({})", def.name, self.describe(base)),
+                    TypeBody::Enum { values } => format!("one of {}", values.join(", ")),
+                    TypeBody::Record { .. } => format!("a {} record", def.name),
+                }
+            }
+        }
+    }
+
+    /// The type expression naming `ty`.
+    pub fn type_name(&self, ty: &Ty) -> String {
+        match ty {
+            Ty::Unit => "unit".into(),
+            Ty::Bool => "bool".into(),
+            Ty::Int => "int".into(),
+            Ty::UInt => "uint".into(),
+            Ty::Float => "float".into(),
+            Ty::Str => "string".into(),
+            Ty::Bytes => "bytes".into(),
+            Ty::List(item) => format!("list<{}>", self.type_name(item)),
+            Ty::Named(id) => self.get(*id).name.clone(),
+        }
+    }
+
+    /// Follows named scalars down to their primitive (records and enums stay named).
+    pub fn base<'a>(&'a self, ty: &'a Ty) -> &'a Ty {
+        match ty {
+            Ty::Named(id) => match &self.get(*id).body {
+                TypeBody::Scalar { base, .. } => self.base(base),
+                _ => ty,
+            },
+            _ => ty,
+        }
+    }
+
+    /// The fields of a record type, if `ty` is one.
+    pub fn record_fields(&self, ty: &Ty) -> Option<&[FieldDef]> {
+        match ty {
+            Ty::Named(id) => match &self.get(*id).body {
+                TypeBody::Record { fields } => Some(fields),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+fn push_field(path: &mut String, name: &str) {
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(name);
+}
+
+fn error(path: &str, message: String) -> ValidationError {
+    ValidationError { path: if path.is_empty() { "value".into() } else { path.to_string() }, message }
+}
+
+fn check_int_bounds(n: i128, bounds: Bounds, path: &str) -> Result<(), ValidationError> {
+    if let Some(min) = bounds.min {
+        if n < i128::from(min) {
+            return Err(error(path, format!("{n} is below the minimum {min}")));
+        }
+    }
+    if let Some(max) = bounds.max {
+        if n > i128::from(max) {
+            return Err(error(path, format!("{n} is above the maximum {max}")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a string against a declared format; the error says what is wrong.
+pub fn check_format(format: StringFormat, s: &str) -> Result<(), String> {
+    match format {
+        StringFormat::Name => {
+            let mut bytes = s.bytes();
+            match bytes.next() {
+                None => return Err("must not be empty".into()),
+                Some(first) if !first.is_ascii_alphanumeric() => {
+                    return Err(format!("{s:?} must start with a letter or digit"));
+                }
+                Some(_) => {}
+            }
+            if let Some(bad) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+                return Err(format!("{s:?} contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"));
+            }
+            if s.contains("..") {
+                return Err(format!("{s:?} contains '..'"));
+            }
+            Ok(())
+        }
+        StringFormat::Path => {
+            if s.is_empty() {
+                return Err("must not be empty".into());
+            }
+            if s.chars().any(char::is_control) {
+                return Err("contains a control character".into());
+            }
+            Ok(())
+        }
+        StringFormat::Uri => {
+            let Some((scheme, rest)) = s.split_once("://") else {
+                return Err(format!("{s:?} is not of the form scheme://…"));
+            };
+            let scheme_ok = scheme.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+                && scheme.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'));
+            if !scheme_ok {
+                return Err(format!("{s:?} has an invalid scheme"));
+            }
+            if rest.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(format!("{s:?} contains whitespace or control characters"));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_format_refuses_paths_and_control_characters() {
+        for bad in ["", "../etc", "a/b", "a..b", ".hidden", "a\nb", "a b", "-x"] {
+            assert!(check_format(StringFormat::Name, bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["vm1", "web-01.example", "A_b"] {
+            assert!(check_format(StringFormat::Name, good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn uri_format() {
+        assert!(check_format(StringFormat::Uri, "test:///default").is_ok());
+        assert!(check_format(StringFormat::Uri, "qemu:///session?root=/tmp/x").is_ok());
+        assert!(check_format(StringFormat::Uri, "nope").is_err());
+        assert!(check_format(StringFormat::Uri, "Qemu:///x").is_err());
+        assert!(check_format(StringFormat::Uri, "qemu:///a b").is_err());
+    }
+}
