@@ -14,7 +14,9 @@ pub fn toml_to_value(value: &toml::Value) -> Value {
         toml::Value::Boolean(b) => Value::Bool(*b),
         toml::Value::Datetime(d) => Value::from(d.to_string()),
         toml::Value::Array(items) => Value::List(items.iter().map(toml_to_value).collect()),
-        toml::Value::Table(table) => Value::Record(table.iter().map(|(k, v)| Field::new(k.clone(), toml_to_value(v))).collect()),
+        toml::Value::Table(table) => {
+            Value::Record(table.iter().map(|(k, v)| Field::new(k.clone(), toml_to_value(v))).collect())
+        }
     }
 }
 
@@ -30,7 +32,9 @@ pub fn value_to_json(value: &Value) -> serde_json::Value {
         Value::Str(s) => J::String(s.to_string()),
         Value::Bytes(b) => J::String(base64::engine::general_purpose::STANDARD.encode(b.as_slice())),
         Value::List(items) => J::Array(items.iter().map(value_to_json).collect()),
-        Value::Record(fields) => J::Object(fields.iter().map(|f| (f.name.to_string(), value_to_json(&f.value))).collect()),
+        Value::Record(fields) => {
+            J::Object(fields.iter().map(|f| (f.name.to_string(), value_to_json(&f.value))).collect())
+        }
     }
 }
 

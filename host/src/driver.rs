@@ -33,11 +33,19 @@ impl DriverHandle {
     }
 
     /// Performs the granted capability with validated arguments.
-    pub fn invoke(&self, grant: &Grant<'_>, args: &ValidArgs, observer: &dyn CallObserver) -> Result<Value, PluginError> {
+    pub fn invoke(
+        &self,
+        grant: &Grant<'_>,
+        args: &ValidArgs,
+        observer: &dyn CallObserver,
+    ) -> Result<Value, PluginError> {
         let capability = grant.capability();
         if args.capability() != capability.index {
             // Arguments validated for another capability: a host bug, never sent to a driver.
-            return Err(PluginError::internal(format!("arguments were validated for a different capability than `{}`", capability.id())));
+            return Err(PluginError::internal(format!(
+                "arguments were validated for a different capability than `{}`",
+                capability.id()
+            )));
         }
         let bridge = ObserverBridge(observer);
         let context = CallContext_TO::from_ptr(&bridge, TD_Opaque);

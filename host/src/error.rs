@@ -50,9 +50,10 @@ pub enum CallError {
 impl CallError {
     pub fn category(&self) -> ErrorCategory {
         match self {
-            CallError::Unknown { .. } | CallError::Refused { .. } | CallError::NotEnabled { .. } | CallError::ReadOnly { .. } => {
-                ErrorCategory::Denied
-            }
+            CallError::Unknown { .. }
+            | CallError::Refused { .. }
+            | CallError::NotEnabled { .. }
+            | CallError::ReadOnly { .. } => ErrorCategory::Denied,
             CallError::InvalidArguments { .. } => ErrorCategory::Usage,
             CallError::NotImplemented { .. } => ErrorCategory::Unsupported,
             CallError::Driver { error, .. } => match error.kind {
@@ -95,7 +96,9 @@ impl HostError {
         match self {
             HostError::BadUri { .. } => ErrorCategory::Usage,
             HostError::NoDriver { .. } => ErrorCategory::Unsupported,
-            HostError::Connect { error, .. } => CallError::Driver { id: String::new(), error: error.clone() }.category(),
+            HostError::Connect { error, .. } => {
+                CallError::Driver { id: String::new(), error: error.clone() }.category()
+            }
             HostError::Registry(_) | HostError::RegistryIo(_) => ErrorCategory::Other,
         }
     }

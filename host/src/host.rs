@@ -55,11 +55,16 @@ impl Host {
             RegistrySource::Embedded => Registry::embedded()?,
             RegistrySource::Dir(dir) => Registry::from_sources(&source::read_dir(dir)?)?,
         };
+        Ok(Host::with_registry(config, Arc::new(registry)))
+    }
+
+    /// A host enforcing an already built registry (`config.registry` is not consulted).
+    pub fn with_registry(config: HostConfig, registry: Arc<Registry>) -> Host {
         let plugins = PluginSet::discover(&registry, &config.plugin_dirs);
         for warning in &plugins.warnings {
             tracing::warn!(target: "capvirt::plugins", "{warning}");
         }
-        Ok(Host { registry: Arc::new(registry), plugins, policy: Arc::new(config.policy), check_results: config.check_results })
+        Host { registry, plugins, policy: Arc::new(config.policy), check_results: config.check_results }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -82,12 +87,15 @@ impl Host {
                 .plugins
                 .refused
                 .iter()
-                .map(|r| format!("{}: {}", r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), r.reason))
+                .map(|r| {
+                    format!("{}: {}", r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), r.reason)
+                })
                 .collect();
             let hint = if self.plugins.loaded.is_empty() && refused.is_empty() {
                 "no plugins found; see `capvirt plugins`".to_string()
             } else if refused.is_empty() {
-                let schemes: Vec<&str> = self.plugins.loaded.iter().flat_map(|p| p.info.schemes.iter().map(String::as_str)).collect();
+                let schemes: Vec<&str> =
+                    self.plugins.loaded.iter().flat_map(|p| p.info.schemes.iter().map(String::as_str)).collect();
                 format!("served schemes: {}", schemes.join(", "))
             } else {
                 format!("refused plugins: {}", refused.join("; "))
@@ -114,7 +122,9 @@ impl Host {
 pub fn uri_scheme(uri: &str) -> Result<&str, HostError> {
     crate::registry::types::check_format(crate::registry::model::StringFormat::Uri, uri)
         .map_err(|why| HostError::BadUri { uri: uri.to_string(), why })?;
-    uri.split_once("://").map(|(scheme, _)| scheme).ok_or_else(|| HostError::BadUri { uri: uri.to_string(), why: "missing scheme".into() })
+    uri.split_once("://")
+        .map(|(scheme, _)| scheme)
+        .ok_or_else(|| HostError::BadUri { uri: uri.to_string(), why: "missing scheme".into() })
 }
 
 /// An open connection. Calls may come from several threads.
@@ -188,10 +198,12 @@ impl Connection {
                 .map_err(|error: PluginError| CallError::Driver { id: id.to_string(), error })
                 .and_then(|mut result| {
                     if self.check_results {
-                        self.registry.validate_result(capability, &mut result).map_err(|error| CallError::MalformedResult {
-                            id: id.to_string(),
-                            driver: self.plugin.info.name.clone(),
-                            error,
+                        self.registry.validate_result(capability, &mut result).map_err(|error| {
+                            CallError::MalformedResult {
+                                id: id.to_string(),
+                                driver: self.plugin.info.name.clone(),
+                                error,
+                            }
                         })?;
                     }
                     Ok(result)

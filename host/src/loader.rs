@@ -52,7 +52,9 @@ fn describe_library_error(error: LibraryError) -> String {
         }
         LibraryError::AbiInstability(details) => {
             let first = details.to_string().lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
-            format!("incompatible plugin ABI (built against a different capvirt-plugin-api major or abi_stable): {first}")
+            format!(
+                "incompatible plugin ABI (built against a different capvirt-plugin-api major or abi_stable): {first}"
+            )
         }
         LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => {
             format!("plugin ABI version {actual_version} is incompatible with this host's {expected_version}")

@@ -100,6 +100,9 @@ pub struct RefusedPlugin {
     pub reason: String,
 }
 
+/// What admission decided: callable flags by registry index, and ignored capabilities.
+type Admission = (Vec<bool>, Vec<(String, String)>);
+
 /// The outcome of loading every plugin on the search path.
 #[derive(Debug, Default)]
 pub struct PluginSet {
@@ -160,7 +163,13 @@ impl PluginSet {
                 for (id, why) in &ignored {
                     self.warnings.push(format!("plugin `{}`: capability `{id}` ignored: {why}", info.name));
                 }
-                self.loaded.push(Arc::new(LoadedPlugin { path: path.to_path_buf(), info, module: raw.module, callable, ignored }));
+                self.loaded.push(Arc::new(LoadedPlugin {
+                    path: path.to_path_buf(),
+                    info,
+                    module: raw.module,
+                    callable,
+                    ignored,
+                }));
             }
             Err(reason) => {
                 self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: Some(info.name.clone()), reason });
@@ -169,7 +178,7 @@ impl PluginSet {
     }
 
     /// Checks a manifest against the registry and the plugins already loaded.
-    fn admit(&self, registry: &Registry, info: &PluginInfo) -> Result<(Vec<bool>, Vec<(String, String)>), String> {
+    fn admit(&self, registry: &Registry, info: &PluginInfo) -> Result<Admission, String> {
         if let Err(why) = check_format(StringFormat::Name, &info.name) {
             return Err(format!("invalid plugin name: {why}"));
         }
@@ -209,7 +218,10 @@ impl PluginSet {
                 return Err(format!("implements `{id}`, which the registry marks {}", cap.stage()));
             }
             if *version > cap.doc.version || *version == 0 {
-                ignored.push((id.clone(), format!("implements contract version {version}, the registry declares version {}", cap.doc.version)));
+                ignored.push((
+                    id.clone(),
+                    format!("implements contract version {version}, the registry declares version {}", cap.doc.version),
+                ));
                 continue;
             }
             callable[cap.index.0] = true;

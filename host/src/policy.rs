@@ -31,7 +31,13 @@ impl<'r> Grant<'r> {
 
 /// Looks `id` up in the registry and decides whether it may be called on a connection with
 /// the given read-only flag.
-pub fn authorize<'r>(registry: &'r Registry, policy: &Policy, id: &str, uri: &str, readonly: bool) -> Result<Grant<'r>, CallError> {
+pub fn authorize<'r>(
+    registry: &'r Registry,
+    policy: &Policy,
+    id: &str,
+    uri: &str,
+    readonly: bool,
+) -> Result<Grant<'r>, CallError> {
     let capability = registry
         .lookup(id)
         .ok_or_else(|| CallError::Unknown { id: id.to_string(), registry_version: registry.version().clone() })?;
@@ -39,7 +45,12 @@ pub fn authorize<'r>(registry: &'r Registry, policy: &Policy, id: &str, uri: &st
 }
 
 /// The policy decision for an already looked-up capability.
-pub fn authorize_capability<'r>(capability: &'r Capability, policy: &Policy, uri: &str, readonly: bool) -> Result<Grant<'r>, CallError> {
+pub fn authorize_capability<'r>(
+    capability: &'r Capability,
+    policy: &Policy,
+    uri: &str,
+    readonly: bool,
+) -> Result<Grant<'r>, CallError> {
     let id = capability.id();
     let refused = |reason: String| CallError::Refused { id: id.to_string(), stage: capability.stage(), reason };
     let deprecated = match capability.stage() {
@@ -48,27 +59,20 @@ pub fn authorize_capability<'r>(capability: &'r Capability, policy: &Policy, uri
         Stage::Experimental if policy.enabled.contains(id) => false,
         Stage::Experimental => return Err(CallError::NotEnabled { id: id.to_string() }),
         Stage::Draft => return Err(refused("the proposal is still under review".into())),
-        Stage::Removed => return Err(refused(match &capability.doc.replaced_by {
-            Some(other) => format!("removed from the registry; use `{other}`"),
-            None => "removed from the registry".into(),
-        })),
-        Stage::Rejected => return Err(refused(first_sentence(&capability.doc.review.record))),
+        Stage::Removed => {
+            return Err(refused(match &capability.doc.replaced_by {
+                Some(other) => format!("removed from the registry; use `{other}`"),
+                None => "removed from the registry".into(),
+            }))
+        }
+        Stage::Rejected => {
+            return Err(refused(format!(
+                "it was rejected in review and can never be called (see `capvirt registry show {id}`)"
+            )))
+        }
     };
     if readonly && capability.mutates() {
         return Err(CallError::ReadOnly { id: id.to_string(), uri: uri.to_string() });
     }
     Ok(Grant { capability, deprecated })
-}
-
-fn first_sentence(record: &str) -> String {
-    let text = record.split_whitespace().collect::<Vec<_>>().join(" ");
-    let sentence = match text.find(". ") {
-        Some(end) => &text[..=end],
-        None => text.as_str(),
-    };
-    if sentence.is_empty() {
-        "the proposal was rejected".to_string()
-    } else {
-        format!("the proposal was rejected ({})", sentence.trim_end_matches('.').trim())
-    }
 }

@@ -5,8 +5,8 @@ use abi_stable::{
     declare_root_module_statics,
     library::RootModule,
     package_version_strings, sabi_trait,
-    sabi_types::VersionStrings,
     sabi_types::RRef,
+    sabi_types::VersionStrings,
     std_types::{RBox, RResult, RStr},
     StableAbi,
 };

@@ -17,7 +17,7 @@ use abi_stable::{
 };
 
 use crate::{
-    abi::{CallContext_TO, Driver, Driver_TO, DriverBox, PluginModule, PluginModuleRef},
+    abi::{CallContext_TO, Driver, DriverBox, Driver_TO, PluginModule, PluginModuleRef},
     sdk::{Args, Context},
     Manifest, Plugin, PluginError, Value,
 };
@@ -57,11 +57,14 @@ extern "C" fn connect<P: Plugin>(uri: RStr<'_>, options: &Value) -> RResult<Driv
 struct SdkDriver<P>(P);
 
 impl<P: Plugin> Driver for SdkDriver<P> {
-    fn invoke<'a>(&self, capability: RStr<'_>, args: &Value, context: CallContext_TO<'a, RRef<'a, ()>>) -> RResult<Value, PluginError> {
+    fn invoke<'a>(
+        &self,
+        capability: RStr<'_>,
+        args: &Value,
+        context: CallContext_TO<'a, RRef<'a, ()>>,
+    ) -> RResult<Value, PluginError> {
         let context = Context::new(context);
-        guarded(|| self.0.invoke(capability.as_str(), &Args::new(args), &context))
-            .and_then(|inner| inner)
-            .into()
+        guarded(|| self.0.invoke(capability.as_str(), &Args::new(args), &context)).and_then(|inner| inner).into()
     }
 }
 

@@ -32,6 +32,7 @@ mod error;
 mod export;
 mod manifest;
 mod sdk;
+pub mod types;
 mod value;
 
 pub use abi::{CallContext, CallContext_TO, Driver, DriverBox, Driver_TO, PluginModule, PluginModuleRef};
@@ -65,7 +66,6 @@ macro_rules! export_plugin {
         // (`abi_stable::library::ROOT_MODULE_LOADER_NAME`; a plugin-api test pins it).
         #[doc(hidden)]
         #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
-        pub static CAPVIRT_PLUGIN_LIB_HEADER: $crate::__private::LibHeader =
-            $crate::__private::lib_header::<$plugin>();
+        pub static CAPVIRT_PLUGIN_LIB_HEADER: $crate::__private::LibHeader = $crate::__private::lib_header::<$plugin>();
     };
 }

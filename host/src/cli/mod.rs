@@ -1,1 +1,132 @@
-//! placeholder
+//! The `capvirt` command line. **Only this module knows clap.**
+//!
+//! Commands are of two kinds: fixed ones (`call`, `capabilities`, `plugins`, `registry`…), one
+//! file each under [`commands`], and the virsh-style commands (`list`, `dominfo`, `suspend`…)
+//! derived at run time from the registry's `[cli]` hints, so an accepted proposal is usable
+//! with no CLI code.
+
+mod args;
+pub mod commands;
+mod context;
+mod error;
+mod logging;
+mod output;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+pub use context::GlobalOptions;
+pub use error::{exit_code, CliError};
+pub use output::OutputFormat;
+
+use crate::registry::Registry;
+
+/// Runs the CLI on `argv` and returns the process exit code.
+pub fn run(argv: Vec<OsString>) -> ExitCode {
+    match try_run(argv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error.print();
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn try_run(argv: Vec<OsString>) -> Result<(), CliError> {
+    // The registry shapes the command tree, so `--registry DIR` is read before clap runs.
+    let registry_dir = context::prescan_registry_dir(&argv);
+    let registry = context::load_registry(registry_dir.as_deref())?;
+    let matches = match command(&registry).try_get_matches_from(argv) {
+        Ok(m) => m,
+        Err(e) => return Err(CliError::clap(e)),
+    };
+    let globals = GlobalOptions::from_matches(&matches, registry_dir);
+    logging::init(&globals);
+    if registry_dir_given(&globals) {
+        tracing::warn!(target: "capvirt::registry", "using registry from {} instead of the reviewed, embedded one", globals.registry_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    }
+    let Some((name, sub)) = matches.subcommand() else {
+        return Err(CliError::usage("no command given; see `capvirt --help`"));
+    };
+    let mut ctx = context::Context::new(globals, registry);
+    if let Some(result) = commands::exec_fixed(name, sub, &mut ctx) {
+        return result;
+    }
+    commands::capability::exec(name, sub, &mut ctx)
+}
+
+fn registry_dir_given(globals: &GlobalOptions) -> bool {
+    globals.registry_dir.is_some()
+}
+
+/// The whole command tree for `registry`.
+pub fn command(registry: &Registry) -> Command {
+    let mut cmd = Command::new("capvirt")
+        .about("Manage virtual machines and containers through reviewed, hypervisor-agnostic capabilities")
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .max_term_width(100)
+        .arg(
+            Arg::new("connect")
+                .short('c')
+                .long("connect")
+                .value_name("URI")
+                .global(true)
+                .help("Connection URI [default: $CAPVIRT_DEFAULT_URI, else test:///default]"),
+        )
+        .arg(Arg::new("readonly").short('r').long("readonly").action(ArgAction::SetTrue).global(true).help("Open a read-only connection"))
+        .arg(
+            Arg::new("plugin-dir")
+                .long("plugin-dir")
+                .value_name("DIR")
+                .action(ArgAction::Append)
+                .global(true)
+                .help("Load plugins from DIR (repeatable) [default: $CAPVIRT_PLUGIN_DIR, else the executable's directory, then /usr/lib/capvirt/plugins]"),
+        )
+        .arg(
+            Arg::new("output")
+                .long("output")
+                .short('o')
+                .value_name("FORMAT")
+                .value_parser(["table", "json"])
+                .default_value("table")
+                .global(true)
+                .help("Output format"),
+        )
+        .arg(
+            Arg::new("registry")
+                .long("registry")
+                .value_name("DIR")
+                .global(true)
+                .help("Enforce the registry in DIR instead of the embedded, reviewed one (maintainers)"),
+        )
+        .arg(
+            Arg::new("enable")
+                .long("enable")
+                .value_name("CAPABILITY")
+                .action(ArgAction::Append)
+                .global(true)
+                .help("Allow calling an experimental capability (repeatable)"),
+        )
+        .arg(
+            Arg::new("audit-log")
+                .long("audit-log")
+                .value_name("FILE")
+                .global(true)
+                .help("Append audit records of mutating calls to FILE [default: $CAPVIRT_AUDIT_LOG, else the user's state directory]"),
+        );
+    for sub in commands::fixed_commands() {
+        cmd = cmd.subcommand(sub);
+    }
+    for sub in commands::capability::commands(registry) {
+        cmd = cmd.subcommand(sub);
+    }
+    cmd
+}
+
+/// Shared helper: the string value of an optional argument.
+pub(crate) fn opt_string(m: &ArgMatches, id: &str) -> Option<String> {
+    m.try_get_one::<String>(id).ok().flatten().cloned()
+}

@@ -69,7 +69,12 @@ pub struct Problem {
 
 impl fmt::Display for RegistryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid registry ({} problem{})", self.problems.len(), if self.problems.len() == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "invalid registry ({} problem{})",
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  {}: {}", p.file, p.message)?;
         }
@@ -101,14 +106,18 @@ impl Registry {
         let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
 
         let mut info = None;
+        let mut registry_file_seen = false;
         let mut types_file = TypesFile::default();
         let mut capability_files = Vec::new();
         for file in files {
             match file.path.as_str() {
-                "registry.toml" => match toml::from_str::<RegistryFile>(&file.text) {
-                    Ok(parsed) => info = Some(parsed),
-                    Err(e) => push(&file.path, one_line(&e)),
-                },
+                "registry.toml" => {
+                    registry_file_seen = true;
+                    match toml::from_str::<RegistryFile>(&file.text) {
+                        Ok(parsed) => info = Some(parsed),
+                        Err(e) => push(&file.path, one_line(&e)),
+                    }
+                }
                 "types.toml" => match toml::from_str::<TypesFile>(&file.text) {
                     Ok(parsed) => types_file = parsed,
                     Err(e) => push(&file.path, one_line(&e)),
@@ -119,15 +128,17 @@ impl Registry {
                         Err(e) => push(&file.path, one_line(&e)),
                     }
                 }
-                other => push(other, "not a registry file (expected registry.toml, types.toml or capabilities/*.toml)".into()),
+                other => push(
+                    other,
+                    "not a registry file (expected registry.toml, types.toml or capabilities/*.toml)".into(),
+                ),
             }
         }
         let info = match info {
             Some(info) => info,
             None => {
-                drop(push);
-                if !problems.iter().any(|p| p.file == "registry.toml") {
-                    problems.push(Problem { file: "registry.toml".into(), message: "missing".into() });
+                if !registry_file_seen {
+                    push("registry.toml", "missing".into());
                 }
                 return Err(RegistryError { problems });
             }
@@ -245,7 +256,11 @@ fn compile_types(file: &TypesFile, push: &mut impl FnMut(&str, String)) -> TypeT
         defs: file
             .types
             .iter()
-            .map(|(name, decl)| TypeDef { name: name.clone(), doc: decl.doc.clone(), body: TypeBody::Enum { values: Vec::new() } })
+            .map(|(name, decl)| TypeDef {
+                name: name.clone(),
+                doc: decl.doc.clone(),
+                body: TypeBody::Enum { values: Vec::new() },
+            })
             .collect(),
     };
     let primitive_names = ["unit", "bool", "int", "uint", "float", "string", "bytes"];
@@ -281,7 +296,9 @@ fn compile_types(file: &TypesFile, push: &mut impl FnMut(&str, String)) -> TypeT
                     }
                     match compile_field(&table, field) {
                         Ok(f) => fields.push(f),
-                        Err(message) => push("types.toml", format!("record `{name}`, field `{}`: {message}", field.name)),
+                        Err(message) => {
+                            push("types.toml", format!("record `{name}`, field `{}`: {message}", field.name))
+                        }
                     }
                 }
                 TypeBody::Record { fields }
@@ -330,9 +347,14 @@ fn find_record_cycle(table: &TypeTable) -> Option<String> {
         if stack.contains(&id) {
             return true;
         }
-        let TypeBody::Record { fields } = &table.get(id).body else { return false };
+        let TypeBody::Record { fields } = &table.get(id).body else {
+            return false;
+        };
         stack.push(id);
-        let found = fields.iter().filter(|f| f.required).any(|f| matches!(f.ty, Ty::Named(inner) if visit(table, inner, stack)));
+        let found = fields
+            .iter()
+            .filter(|f| f.required)
+            .any(|f| matches!(f.ty, Ty::Named(inner) if visit(table, inner, stack)));
         stack.pop();
         found
     }
@@ -358,7 +380,13 @@ fn compile_field(table: &TypeTable, decl: &model::FieldDecl) -> Result<FieldDef,
     })
 }
 
-fn check_capability(doc: &CapabilityFile, params: &[FieldDef], result: &Ty, types: &TypeTable, push: &mut impl FnMut(String)) {
+fn check_capability(
+    doc: &CapabilityFile,
+    params: &[FieldDef],
+    result: &Ty,
+    types: &TypeTable,
+    push: &mut impl FnMut(String),
+) {
     for param in params {
         if let Some(default) = &param.default {
             let mut value = default.clone();
@@ -408,7 +436,8 @@ mod tests {
 
     fn sources(capability: &str) -> Vec<SourceFile> {
         let embedded = source::embedded_files();
-        let mut files: Vec<SourceFile> = embedded.into_iter().filter(|f| !f.path.starts_with("capabilities/")).collect();
+        let mut files: Vec<SourceFile> =
+            embedded.into_iter().filter(|f| !f.path.starts_with("capabilities/")).collect();
         files.push(SourceFile { path: "capabilities/x.y.toml".into(), text: capability.into() });
         files
     }

@@ -45,7 +45,8 @@ pub fn read_dir(root: &Path) -> io::Result<Vec<SourceFile>> {
     names.sort();
     for name in names {
         let path = capabilities.join(&name);
-        let text = fs::read_to_string(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let text =
+            fs::read_to_string(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         files.push(SourceFile { path: format!("capabilities/{name}"), text });
     }
     Ok(files)

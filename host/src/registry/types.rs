@@ -45,9 +45,18 @@ pub struct TypeDef {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TypeBody {
     /// A constrained primitive.
-    Scalar { base: Ty, format: Option<StringFormat>, max_len: Option<u64>, bounds: Bounds },
-    Enum { values: Vec<String> },
-    Record { fields: Vec<FieldDef> },
+    Scalar {
+        base: Ty,
+        format: Option<StringFormat>,
+        max_len: Option<u64>,
+        bounds: Bounds,
+    },
+    Enum {
+        values: Vec<String>,
+    },
+    Record {
+        fields: Vec<FieldDef>,
+    },
 }
 
 /// A record field or capability parameter, compiled.
@@ -93,7 +102,11 @@ pub struct ValidationError {
 
 impl fmt::Display for ValidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`{}`: {}", self.path, self.message)
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "`{}`: {}", self.path, self.message)
+        }
     }
 }
 
@@ -130,7 +143,13 @@ impl TypeTable {
 
     /// Checks `value` against `ty` (with extra `bounds`), normalizing in place: integers are
     /// converted to the declared signedness and absent optional record fields get their default.
-    pub fn validate(&self, ty: &Ty, bounds: Bounds, value: &mut Value, path: &mut String) -> Result<(), ValidationError> {
+    pub fn validate(
+        &self,
+        ty: &Ty,
+        bounds: Bounds,
+        value: &mut Value,
+        path: &mut String,
+    ) -> Result<(), ValidationError> {
         match (ty, &mut *value) {
             (Ty::Unit, Value::Unit) => Ok(()),
             (Ty::Bool, Value::Bool(_)) => Ok(()),
@@ -146,7 +165,8 @@ impl TypeTable {
             (Ty::Int, Value::Int(n)) => check_int_bounds(i128::from(*n), bounds, path),
             (Ty::Int, Value::UInt(n)) => {
                 let n = *n;
-                let signed = i64::try_from(n).map_err(|_| error(path, format!("{n} is out of range for an integer")))?;
+                let signed =
+                    i64::try_from(n).map_err(|_| error(path, format!("{n} is out of range for an integer")))?;
                 *value = Value::Int(signed);
                 check_int_bounds(i128::from(n), bounds, path)
             }
@@ -173,7 +193,13 @@ impl TypeTable {
         }
     }
 
-    fn validate_named(&self, id: TypeId, bounds: Bounds, value: &mut Value, path: &mut String) -> Result<(), ValidationError> {
+    fn validate_named(
+        &self,
+        id: TypeId,
+        bounds: Bounds,
+        value: &mut Value,
+        path: &mut String,
+    ) -> Result<(), ValidationError> {
         let def = self.get(id);
         match &def.body {
             TypeBody::Scalar { base, format, max_len, bounds: own } => {
@@ -186,7 +212,8 @@ impl TypeTable {
                         }
                     }
                     if let Some(format) = format {
-                        check_format(*format, s.as_str()).map_err(|why| error(path, format!("invalid {}: {why}", def.name)))?;
+                        check_format(*format, s.as_str())
+                            .map_err(|why| error(path, format!("invalid {}: {why}", def.name)))?;
                     }
                 }
                 if let (Value::Bytes(b), Some(max)) = (&*value, max_len) {
@@ -198,7 +225,9 @@ impl TypeTable {
             }
             TypeBody::Enum { values } => match value {
                 Value::Str(s) if values.iter().any(|v| v == s.as_str()) => Ok(()),
-                Value::Str(s) => Err(error(path, format!("expected one of {}; got {:?}", values.join(", "), s.as_str()))),
+                Value::Str(s) => {
+                    Err(error(path, format!("expected one of {}; got {:?}", values.join(", "), s.as_str())))
+                }
                 other => Err(error(path, format!("expected one of {}; got {}", values.join(", "), other.kind_name()))),
             },
             TypeBody::Record { fields } => self.validate_record(&def.name, fields, value, path),
@@ -207,19 +236,27 @@ impl TypeTable {
 
     /// Checks a record against its fields: unknown fields and missing required fields are
     /// refused, defaults are filled in.
-    pub fn validate_record(&self, what: &str, fields: &[FieldDef], value: &mut Value, path: &mut String) -> Result<(), ValidationError> {
+    pub fn validate_record(
+        &self,
+        what: &str,
+        fields: &[FieldDef],
+        value: &mut Value,
+        path: &mut String,
+    ) -> Result<(), ValidationError> {
         let Value::Record(given) = value else {
             return Err(error(path, format!("expected {what} (a record), got {}", value.kind_name())));
         };
+        // At the top level the record's fields are a call's arguments.
+        let noun = if path.is_empty() { "argument" } else { "field" };
         // Every given field must be declared and appear once.
         for (i, field) in given.iter().enumerate() {
             if !fields.iter().any(|f| f.name == field.name) {
                 let known: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
                 let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-                return Err(error(path, format!("unknown field `{}` (expected: {known})", field.name)));
+                return Err(error(path, format!("unknown {noun} `{}` (expected: {known})", field.name)));
             }
             if given[..i].iter().any(|earlier| earlier.name == field.name) {
-                return Err(error(path, format!("field `{}` given twice", field.name)));
+                return Err(error(path, format!("{noun} `{}` given twice", field.name)));
             }
         }
         let base = path.len();
@@ -233,7 +270,7 @@ impl TypeTable {
                 }
                 _ if decl.required => {
                     push_field(path, &decl.name);
-                    let err = error(path, format!("missing required field ({})", decl.ty_text));
+                    let err = error(path, format!("missing required {noun} ({})", decl.ty_text));
                     path.truncate(base);
                     return Err(err);
                 }
@@ -266,7 +303,9 @@ impl TypeTable {
             Ty::Named(id) => {
                 let def = self.get(*id);
                 match &def.body {
-                    TypeBody::Scalar { base, .. } => format!("{} ({})", def.name, self.describe(base)),
+                    TypeBody::Scalar { base, .. } => {
+                        format!("{} ({})", def.name, self.describe(base))
+                    }
                     TypeBody::Enum { values } => format!("one of {}", values.join(", ")),
                     TypeBody::Record { .. } => format!("a {} record", def.name),
                 }
@@ -320,7 +359,7 @@ fn push_field(path: &mut String, name: &str) {
 }
 
 fn error(path: &str, message: String) -> ValidationError {
-    ValidationError { path: if path.is_empty() { "value".into() } else { path.to_string() }, message }
+    ValidationError { path: path.to_string(), message }
 }
 
 fn check_int_bounds(n: i128, bounds: Bounds, path: &str) -> Result<(), ValidationError> {

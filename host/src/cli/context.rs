@@ -1,0 +1,128 @@
+//! Global options and the lazily built host and connection a command works with.
+
+use std::{ffi::OsString, path::PathBuf, sync::Arc};
+
+use clap::ArgMatches;
+
+use super::{opt_string, output::OutputFormat, CliError};
+use crate::{
+    host::{Connection, Host, HostConfig, RegistrySource, DEFAULT_URI},
+    plugins,
+    policy::Policy,
+    registry::{source, Registry},
+};
+
+/// Options every command accepts.
+#[derive(Debug, Clone, Default)]
+pub struct GlobalOptions {
+    pub uri: Option<String>,
+    pub readonly: bool,
+    pub plugin_dirs: Vec<PathBuf>,
+    pub output: OutputFormat,
+    pub registry_dir: Option<PathBuf>,
+    pub enable: Vec<String>,
+    pub audit_log: Option<PathBuf>,
+}
+
+impl GlobalOptions {
+    pub fn from_matches(m: &ArgMatches, registry_dir: Option<PathBuf>) -> Self {
+        GlobalOptions {
+            uri: opt_string(m, "connect"),
+            readonly: m.get_flag("readonly"),
+            plugin_dirs: m.get_many::<String>("plugin-dir").map(|v| v.map(PathBuf::from).collect()).unwrap_or_default(),
+            output: match opt_string(m, "output").as_deref() {
+                Some("json") => OutputFormat::Json,
+                _ => OutputFormat::Table,
+            },
+            registry_dir,
+            enable: m.get_many::<String>("enable").map(|v| v.cloned().collect()).unwrap_or_default(),
+            audit_log: opt_string(m, "audit-log").map(PathBuf::from),
+        }
+    }
+
+    /// The connection URI: `-c`, else `CAPVIRT_DEFAULT_URI`, else `test:///default`.
+    pub fn uri(&self) -> String {
+        self.uri
+            .clone()
+            .or_else(|| std::env::var("CAPVIRT_DEFAULT_URI").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| DEFAULT_URI.to_string())
+    }
+}
+
+/// Finds `--registry DIR` / `--registry=DIR` before clap parses (the registry shapes the CLI).
+pub fn prescan_registry_dir(argv: &[OsString]) -> Option<PathBuf> {
+    let mut iter = argv.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let arg = arg.to_string_lossy();
+        if arg == "--" {
+            break;
+        }
+        if arg == "--registry" {
+            return iter.next().map(PathBuf::from);
+        }
+        if let Some(dir) = arg.strip_prefix("--registry=") {
+            return Some(PathBuf::from(dir));
+        }
+    }
+    None
+}
+
+pub fn load_registry(dir: Option<&std::path::Path>) -> Result<Arc<Registry>, CliError> {
+    let registry = match dir {
+        None => Registry::embedded(),
+        Some(dir) => {
+            let files = source::read_dir(dir)
+                .map_err(|e| CliError::usage(format!("cannot read registry {}: {e}", dir.display())))?;
+            Registry::from_sources(&files)
+        }
+    };
+    registry.map(Arc::new).map_err(|e| CliError::other(e.to_string().replace('\n', "; ")))
+}
+
+/// What a command has to work with; the host and connection are built on first use.
+pub struct Context {
+    pub globals: GlobalOptions,
+    pub registry: Arc<Registry>,
+    host: Option<Host>,
+}
+
+impl Context {
+    pub fn new(globals: GlobalOptions, registry: Arc<Registry>) -> Self {
+        Context { globals, registry, host: None }
+    }
+
+    pub fn output(&self) -> OutputFormat {
+        self.globals.output
+    }
+
+    /// The host with every plugin on the search path loaded.
+    pub fn host(&mut self) -> Result<&Host, CliError> {
+        if self.host.is_none() {
+            let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from));
+            let env_dirs = std::env::var("CAPVIRT_PLUGIN_DIR").ok();
+            let plugin_dirs = plugins::search_path(&self.globals.plugin_dirs, env_dirs.as_deref(), exe_dir.as_deref());
+            let mut enabled: std::collections::BTreeSet<String> = self.globals.enable.iter().cloned().collect();
+            if let Ok(list) = std::env::var("CAPVIRT_ENABLE") {
+                enabled.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
+            }
+            let config = HostConfig {
+                registry: match &self.globals.registry_dir {
+                    Some(dir) => RegistrySource::Dir(dir.clone()),
+                    None => RegistrySource::Embedded,
+                },
+                plugin_dirs,
+                policy: Policy { enabled },
+                check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").is_some_and(|v| v == "1"),
+            };
+            self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
+        }
+        self.host.as_ref().ok_or_else(|| CliError::other("host unavailable"))
+    }
+
+    /// A connection to the selected URI.
+    pub fn connect(&mut self) -> Result<Connection, CliError> {
+        let uri = self.globals.uri();
+        let readonly = self.globals.readonly;
+        Ok(self.host()?.connect(&uri, readonly)?)
+    }
+}

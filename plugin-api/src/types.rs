@@ -1,0 +1,527 @@
+//! Typed Rust mirrors of the registry's shared value types (`proposals/types.toml`), so that
+//! drivers read a domain spec and build results without hand-walking records.
+//!
+//! They are SDK conveniences, not part of the ABI: values cross the boundary as [`Value`].
+//! The registry stays the owner of the shapes; a host test checks that these mirrors match it.
+//! Structs are `#[non_exhaustive]` because registry minors may add optional fields.
+
+use crate::{PluginError, Value};
+
+/// Lifecycle state of a domain (registry type `DomainState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DomainState {
+    Running,
+    Blocked,
+    Paused,
+    InShutdown,
+    ShutOff,
+    Crashed,
+    PmSuspended,
+}
+
+impl DomainState {
+    pub const ALL: [DomainState; 7] = [
+        DomainState::Running,
+        DomainState::Blocked,
+        DomainState::Paused,
+        DomainState::InShutdown,
+        DomainState::ShutOff,
+        DomainState::Crashed,
+        DomainState::PmSuspended,
+    ];
+
+    /// The virsh word for the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Blocked => "blocked",
+            DomainState::Paused => "paused",
+            DomainState::InShutdown => "in shutdown",
+            DomainState::ShutOff => "shut off",
+            DomainState::Crashed => "crashed",
+            DomainState::PmSuspended => "pmsuspended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DomainState> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
+    /// Whether the domain has a running hypervisor instance (not shut off or crashed).
+    pub fn is_active(self) -> bool {
+        !matches!(self, DomainState::ShutOff | DomainState::Crashed)
+    }
+}
+
+/// Image format of a disk (registry type `DiskFormat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub const ALL: [DiskFormat; 2] = [DiskFormat::Raw, DiskFormat::Qcow2];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// Guest bus of a disk (registry type `DiskBus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DiskBus {
+    Virtio,
+    Sata,
+    Usb,
+}
+
+impl DiskBus {
+    pub const ALL: [DiskBus; 3] = [DiskBus::Virtio, DiskBus::Sata, DiskBus::Usb];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Sata => "sata",
+            DiskBus::Usb => "usb",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+    /// Conventional guest device name prefix (`vd`, `sd`).
+    pub fn target_prefix(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "vd",
+            DiskBus::Sata | DiskBus::Usb => "sd",
+        }
+    }
+}
+
+/// Hot-pluggable device model (registry type `DeviceKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    UsbTablet,
+    UsbKeyboard,
+    UsbDisk,
+}
+
+impl DeviceKind {
+    pub const ALL: [DeviceKind; 3] = [DeviceKind::UsbTablet, DeviceKind::UsbKeyboard, DeviceKind::UsbDisk];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::UsbTablet => "usb-tablet",
+            DeviceKind::UsbKeyboard => "usb-keyboard",
+            DeviceKind::UsbDisk => "usb-disk",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// Display adapter model (registry type `GraphicsAdapter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GraphicsAdapter {
+    Vga,
+    Virtio,
+}
+
+impl GraphicsAdapter {
+    pub const ALL: [GraphicsAdapter; 2] = [GraphicsAdapter::Vga, GraphicsAdapter::Virtio];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GraphicsAdapter::Vga => "vga",
+            GraphicsAdapter::Virtio => "virtio",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// A disk (registry type `DiskSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DiskSpec {
+    pub path: String,
+    pub format: DiskFormat,
+    pub bus: DiskBus,
+    pub target: Option<String>,
+    pub readonly: bool,
+}
+
+impl DiskSpec {
+    pub fn new(path: impl Into<String>, format: DiskFormat, bus: DiskBus) -> Self {
+        DiskSpec { path: path.into(), format, bus, target: None, readonly: false }
+    }
+}
+
+/// A device (registry type `DeviceSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceSpec {
+    pub kind: DeviceKind,
+    pub id: String,
+    pub path: Option<String>,
+    pub format: Option<DiskFormat>,
+}
+
+impl DeviceSpec {
+    pub fn new(kind: DeviceKind, id: impl Into<String>) -> Self {
+        DeviceSpec { kind, id: id.into(), path: None, format: None }
+    }
+}
+
+/// A display adapter (registry type `GraphicsSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GraphicsSpec {
+    pub adapter: GraphicsAdapter,
+}
+
+impl GraphicsSpec {
+    pub fn new(adapter: GraphicsAdapter) -> Self {
+        GraphicsSpec { adapter }
+    }
+}
+
+/// The hypervisor-agnostic domain definition (registry type `DomainSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DomainSpec {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u64,
+    pub disks: Vec<DiskSpec>,
+    pub devices: Vec<DeviceSpec>,
+    pub graphics: Option<GraphicsSpec>,
+}
+
+impl DomainSpec {
+    pub fn new(name: impl Into<String>, memory_mib: u64, vcpus: u64) -> Self {
+        DomainSpec { name: name.into(), memory_mib, vcpus, disks: Vec::new(), devices: Vec::new(), graphics: None }
+    }
+
+    /// Disk target names, explicit or assigned in order per bus prefix (`vda`, `vdb`, `sda`…).
+    pub fn disk_targets(&self) -> Vec<String> {
+        let mut taken: Vec<String> = self.disks.iter().filter_map(|d| d.target.clone()).collect();
+        let mut out = Vec::with_capacity(self.disks.len());
+        for disk in &self.disks {
+            let target = match &disk.target {
+                Some(t) => t.clone(),
+                None => {
+                    let prefix = disk.bus.target_prefix();
+                    let name = (b'a'..=b'z')
+                        .map(|c| format!("{prefix}{}", c as char))
+                        .find(|candidate| !taken.contains(candidate))
+                        .unwrap_or_else(|| format!("{prefix}{}", out.len()));
+                    taken.push(name.clone());
+                    name
+                }
+            };
+            out.push(target);
+        }
+        out
+    }
+}
+
+fn field<'a>(v: &'a Value, what: &str, name: &str) -> Result<&'a Value, PluginError> {
+    v.get(name)
+        .filter(|v| !v.is_unit())
+        .ok_or_else(|| PluginError::invalid_argument(format!("{what}: missing `{name}`")))
+}
+
+fn str_field<'a>(v: &'a Value, what: &str, name: &str) -> Result<&'a str, PluginError> {
+    field(v, what, name)?
+        .as_str()
+        .ok_or_else(|| PluginError::invalid_argument(format!("{what}: `{name}` must be a string")))
+}
+
+fn opt_str_field<'a>(v: &'a Value, what: &str, name: &str) -> Result<Option<&'a str>, PluginError> {
+    match v.get(name).filter(|v| !v.is_unit()) {
+        None => Ok(None),
+        Some(x) => x
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| PluginError::invalid_argument(format!("{what}: `{name}` must be a string"))),
+    }
+}
+
+fn u64_field(v: &Value, what: &str, name: &str) -> Result<u64, PluginError> {
+    field(v, what, name)?
+        .as_u64()
+        .ok_or_else(|| PluginError::invalid_argument(format!("{what}: `{name}` must be an unsigned integer")))
+}
+
+fn enum_field<T>(v: &Value, what: &str, name: &str, parse: fn(&str) -> Option<T>) -> Result<T, PluginError> {
+    let s = str_field(v, what, name)?;
+    parse(s).ok_or_else(|| PluginError::invalid_argument(format!("{what}: unknown `{name}` {s:?}")))
+}
+
+fn list_field<'a>(v: &'a Value, name: &str) -> &'a [Value] {
+    v.get(name).and_then(Value::as_list).unwrap_or(&[])
+}
+
+impl DiskSpec {
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        Ok(DiskSpec {
+            path: str_field(v, "disk", "path")?.to_string(),
+            format: enum_field(v, "disk", "format", DiskFormat::parse)?,
+            bus: enum_field(v, "disk", "bus", DiskBus::parse)?,
+            target: opt_str_field(v, "disk", "target")?.map(str::to_string),
+            readonly: v.get("readonly").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::record([
+            ("path", Value::from(self.path.clone())),
+            ("format", Value::from(self.format.as_str())),
+            ("bus", Value::from(self.bus.as_str())),
+        ]);
+        if let Some(target) = &self.target {
+            v.set("target", target.clone());
+        }
+        v.set("readonly", self.readonly);
+        v
+    }
+}
+
+impl DeviceSpec {
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        Ok(DeviceSpec {
+            kind: enum_field(v, "device", "kind", DeviceKind::parse)?,
+            id: str_field(v, "device", "id")?.to_string(),
+            path: opt_str_field(v, "device", "path")?.map(str::to_string),
+            format: match opt_str_field(v, "device", "format")? {
+                None => None,
+                Some(s) => Some(
+                    DiskFormat::parse(s)
+                        .ok_or_else(|| PluginError::invalid_argument(format!("device: unknown `format` {s:?}")))?,
+                ),
+            },
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::record([("kind", Value::from(self.kind.as_str())), ("id", Value::from(self.id.clone()))]);
+        if let Some(path) = &self.path {
+            v.set("path", path.clone());
+        }
+        if let Some(format) = self.format {
+            v.set("format", format.as_str());
+        }
+        v
+    }
+
+    /// The backing image of a `usb-disk`, required for that kind.
+    pub fn disk_backing(&self) -> Result<Option<(&str, DiskFormat)>, PluginError> {
+        match (self.kind, self.path.as_deref(), self.format) {
+            (DeviceKind::UsbDisk, Some(path), Some(format)) => Ok(Some((path, format))),
+            (DeviceKind::UsbDisk, _, _) => {
+                Err(PluginError::invalid_argument(format!("device `{}`: usb-disk needs `path` and `format`", self.id)))
+            }
+            (_, None, None) => Ok(None),
+            (kind, _, _) => Err(PluginError::invalid_argument(format!(
+                "device `{}`: {} takes no `path` or `format`",
+                self.id,
+                kind.as_str()
+            ))),
+        }
+    }
+}
+
+impl DomainSpec {
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        let graphics = match v.get("graphics").filter(|g| !g.is_unit()) {
+            None => None,
+            Some(g) => Some(GraphicsSpec {
+                adapter: match opt_str_field(g, "graphics", "adapter")? {
+                    None => GraphicsAdapter::Vga,
+                    Some(s) => GraphicsAdapter::parse(s)
+                        .ok_or_else(|| PluginError::invalid_argument(format!("graphics: unknown adapter {s:?}")))?,
+                },
+            }),
+        };
+        Ok(DomainSpec {
+            name: str_field(v, "domain spec", "name")?.to_string(),
+            memory_mib: u64_field(v, "domain spec", "memory_mib")?,
+            vcpus: u64_field(v, "domain spec", "vcpus")?,
+            disks: list_field(v, "disks").iter().map(DiskSpec::from_value).collect::<Result<_, _>>()?,
+            devices: list_field(v, "devices").iter().map(DeviceSpec::from_value).collect::<Result<_, _>>()?,
+            graphics,
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::record([
+            ("name", Value::from(self.name.clone())),
+            ("memory_mib", Value::from(self.memory_mib)),
+            ("vcpus", Value::from(self.vcpus)),
+            ("disks", Value::list(self.disks.iter().map(DiskSpec::to_value))),
+            ("devices", Value::list(self.devices.iter().map(DeviceSpec::to_value))),
+        ]);
+        if let Some(g) = &self.graphics {
+            v.set("graphics", Value::record([("adapter", g.adapter.as_str())]));
+        }
+        v
+    }
+}
+
+/// Result of `domain.info` (registry type `DomainInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DomainInfo {
+    pub name: String,
+    pub state: DomainState,
+    pub vcpus: u64,
+    pub memory_kib: u64,
+    pub max_memory_kib: u64,
+    pub cpu_time_ns: u64,
+    pub persistent: bool,
+}
+
+impl DomainInfo {
+    pub fn new(name: impl Into<String>, state: DomainState) -> Self {
+        DomainInfo {
+            name: name.into(),
+            state,
+            vcpus: 0,
+            memory_kib: 0,
+            max_memory_kib: 0,
+            cpu_time_ns: 0,
+            persistent: true,
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        Value::record([
+            ("name", Value::from(self.name)),
+            ("state", Value::from(self.state.as_str())),
+            ("vcpus", Value::UInt(self.vcpus)),
+            ("memory_kib", Value::UInt(self.memory_kib)),
+            ("max_memory_kib", Value::UInt(self.max_memory_kib)),
+            ("cpu_time_ns", Value::UInt(self.cpu_time_ns)),
+            ("persistent", Value::Bool(self.persistent)),
+        ])
+    }
+}
+
+/// One entry of `domain.list` (registry type `DomainSummary`).
+pub fn domain_summary(name: impl Into<String>, state: DomainState) -> Value {
+    Value::record([("name", Value::from(name.into())), ("state", Value::from(state.as_str()))])
+}
+
+/// Result of `domain.block-stats` (registry type `BlockStats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BlockStats {
+    pub rd_req: u64,
+    pub rd_bytes: u64,
+    pub wr_req: u64,
+    pub wr_bytes: u64,
+    pub errs: u64,
+}
+
+impl BlockStats {
+    pub fn new(rd_req: u64, rd_bytes: u64, wr_req: u64, wr_bytes: u64, errs: u64) -> Self {
+        BlockStats { rd_req, rd_bytes, wr_req, wr_bytes, errs }
+    }
+
+    /// Field-wise sum (for "all disks").
+    pub fn plus(self, other: BlockStats) -> BlockStats {
+        BlockStats {
+            rd_req: self.rd_req.saturating_add(other.rd_req),
+            rd_bytes: self.rd_bytes.saturating_add(other.rd_bytes),
+            wr_req: self.wr_req.saturating_add(other.wr_req),
+            wr_bytes: self.wr_bytes.saturating_add(other.wr_bytes),
+            errs: self.errs.saturating_add(other.errs),
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        Value::record([
+            ("rd_req", Value::UInt(self.rd_req)),
+            ("rd_bytes", Value::UInt(self.rd_bytes)),
+            ("wr_req", Value::UInt(self.wr_req)),
+            ("wr_bytes", Value::UInt(self.wr_bytes)),
+            ("errs", Value::UInt(self.errs)),
+        ])
+    }
+}
+
+/// Result of `host.info` (registry type `HostInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HostInfo {
+    pub uri: String,
+    pub hostname: String,
+    pub hypervisor: String,
+    pub hypervisor_version: String,
+    pub cpus: u64,
+    pub memory_kib: u64,
+}
+
+impl HostInfo {
+    pub fn new(uri: impl Into<String>, hypervisor: impl Into<String>, hypervisor_version: impl Into<String>) -> Self {
+        HostInfo {
+            uri: uri.into(),
+            hostname: String::new(),
+            hypervisor: hypervisor.into(),
+            hypervisor_version: hypervisor_version.into(),
+            cpus: 0,
+            memory_kib: 0,
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        Value::record([
+            ("uri", Value::from(self.uri)),
+            ("hostname", Value::from(self.hostname)),
+            ("hypervisor", Value::from(self.hypervisor)),
+            ("hypervisor_version", Value::from(self.hypervisor_version)),
+            ("cpus", Value::UInt(self.cpus)),
+            ("memory_kib", Value::UInt(self.memory_kib)),
+        ])
+    }
+}
+
+/// Result of `domain.screenshot` (registry type `Image`), PNG-encoded.
+pub fn png_image(width: u64, height: u64, png: Vec<u8>) -> Value {
+    Value::record([
+        ("format", Value::from("png")),
+        ("width", Value::UInt(width)),
+        ("height", Value::UInt(height)),
+        ("data", Value::from(png)),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips_through_value() {
+        let mut spec = DomainSpec::new("vm1", 512, 2);
+        spec.disks.push(DiskSpec::new("/img/a.qcow2", DiskFormat::Qcow2, DiskBus::Virtio));
+        spec.disks.push(DiskSpec::new("/img/b.raw", DiskFormat::Raw, DiskBus::Sata));
+        spec.devices.push(DeviceSpec::new(DeviceKind::UsbTablet, "tablet0"));
+        spec.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Vga));
+        let back = DomainSpec::from_value(&spec.to_value()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, spec);
+        assert_eq!(spec.disk_targets(), vec!["vda".to_string(), "sda".to_string()]);
+    }
+
+    #[test]
+    fn usb_disk_needs_backing() {
+        let dev = DeviceSpec::new(DeviceKind::UsbDisk, "stick");
+        assert!(dev.disk_backing().is_err());
+        let tablet = DeviceSpec { path: Some("/x".into()), ..DeviceSpec::new(DeviceKind::UsbTablet, "t") };
+        assert!(tablet.disk_backing().is_err());
+    }
+}

@@ -1,0 +1,353 @@
+//! Capability implementations of the test driver.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use capvirt_plugin_api::{
+    prelude::*,
+    types::{domain_summary, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+};
+
+use crate::{
+    screenshot,
+    state::{self, one_line, Domain, DomainEntry, State, StateFile},
+};
+
+/// The registry version this driver was written against.
+const REGISTRY_VERSION: &str = "1.0.0";
+
+/// Every capability the test driver implements (all accepted ones, contract version 1).
+const CAPABILITIES: &[&str] = &[
+    "host.info",
+    "domain.list",
+    "domain.info",
+    "domain.define",
+    "domain.undefine",
+    "domain.start",
+    "domain.shutdown",
+    "domain.destroy",
+    "domain.reboot",
+    "domain.suspend",
+    "domain.resume",
+    "domain.block-stats",
+    "domain.attach-device",
+    "domain.detach-device",
+    "domain.migrate",
+    "domain.save",
+    "domain.restore",
+    "domain.screenshot",
+];
+
+/// CPU time the test guest "consumes" between two observations while running.
+const CPU_TIME_STEP_NS: u64 = 10_000_000;
+
+/// A connection to one test host.
+pub struct TestDriver {
+    uri: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl TestDriver {
+    fn lock(&self) -> Result<MutexGuard<'_, State>, PluginError> {
+        self.state.lock().map_err(|_| PluginError::internal("test driver state poisoned by an earlier panic"))
+    }
+}
+
+impl Plugin for TestDriver {
+    fn manifest() -> Manifest {
+        Manifest::new("test", "capvirt", env!("CARGO_PKG_VERSION"), REGISTRY_VERSION)
+            .scheme("test")
+            .description("In-memory test hypervisor with deterministic state (test:///default).")
+            .capabilities(CAPABILITIES.iter().copied())
+    }
+
+    fn connect(uri: &str, _options: &Value) -> Result<Self, PluginError> {
+        Ok(TestDriver { uri: uri.to_string(), state: state::state_for(uri)? })
+    }
+
+    fn invoke(&self, capability: &str, args: &Args<'_>, ctx: &Context<'_>) -> Result<Value, PluginError> {
+        match capability {
+            "domain.info" => self.info(args.str("domain")?),
+            "domain.list" => self.list(args.bool_or("all", false)?),
+            "domain.suspend" => self.transition(args.str("domain")?, &[DomainState::Running], "not running", |d| {
+                d.state = DomainState::Paused
+            }),
+            "domain.resume" => self.transition(args.str("domain")?, &[DomainState::Paused], "not paused", |d| {
+                d.state = DomainState::Running
+            }),
+            "domain.start" => self.transition(
+                args.str("domain")?,
+                &[DomainState::ShutOff, DomainState::Crashed],
+                "already active",
+                Domain::start,
+            ),
+            "domain.destroy" => self.transition(
+                args.str("domain")?,
+                &[DomainState::Running, DomainState::Paused, DomainState::Blocked],
+                "not running",
+                Domain::stop,
+            ),
+            // The test guest always obeys a shutdown request at once.
+            "domain.shutdown" => {
+                self.transition(args.str("domain")?, &[DomainState::Running], "not running", Domain::stop)
+            }
+            "domain.reboot" => {
+                self.transition(args.str("domain")?, &[DomainState::Running], "not running", |d| d.cpu_time_ns = 0)
+            }
+            "domain.define" => self.define(args.get("spec")?),
+            "domain.undefine" => self.undefine(args.str("domain")?),
+            "domain.block-stats" => self.block_stats(args.str("domain")?, args.opt_str("device")?),
+            "domain.attach-device" => self.attach(args.str("domain")?, DeviceSpec::from_value(args.get("device")?)?),
+            "domain.detach-device" => self.detach(args.str("domain")?, DeviceSpec::from_value(args.get("device")?)?),
+            "domain.migrate" => self.migrate(args.str("domain")?, args.str("dest_uri")?, ctx),
+            "domain.save" => self.save(args.str("domain")?, Path::new(args.str("path")?)),
+            "domain.restore" => self.restore(Path::new(args.str("path")?)),
+            "domain.screenshot" => self.screenshot(args.str("domain")?),
+            "host.info" => Ok(self.host_info()),
+            other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
+        }
+    }
+}
+
+impl TestDriver {
+    fn info(&self, name: &str) -> Result<Value, PluginError> {
+        let mut state = self.lock()?;
+        let domain = state.domain_mut(name)?;
+        if domain.state == DomainState::Running {
+            domain.cpu_time_ns += CPU_TIME_STEP_NS;
+        }
+        let mut info = DomainInfo::new(domain.spec.name.clone(), domain.state);
+        info.vcpus = domain.spec.vcpus;
+        info.memory_kib = domain.spec.memory_mib * 1024;
+        info.max_memory_kib = domain.spec.memory_mib * 1024;
+        info.cpu_time_ns = domain.cpu_time_ns;
+        Ok(info.into_value())
+    }
+
+    fn list(&self, all: bool) -> Result<Value, PluginError> {
+        let state = self.lock()?;
+        Ok(Value::list(
+            state
+                .domains
+                .values()
+                .filter(|d| all || d.state.is_active())
+                .map(|d| domain_summary(d.spec.name.clone(), d.state)),
+        ))
+    }
+
+    /// Applies `change` when the domain is in one of `from`, else reports `why_not`.
+    fn transition(
+        &self,
+        name: &str,
+        from: &[DomainState],
+        why_not: &str,
+        change: impl FnOnce(&mut Domain),
+    ) -> Result<Value, PluginError> {
+        let mut state = self.lock()?;
+        let domain = state.domain_mut(name)?;
+        if !from.contains(&domain.state) {
+            return Err(PluginError::invalid_state(format!(
+                "domain '{name}' is {why_not} (state: {})",
+                domain.state.as_str()
+            )));
+        }
+        change(domain);
+        Ok(Value::Unit)
+    }
+
+    fn define(&self, spec: &Value) -> Result<Value, PluginError> {
+        let spec = DomainSpec::from_value(spec)?;
+        for device in &spec.devices {
+            device.disk_backing()?;
+        }
+        let mut state = self.lock()?;
+        match state.domains.get_mut(&spec.name) {
+            Some(existing) if existing.state.is_active() => Err(PluginError::invalid_state(format!(
+                "domain '{}' is active; shut it down before redefining it",
+                spec.name
+            ))),
+            Some(existing) => {
+                existing.spec = spec;
+                Ok(Value::Unit)
+            }
+            None => {
+                state.domains.insert(spec.name.clone(), Domain::new(spec, DomainState::ShutOff));
+                Ok(Value::Unit)
+            }
+        }
+    }
+
+    fn undefine(&self, name: &str) -> Result<Value, PluginError> {
+        let mut state = self.lock()?;
+        let domain = state.domain(name)?;
+        if domain.state.is_active() {
+            return Err(PluginError::invalid_state(format!("domain '{name}' is active; destroy it first")));
+        }
+        state.domains.remove(name);
+        Ok(Value::Unit)
+    }
+
+    fn active_domain<'s>(state: &'s mut State, name: &str) -> Result<&'s mut Domain, PluginError> {
+        let domain = state.domain_mut(name)?;
+        if !domain.state.is_active() {
+            return Err(PluginError::invalid_state(format!("domain '{name}' is not running")));
+        }
+        Ok(domain)
+    }
+
+    fn block_stats(&self, name: &str, device: Option<&str>) -> Result<Value, PluginError> {
+        let mut state = self.lock()?;
+        let domain = Self::active_domain(&mut state, name)?;
+        let targets = domain.spec.disk_targets();
+        let stats = match device {
+            Some(device) => {
+                let index = targets
+                    .iter()
+                    .position(|t| t == device)
+                    .ok_or_else(|| PluginError::not_found(format!("domain '{name}' has no disk '{device}'")))?;
+                domain.disk_stats(index)
+            }
+            None => (0..targets.len()).map(|i| domain.disk_stats(i)).fold(BlockStats::default(), BlockStats::plus),
+        };
+        Ok(stats.into_value())
+    }
+
+    fn attach(&self, name: &str, device: DeviceSpec) -> Result<Value, PluginError> {
+        device.disk_backing()?;
+        let mut state = self.lock()?;
+        let domain = Self::active_domain(&mut state, name)?;
+        if domain.live_devices.iter().any(|d| d.id == device.id) || domain.spec.disk_targets().contains(&device.id) {
+            return Err(PluginError::invalid_argument(format!("domain '{name}' already has a device '{}'", device.id)));
+        }
+        domain.live_devices.push(device);
+        Ok(Value::Unit)
+    }
+
+    fn detach(&self, name: &str, device: DeviceSpec) -> Result<Value, PluginError> {
+        let mut state = self.lock()?;
+        let domain = Self::active_domain(&mut state, name)?;
+        let index = domain
+            .live_devices
+            .iter()
+            .position(|d| d.id == device.id)
+            .ok_or_else(|| PluginError::not_found(format!("domain '{name}' has no device '{}'", device.id)))?;
+        if domain.live_devices[index].kind != device.kind {
+            return Err(PluginError::invalid_argument(format!(
+                "device '{}' is a {}, not a {}",
+                device.id,
+                domain.live_devices[index].kind.as_str(),
+                device.kind.as_str()
+            )));
+        }
+        domain.live_devices.remove(index);
+        Ok(Value::Unit)
+    }
+
+    fn migrate(&self, name: &str, dest_uri: &str, ctx: &Context<'_>) -> Result<Value, PluginError> {
+        if !dest_uri.starts_with("test://") {
+            return Err(PluginError::invalid_argument(format!(
+                "the test driver migrates only to test:// URIs, not {dest_uri:?}"
+            )));
+        }
+        let dest = state::state_for(dest_uri)?;
+        if Arc::ptr_eq(&dest, &self.state) {
+            return Err(PluginError::invalid_argument(format!("{dest_uri} is the source connection itself")));
+        }
+        // Lock in a global order (by address) so that concurrent opposite migrations cannot deadlock.
+        let source_first = Arc::as_ptr(&self.state) < Arc::as_ptr(&dest);
+        let (mut first, mut second) = if source_first {
+            let a = self.lock()?;
+            let b = dest.lock().map_err(|_| PluginError::internal("destination state poisoned"))?;
+            (a, b)
+        } else {
+            let b = dest.lock().map_err(|_| PluginError::internal("destination state poisoned"))?;
+            let a = self.lock()?;
+            (a, b)
+        };
+        let (source, destination): (&mut State, &mut State) = (&mut first, &mut second);
+        let domain = Self::active_domain(source, name)?;
+        if destination.domains.contains_key(name) {
+            return Err(PluginError::invalid_state(format!("{dest_uri} already has a domain named '{name}'")));
+        }
+        const STEPS: u64 = 4;
+        for step in 1..=STEPS {
+            if ctx.is_cancelled() {
+                return Err(PluginError::invalid_state("migration cancelled"));
+            }
+            ctx.progress(step * domain.spec.memory_mib * 1024 * 1024 / STEPS, domain.spec.memory_mib * 1024 * 1024);
+        }
+        let moved = domain.clone();
+        domain.stop();
+        destination.domains.insert(name.to_string(), moved);
+        Ok(Value::Unit)
+    }
+
+    fn save(&self, name: &str, path: &Path) -> Result<Value, PluginError> {
+        let mut state = self.lock()?;
+        let domain = Self::active_domain(&mut state, name)?;
+        let file = StateFile { domains: vec![DomainEntry::from_domain(domain)] };
+        let text =
+            toml::to_string(&file).map_err(|e| PluginError::internal(format!("cannot encode saved state: {e}")))?;
+        state::write_new_file_atomically(path, text.as_bytes())?;
+        domain.stop();
+        Ok(Value::Unit)
+    }
+
+    fn restore(&self, path: &Path) -> Result<Value, PluginError> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                PluginError::not_found(format!("saved state {} does not exist", path.display()))
+            }
+            _ => PluginError::driver_failure(format!("cannot read {}: {e}", path.display())),
+        })?;
+        let file: StateFile = toml::from_str(&text).map_err(|e| {
+            PluginError::invalid_argument(format!(
+                "{} is not a saved test domain: {}",
+                path.display(),
+                one_line(&e.to_string())
+            ))
+        })?;
+        let [entry] = <[DomainEntry; 1]>::try_from(file.domains).map_err(|_| {
+            PluginError::invalid_argument(format!("{} does not hold exactly one saved domain", path.display()))
+        })?;
+        let mut restored = entry.into_domain(&path.display().to_string())?;
+        if !restored.state.is_active() {
+            return Err(PluginError::invalid_argument(format!(
+                "{} holds a domain that was not running",
+                path.display()
+            )));
+        }
+        restored.live_devices = restored.spec.devices.clone();
+        let name = restored.spec.name.clone();
+        let mut state = self.lock()?;
+        if state.domains.get(&name).is_some_and(|d| d.state.is_active()) {
+            return Err(PluginError::invalid_state(format!("domain '{name}' is already active")));
+        }
+        state.domains.insert(name.clone(), restored);
+        Ok(Value::from(name))
+    }
+
+    fn screenshot(&self, name: &str) -> Result<Value, PluginError> {
+        let state = self.lock()?;
+        let domain = state.domain(name)?;
+        if !domain.state.is_active() {
+            return Err(PluginError::invalid_state(format!("domain '{name}' is not running")));
+        }
+        if domain.spec.graphics.is_none() {
+            return Err(PluginError::unsupported(format!("domain '{name}' has no display adapter")));
+        }
+        let name = domain.spec.name.clone();
+        drop(state);
+        screenshot::render(&name)
+    }
+
+    fn host_info(&self) -> Value {
+        let mut info = HostInfo::new(self.uri.clone(), "test", env!("CARGO_PKG_VERSION"));
+        info.hostname = "test-host".into();
+        info.cpus = 16;
+        info.memory_kib = 8 * 1024 * 1024;
+        info.into_value()
+    }
+}
