@@ -1,0 +1,4 @@
+//! capvirt's integration tests: one binary, one module per area. Every test loads real
+//! plugin cdylibs through the real host.
+
+mod support_smoke;

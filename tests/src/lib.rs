@@ -1,0 +1,119 @@
+//! Support for capvirt's integration tests and benchmarks.
+//!
+//! `cargo test` leaves cdylibs only in `target/*/deps/` and exposes no binary of another
+//! package, so [`artifacts`] builds the `capvirt` binary and the plugins once per test
+//! process with `cargo build --message-format=json` and reads their paths from cargo's output.
+//! Tests then copy the plugins they want into private directories, so each test controls
+//! exactly what the host discovers.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+pub use tempfile::TempDir;
+
+/// Paths of the freshly built binaries.
+#[derive(Debug)]
+pub struct Artifacts {
+    pub capvirt: PathBuf,
+    pub test_plugin: PathBuf,
+    pub fixture_plugin: PathBuf,
+}
+
+/// Packages built for the tests, with the artifact each one contributes.
+const PACKAGES: &[&str] = &["capvirt-host", "capvirt-driver-test", "capvirt-fixture-plugin"];
+
+/// Builds (once per process) and returns the artifacts. Panics with cargo's output when the
+/// build fails: nothing can be tested then.
+pub fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(build)
+}
+
+fn release_profile() -> bool {
+    std::env::current_exe().map(|exe| exe.components().any(|c| c.as_os_str() == "release")).unwrap_or(false)
+}
+
+fn build() -> Artifacts {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--message-format=json-render-diagnostics"]);
+    for package in PACKAGES {
+        cmd.args(["-p", package]);
+    }
+    if release_profile() {
+        cmd.arg("--release");
+    }
+    cmd.current_dir(workspace_root());
+    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run cargo build: {e}"));
+    if !output.status.success() {
+        panic!("cargo build for the tests failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let mut capvirt = None;
+    let mut libraries = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let Some(exe) = message["executable"].as_str() {
+            if message["target"]["name"] == "capvirt" {
+                capvirt = Some(PathBuf::from(exe));
+            }
+        }
+        for file in message["filenames"].as_array().into_iter().flatten().filter_map(|f| f.as_str()) {
+            if file.ends_with(".so") {
+                libraries.push(PathBuf::from(file));
+            }
+        }
+    }
+    let library = |name: &str| {
+        libraries
+            .iter()
+            .find(|p| p.file_name().is_some_and(|n| n == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("cargo built no {name}; built: {libraries:?}"))
+    };
+    Artifacts {
+        capvirt: capvirt.unwrap_or_else(|| panic!("cargo built no capvirt binary")),
+        test_plugin: library("libcapvirt_driver_test.so"),
+        fixture_plugin: library("libcapvirt_fixture_plugin.so"),
+    }
+}
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// A fresh directory holding copies of `plugins`, each under its `(file name, source)`.
+pub fn plugin_dir(plugins: &[(&str, &Path)]) -> TempDir {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    for (name, source) in plugins {
+        fs::copy(source, dir.path().join(name)).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+    }
+    dir
+}
+
+/// A directory with only the test driver, shared by the tests of one process.
+pub fn test_plugin_dir() -> &'static Path {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    DIR.get_or_init(|| plugin_dir(&[("libcapvirt_driver_test.so", &artifacts().test_plugin)])).path()
+}
+
+/// A `capvirt` command isolated from the user's environment: plugins from `plugin_dir`, the
+/// audit log in `state_dir`, no default URI or enabled capabilities from outside.
+pub fn capvirt(plugin_dir: &Path, state_dir: &Path) -> Command {
+    let mut cmd = Command::new(&artifacts().capvirt);
+    cmd.env("CAPVIRT_PLUGIN_DIR", plugin_dir)
+        .env("CAPVIRT_AUDIT_LOG", state_dir.join("audit.jsonl"))
+        .env("XDG_STATE_HOME", state_dir)
+        .env_remove("CAPVIRT_DEFAULT_URI")
+        .env_remove("CAPVIRT_ENABLE")
+        .env_remove("CAPVIRT_CHECK_RESULTS")
+        .env_remove("CAPVIRT_FIXTURE_MODE");
+    cmd
+}
