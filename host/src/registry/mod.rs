@@ -10,6 +10,8 @@ pub mod types;
 
 use std::{collections::HashMap, fmt};
 
+use rustc_hash::FxHashMap;
+
 use capvirt_plugin_api::Value;
 
 use crate::convert::toml_to_value;
@@ -90,7 +92,8 @@ pub struct Registry {
     pub info: RegistryFile,
     pub types: TypeTable,
     capabilities: Vec<Capability>,
-    by_id: HashMap<String, CapabilityIndex>,
+    /// Looked up on every call: a fast, non-DoS-resistant hash is fine for trusted keys.
+    by_id: FxHashMap<String, CapabilityIndex>,
 }
 
 impl Registry {
@@ -148,7 +151,7 @@ impl Registry {
 
         capability_files.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         let mut capabilities = Vec::with_capacity(capability_files.len());
-        let mut by_id = HashMap::new();
+        let mut by_id = FxHashMap::default();
         for (path, doc) in capability_files {
             let expected_name = format!("capabilities/{}.toml", doc.id);
             if path != expected_name {

@@ -1,0 +1,35 @@
+//! Runs N registry-gated `domain.info` calls (or suspend+resume pairs) through the test driver.
+//! Used with callgrind to count instructions per call, which unlike wall time does not depend
+//! on what else the machine is doing:
+//!
+//! ```sh
+//! cargo build --release -p capvirt-tests --example call_loop
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.1k  target/release/examples/call_loop info 1000
+//! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.11k target/release/examples/call_loop info 11000
+//! # instructions per call = (total(11k) - total(1k)) / 10000
+//! ```
+
+use std::hint::black_box;
+
+use capvirt_host::{Host, HostConfig, Value};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let what = args.next().unwrap_or_else(|| "info".into());
+    let count: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
+    let plugin_dir = capvirt_tests::test_plugin_dir();
+    let host = Host::new(HostConfig { plugin_dirs: vec![plugin_dir.to_path_buf()], ..Default::default() })
+        .unwrap_or_else(|e| panic!("host: {e}"));
+    let conn = host.connect("test:///default", false).unwrap_or_else(|e| panic!("connect: {e}"));
+    for _ in 0..count {
+        match what.as_str() {
+            "info" => {
+                black_box(conn.call("domain.info", Value::record([("domain", "test")])).unwrap_or_else(|e| panic!("{e}")));
+            }
+            _ => {
+                conn.call("domain.suspend", Value::record([("domain", "test")])).unwrap_or_else(|e| panic!("{e}"));
+                conn.call("domain.resume", Value::record([("domain", "test")])).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
