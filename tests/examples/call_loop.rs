@@ -24,7 +24,9 @@ fn main() {
     for _ in 0..count {
         match what.as_str() {
             "info" => {
-                black_box(conn.call("domain.info", Value::record([("domain", "test")])).unwrap_or_else(|e| panic!("{e}")));
+                black_box(
+                    conn.call("domain.info", Value::record([("domain", "test")])).unwrap_or_else(|e| panic!("{e}")),
+                );
             }
             _ => {
                 conn.call("domain.suspend", Value::record([("domain", "test")])).unwrap_or_else(|e| panic!("{e}"));

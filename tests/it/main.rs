@@ -1,4 +1,6 @@
 //! capvirt's integration tests: one binary, one module per area. Every test loads real
 //! plugin cdylibs through the real host.
 
-mod support_smoke;
+mod cli;
+mod dispatch;
+mod plugins;

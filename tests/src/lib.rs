@@ -117,3 +117,94 @@ pub fn capvirt(plugin_dir: &Path, state_dir: &Path) -> Command {
         .env_remove("CAPVIRT_FIXTURE_MODE");
     cmd
 }
+
+/// What a finished `capvirt` run printed and returned.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Upper bound for one CLI run in tests; a hang fails the test instead of blocking CI.
+pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `cmd` to completion (killing it after [`RUN_TIMEOUT`]).
+pub fn run(cmd: Command) -> Run {
+    let output = assert_cmd::Command::from_std(cmd)
+        .timeout(RUN_TIMEOUT)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run capvirt: {e}"));
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A scratch area for one test: a state directory (audit log, files) and the plugins to load.
+pub struct Sandbox {
+    pub state: TempDir,
+    pub plugins: PathBuf,
+    /// A private plugin directory removed with the sandbox.
+    _owned_plugins: Option<TempDir>,
+}
+
+impl Sandbox {
+    /// Only the test driver is installed.
+    pub fn new() -> Sandbox {
+        Sandbox::with_plugins(test_plugin_dir().to_path_buf())
+    }
+
+    pub fn with_plugins(plugins: PathBuf) -> Sandbox {
+        Sandbox { state: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")), plugins, _owned_plugins: None }
+    }
+
+    /// Uses (and owns) a plugin directory made by [`plugin_dir`].
+    pub fn with_plugin_dir(dir: TempDir) -> Sandbox {
+        let mut sandbox = Sandbox::with_plugins(dir.path().to_path_buf());
+        sandbox._owned_plugins = Some(dir);
+        sandbox
+    }
+
+    /// Runs `capvirt ARGS…`.
+    pub fn capvirt(&self, args: &[&str]) -> Run {
+        let mut cmd = capvirt(&self.plugins, self.state.path());
+        cmd.args(args);
+        run(cmd)
+    }
+
+    /// Runs `capvirt ARGS…` with extra environment variables.
+    pub fn capvirt_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = capvirt(&self.plugins, self.state.path());
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run(cmd)
+    }
+
+    /// A path inside the state directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.state.path().join(name)
+    }
+
+    /// Writes a file in the state directory and returns its path as a string.
+    pub fn write(&self, name: &str, contents: &str) -> String {
+        let path = self.path(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path.display().to_string()
+    }
+
+    /// The audit records written so far.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let text = fs::read_to_string(self.path("audit.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}"))).collect()
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox::new()
+    }
+}

@@ -117,10 +117,10 @@ pub fn command(registry: &Registry) -> Command {
                 .global(true)
                 .help("Append audit records of mutating calls to FILE [default: $CAPVIRT_AUDIT_LOG, else the user's state directory]"),
         );
-    for sub in commands::fixed_commands() {
-        cmd = cmd.subcommand(sub);
-    }
-    for sub in commands::capability::commands(registry) {
+    // Registry-derived (virsh-style) commands first, by name; then the fixed tools.
+    let mut derived = commands::capability::commands(registry);
+    derived.sort_by(|a, b| a.get_name().cmp(b.get_name()));
+    for sub in derived.into_iter().chain(commands::fixed_commands()) {
         cmd = cmd.subcommand(sub);
     }
     cmd

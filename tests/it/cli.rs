@@ -1,0 +1,321 @@
+//! Every CLI command on the test driver, as an operator runs it: output (snapshots), exit
+//! codes and refusals. Each `capvirt` run is a fresh process, so state changes are checked
+//! within one run or through files.
+
+use capvirt_tests::{Run, Sandbox};
+use insta::assert_snapshot;
+
+fn ok(run: &Run) -> &str {
+    assert_eq!(run.code, 0, "stderr: {}\nstdout: {}", run.stderr, run.stdout);
+    &run.stdout
+}
+
+fn failed(run: &Run, code: i32) -> &str {
+    assert_eq!(run.code, code, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert!(run.stderr.starts_with("error: "), "one error line expected: {:?}", run.stderr);
+    assert_eq!(run.stderr.trim_end().lines().count(), 1, "one error line expected: {:?}", run.stderr);
+    run.stderr.trim_end()
+}
+
+fn json(run: &Run) -> serde_json::Value {
+    serde_json::from_str(ok(run)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
+}
+
+const WEB_STATE: &str = r#"
+[[domains]]
+state = "running"
+[domains.spec]
+name = "web"
+memory_mib = 512
+vcpus = 1
+disks = [{ path = "/srv/web.qcow2", format = "qcow2", bus = "virtio" }, { path = "/srv/data.raw", format = "raw", bus = "sata" }]
+devices = [{ kind = "usb-tablet", id = "tablet0" }]
+graphics = { adapter = "vga" }
+
+[[domains]]
+[domains.spec]
+name = "idle"
+memory_mib = 256
+vcpus = 1
+"#;
+
+#[test]
+fn list_shows_the_running_default_domain() {
+    let sb = Sandbox::new();
+    assert_snapshot!("list", ok(&sb.capvirt(&["list"])));
+    let explicit = sb.capvirt(&["--connect", "test:///default", "list"]);
+    assert_eq!(ok(&explicit), ok(&sb.capvirt(&["list"])));
+    assert_eq!(json(&sb.capvirt(&["-o", "json", "list"])), serde_json::json!([{"name": "test", "state": "running"}]));
+}
+
+#[test]
+fn list_all_includes_inactive_domains() {
+    let sb = Sandbox::new();
+    let uri = format!("test://{}", sb.write("web.toml", WEB_STATE));
+    assert_snapshot!("list_all", ok(&sb.capvirt(&["-c", &uri, "list", "--all"])));
+    let active = json(&sb.capvirt(&["-c", &uri, "--output", "json", "list"]));
+    assert_eq!(active, serde_json::json!([{"name": "web", "state": "running"}]));
+}
+
+#[test]
+fn default_uri_comes_from_the_environment() {
+    let sb = Sandbox::new();
+    let uri = format!("test://{}", sb.write("web.toml", WEB_STATE));
+    let run = sb.capvirt_env(&["list"], &[("CAPVIRT_DEFAULT_URI", &uri)]);
+    assert!(ok(&run).contains("web"), "{}", run.stdout);
+}
+
+#[test]
+fn dominfo_table_and_json() {
+    let sb = Sandbox::new();
+    assert_snapshot!("dominfo", ok(&sb.capvirt(&["dominfo", "test"])));
+    let info = json(&sb.capvirt(&["-o", "json", "dominfo", "test"]));
+    assert_eq!(info["name"], "test");
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["vcpus"], 2);
+    assert_eq!(info["memory_kib"], 2 * 1024 * 1024);
+}
+
+#[test]
+fn lifecycle_commands_report_and_refuse_by_state() {
+    let sb = Sandbox::new();
+    assert_snapshot!("suspend", ok(&sb.capvirt(&["suspend", "test"])));
+    assert_eq!(ok(&sb.capvirt(&["shutdown", "test"])), "Domain 'test' is being shutdown\n");
+    assert_eq!(ok(&sb.capvirt(&["destroy", "test"])), "Domain 'test' destroyed\n");
+    assert_eq!(ok(&sb.capvirt(&["reboot", "test"])), "Domain 'test' is being rebooted\n");
+    // Fresh process, fresh default state: `test` runs, so these are invalid-state refusals.
+    assert_snapshot!("resume_running", failed(&sb.capvirt(&["resume", "test"]), 6));
+    failed(&sb.capvirt(&["start", "test"]), 6);
+    failed(&sb.capvirt(&["undefine", "test"]), 6);
+    assert_snapshot!("dominfo_missing", failed(&sb.capvirt(&["dominfo", "nosuch"]), 5));
+}
+
+#[test]
+fn lifecycle_on_an_inactive_domain() {
+    let sb = Sandbox::new();
+    let uri = format!("test://{}", sb.write("web.toml", WEB_STATE));
+    assert_eq!(ok(&sb.capvirt(&["-c", &uri, "start", "idle"])), "Domain 'idle' started\n");
+    assert_eq!(ok(&sb.capvirt(&["-c", &uri, "undefine", "idle"])), "Domain 'idle' has been undefined\n");
+    failed(&sb.capvirt(&["-c", &uri, "resume", "idle"]), 6);
+    failed(&sb.capvirt(&["-c", &uri, "shutdown", "idle"]), 6);
+    failed(&sb.capvirt(&["-c", &uri, "destroy", "idle"]), 6);
+}
+
+#[test]
+fn define_from_a_spec_file() {
+    let sb = Sandbox::new();
+    let spec = sb.write(
+        "vm1.toml",
+        "name = \"vm1\"\nmemory_mib = 1024\nvcpus = 2\n[[disks]]\npath = \"/images/vm1.qcow2\"\nformat = \"qcow2\"\nbus = \"virtio\"\n",
+    );
+    assert_eq!(ok(&sb.capvirt(&["define", &spec])), "Domain 'vm1' defined\n");
+}
+
+#[test]
+fn define_refuses_bad_specs_with_the_field_named() {
+    let sb = Sandbox::new();
+    let cases = [
+        ("bad_name", "name = \"../etc\"\nmemory_mib = 64\nvcpus = 1\n", "spec.name"),
+        ("absurd_memory", "name = \"x\"\nmemory_mib = 99999999999\nvcpus = 1\n", "spec.memory_mib"),
+        (
+            "unknown_field",
+            "name = \"x\"\nmemory_mib = 64\nvcpus = 1\nqemu_args = \"-S\"\n",
+            "unknown field `qemu_args`",
+        ),
+        ("missing_vcpus", "name = \"x\"\nmemory_mib = 64\n", "spec.vcpus"),
+        (
+            "bad_bus",
+            "name = \"x\"\nmemory_mib = 64\nvcpus = 1\n[[disks]]\npath = \"/a\"\nformat = \"raw\"\nbus = \"ide\"\n",
+            "expected one of virtio, sata, usb",
+        ),
+        ("mistyped", "name = \"x\"\nmemory_mib = \"lots\"\nvcpus = 1\n", "spec.memory_mib"),
+    ];
+    for (file, text, needle) in cases {
+        let path = sb.write(&format!("{file}.toml"), text);
+        let run = sb.capvirt(&["define", &path]);
+        let message = failed(&run, 2);
+        assert!(message.contains(needle), "{file}: {message}");
+    }
+    let run = sb.capvirt(&["define", &sb.path("absent.toml").display().to_string()]);
+    assert!(failed(&run, 2).contains("cannot read"));
+    let run = sb.capvirt(&["define", &sb.write("garbage.toml", "this is = = not toml")]);
+    assert!(failed(&run, 2).contains("not valid TOML"));
+}
+
+#[test]
+fn domblkstat_per_device_and_total() {
+    let sb = Sandbox::new();
+    let uri = format!("test://{}", sb.write("web.toml", WEB_STATE));
+    assert_snapshot!("domblkstat", ok(&sb.capvirt(&["-c", &uri, "domblkstat", "web", "vda"])));
+    let one = json(&sb.capvirt(&["-c", &uri, "-o", "json", "domblkstat", "web", "vda"]));
+    let total = json(&sb.capvirt(&["-c", &uri, "-o", "json", "domblkstat", "web"]));
+    for key in ["rd_req", "rd_bytes", "wr_req", "wr_bytes", "errs"] {
+        assert!(one[key].is_u64(), "{key} missing: {one}");
+    }
+    assert!(total["rd_req"].as_u64() > one["rd_req"].as_u64(), "total sums both disks: {total} vs {one}");
+    failed(&sb.capvirt(&["-c", &uri, "domblkstat", "web", "vdz"]), 5);
+    failed(&sb.capvirt(&["-c", &uri, "domblkstat", "idle"]), 6);
+}
+
+#[test]
+fn attach_and_detach_devices() {
+    let sb = Sandbox::new();
+    let uri = format!("test://{}", sb.write("web.toml", WEB_STATE));
+    let keyboard = sb.write("kbd.toml", "kind = \"usb-keyboard\"\nid = \"kbd0\"\n");
+    assert_eq!(ok(&sb.capvirt(&["-c", &uri, "attach-device", "web", &keyboard])), "Device attached successfully\n");
+    let tablet = sb.write("tablet.toml", "kind = \"usb-tablet\"\nid = \"tablet0\"\n");
+    assert_eq!(ok(&sb.capvirt(&["-c", &uri, "detach-device", "web", &tablet])), "Device detached successfully\n");
+    // Already present at boot: attaching the same id again is refused.
+    failed(&sb.capvirt(&["-c", &uri, "attach-device", "web", &tablet]), 2);
+    failed(&sb.capvirt(&["-c", &uri, "detach-device", "web", &keyboard]), 5);
+    let disk_without_image = sb.write("disk.toml", "kind = \"usb-disk\"\nid = \"stick\"\n");
+    assert!(failed(&sb.capvirt(&["-c", &uri, "attach-device", "web", &disk_without_image]), 2).contains("needs `path`"));
+}
+
+#[test]
+fn migrate_save_restore_and_screenshot() {
+    let sb = Sandbox::new();
+    assert_eq!(
+        ok(&sb.capvirt(&["migrate", "test", "test:///elsewhere"])),
+        "Domain 'test' migrated to test:///elsewhere\n"
+    );
+    failed(&sb.capvirt(&["migrate", "test", "test:///default"]), 2);
+    failed(&sb.capvirt(&["migrate", "test", "qemu:///session"]), 2);
+
+    let saved = sb.path("test.save").display().to_string();
+    assert_eq!(ok(&sb.capvirt(&["save", "test", &saved])), format!("Domain 'test' saved to {saved}\n"));
+    // Never overwrites.
+    failed(&sb.capvirt(&["save", "test", &saved]), 2);
+    // The default host already runs `test`: restore on an empty test host.
+    assert_eq!(ok(&sb.capvirt(&["-c", "test:///empty", "restore", &saved])), format!("Domain restored from {saved}\n"));
+    failed(&sb.capvirt(&["restore", &saved]), 6);
+    failed(&sb.capvirt(&["restore", &sb.path("nope.save").display().to_string()]), 5);
+
+    let png = sb.path("shot.png");
+    let png_arg = png.display().to_string();
+    assert_eq!(ok(&sb.capvirt(&["screenshot", "test", &png_arg])), format!("Screenshot saved to {png_arg}\n"));
+    let bytes = std::fs::read(&png).unwrap_or_default();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let width = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+    let height = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+    assert_eq!((width, height), (64, 48));
+    let meta = json(&sb.capvirt(&["-o", "json", "screenshot", "test", &sb.path("shot2.png").display().to_string()]));
+    assert_eq!(meta["format"], "png");
+    assert_eq!(meta["width"], 64);
+}
+
+#[test]
+fn nodeinfo_and_capabilities() {
+    let sb = Sandbox::new();
+    assert_snapshot!("nodeinfo", ok(&sb.capvirt(&["nodeinfo"])));
+    assert_snapshot!("capabilities", ok(&sb.capvirt(&["capabilities"])));
+    let caps = json(&sb.capvirt(&["-o", "json", "capabilities"]));
+    let implemented: Vec<&str> = caps["capabilities"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["implemented"] == true)
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(implemented.len(), 18);
+    assert!(!implemented.contains(&"domain.monitor-command"));
+}
+
+#[test]
+fn registry_list_and_show() {
+    let sb = Sandbox::new();
+    assert_snapshot!("registry_list", ok(&sb.capvirt(&["registry", "list"])));
+    assert_snapshot!("registry_show_suspend", ok(&sb.capvirt(&["registry", "show", "domain.suspend"])));
+    let shown = json(&sb.capvirt(&["-o", "json", "registry", "show", "domain.monitor-command"]));
+    assert_eq!(shown["stage"], "rejected");
+    failed(&sb.capvirt(&["registry", "show", "domain.teleport"]), 5);
+}
+
+#[test]
+fn call_reaches_any_accepted_capability_with_typed_arguments() {
+    let sb = Sandbox::new();
+    let info = json(&sb.capvirt(&["-o", "json", "call", "domain.info", "--arg", "domain=test"]));
+    assert_eq!(info["vcpus"], 2);
+    let all = json(&sb.capvirt(&["-o", "json", "call", "domain.list", "--arg", "all=true"]));
+    assert_eq!(all[0]["name"], "test");
+    let inline = sb.capvirt(&[
+        "call",
+        "domain.attach-device",
+        "--arg",
+        "domain=test",
+        "--arg",
+        r#"device={ kind = "usb-tablet", id = "t1" }"#,
+    ]);
+    assert_eq!(ok(&inline), "Device attached successfully\n");
+    let stats =
+        json(&sb.capvirt(&["-o", "json", "call", "domain.block-stats", "--arg", "domain=test", "--arg", "device=vda"]));
+    assert!(stats["rd_req"].as_u64() > Some(0));
+}
+
+#[test]
+fn call_refuses_what_the_registry_does_not_allow() {
+    let sb = Sandbox::new();
+    assert_snapshot!("refuse_unknown", failed(&sb.capvirt(&["call", "domain.teleport", "--arg", "domain=test"]), 3));
+    assert_snapshot!(
+        "refuse_rejected_passthrough",
+        failed(
+            &sb.capvirt(&["call", "domain.monitor-command", "--arg", "domain=test", "--arg", "command=info registers"]),
+            3
+        )
+    );
+    assert_snapshot!(
+        "refuse_unknown_arg",
+        failed(&sb.capvirt(&["call", "domain.info", "--arg", "domain=test", "--arg", "verbose=1"]), 2)
+    );
+    assert_snapshot!("refuse_missing_arg", failed(&sb.capvirt(&["call", "domain.info"]), 2));
+    assert_snapshot!("refuse_mistyped_arg", failed(&sb.capvirt(&["call", "domain.list", "--arg", "all=maybe"]), 2));
+    failed(&sb.capvirt(&["call", "domain.shutdown", "--arg", "domain=test", "--arg", "timeout_secs=-5"]), 2);
+    failed(&sb.capvirt(&["call", "domain.info", "--arg", "domain"]), 2);
+    failed(&sb.capvirt(&["call", "domain.info", "--arg", "domain=a", "--arg", "domain=b"]), 2);
+}
+
+#[test]
+fn readonly_connections_refuse_mutating_capabilities() {
+    let sb = Sandbox::new();
+    assert_snapshot!("readonly_suspend", failed(&sb.capvirt(&["-r", "suspend", "test"]), 3));
+    failed(&sb.capvirt(&["--readonly", "call", "domain.destroy", "--arg", "domain=test"]), 3);
+    let spec = sb.write("vm.toml", "name = \"vm\"\nmemory_mib = 64\nvcpus = 1\n");
+    failed(&sb.capvirt(&["-r", "define", &spec]), 3);
+    // Reading still works.
+    ok(&sb.capvirt(&["-r", "dominfo", "test"]));
+    ok(&sb.capvirt(&["-r", "list"]));
+}
+
+#[test]
+fn mutating_calls_are_audited_as_json_lines() {
+    let sb = Sandbox::new();
+    ok(&sb.capvirt(&["suspend", "test"]));
+    ok(&sb.capvirt(&["dominfo", "test"]));
+    failed(&sb.capvirt(&["-r", "destroy", "test"]), 3);
+    failed(&sb.capvirt(&["resume", "test"]), 6);
+    let records = sb.audit_records();
+    assert_eq!(records.len(), 3, "only mutating calls are audited: {records:?}");
+    assert_eq!(records[0]["capability"], "domain.suspend");
+    assert_eq!(records[0]["outcome"], "ok");
+    assert_eq!(records[0]["uri"], "test:///default");
+    assert_eq!(records[0]["args"], r#"{"domain":"test"}"#);
+    assert_eq!(records[1]["capability"], "domain.destroy");
+    assert_eq!(records[1]["outcome"], "denied");
+    assert_eq!(records[2]["outcome"], "failed");
+    assert!(records[2]["error"].as_str().unwrap_or_default().contains("not paused"));
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_exits_0() {
+    let sb = Sandbox::new();
+    assert_eq!(sb.capvirt(&["dominfo"]).code, 2);
+    assert_eq!(sb.capvirt(&["frobnicate"]).code, 2);
+    assert_eq!(sb.capvirt(&["--output", "yaml", "list"]).code, 2);
+    let help = sb.capvirt(&["--help"]);
+    assert_eq!(help.code, 0);
+    assert_snapshot!("help", help.stdout);
+    let bad_uri = sb.capvirt(&["-c", "not a uri", "list"]);
+    failed(&bad_uri, 2);
+    let no_driver = sb.capvirt(&["-c", "xen:///system", "list"]);
+    assert!(failed(&no_driver, 4).contains("no loaded plugin serves the `xen` scheme"));
+}

@@ -1,0 +1,176 @@
+//! Plugin discovery and load-time checks: bad files and bad plugins are refused with a
+//! reason, one bad plugin never stops the others, and a panicking plugin cannot take the
+//! host down.
+
+use std::{fs, path::PathBuf};
+
+use capvirt_host::{CallError, ErrorKind, Host, HostConfig, Value};
+use capvirt_tests::{artifacts, plugin_dir, Run, Sandbox};
+
+/// Some real shared library that is not a capvirt plugin.
+fn foreign_shared_library() -> PathBuf {
+    ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no libm.so.6 found to use as a foreign shared library"))
+}
+
+fn plugins_json(run: &Run) -> Vec<serde_json::Value> {
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
+}
+
+#[test]
+fn bad_files_are_refused_and_the_good_plugin_still_loads() {
+    let libm = foreign_shared_library();
+    let dir =
+        plugin_dir(&[("libcapvirt_driver_test.so", &artifacts().test_plugin), ("libcapvirt_driver_libm.so", &libm)]);
+    fs::write(dir.path().join("libcapvirt_driver_empty.so"), b"").unwrap_or_else(|e| panic!("{e}"));
+    fs::write(dir.path().join("libcapvirt_driver_text.so"), b"#!/bin/sh\necho not a library\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    fs::write(dir.path().join("README.txt"), b"ignored: not named like a plugin").unwrap_or_else(|e| panic!("{e}"));
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+
+    let listed = plugins_json(&sb.capvirt(&["-o", "json", "plugins"]));
+    let status = |file: &str| {
+        listed
+            .iter()
+            .find(|p| p["path"].as_str().is_some_and(|path| path.ends_with(file)))
+            .unwrap_or_else(|| panic!("{file} not listed: {listed:?}"))
+            .clone()
+    };
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    assert_eq!(status("libcapvirt_driver_test.so")["status"], "loaded");
+    let libm = status("libcapvirt_driver_libm.so");
+    assert_eq!(libm["status"], "refused");
+    assert!(libm["reason"].as_str().unwrap_or_default().contains("not a capvirt plugin"), "{libm}");
+    assert!(status("libcapvirt_driver_empty.so")["reason"].as_str().unwrap_or_default().contains("empty file"));
+    assert!(status("libcapvirt_driver_text.so")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("not a shared library"));
+
+    let table = sb.capvirt(&["plugins"]);
+    assert_eq!(table.code, 0);
+    assert!(table.stdout.contains("refused: empty file"), "{}", table.stdout);
+    let list = sb.capvirt(&["list"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(list.stdout.contains("test"));
+}
+
+fn fixture_sandbox() -> Sandbox {
+    let dir = plugin_dir(&[
+        ("libcapvirt_driver_test.so", &artifacts().test_plugin),
+        ("libcapvirt_driver_fixture.so", &artifacts().fixture_plugin),
+    ]);
+    Sandbox::with_plugin_dir(dir)
+}
+
+#[test]
+fn a_plugin_implementing_a_rejected_capability_is_refused() {
+    let sb = fixture_sandbox();
+    let listed = plugins_json(&sb.capvirt_env(&["-o", "json", "plugins"], &[("CAPVIRT_FIXTURE_MODE", "rejected")]));
+    let fixture = listed.iter().find(|p| p["name"] == "fixture").unwrap_or_else(|| panic!("{listed:?}"));
+    assert_eq!(fixture["status"], "refused");
+    assert!(fixture["reason"].as_str().unwrap_or_default().contains("domain.monitor-command"), "{fixture}");
+    let run = sb.capvirt_env(&["-c", "fixture:///x", "list"], &[("CAPVIRT_FIXTURE_MODE", "rejected")]);
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    assert!(run.stderr.contains("refused plugins"), "{}", run.stderr);
+    // The good plugin beside it is unaffected.
+    assert_eq!(sb.capvirt_env(&["list"], &[("CAPVIRT_FIXTURE_MODE", "rejected")]).code, 0);
+}
+
+#[test]
+fn unknown_capabilities_are_ignored_with_a_warning_and_never_callable() {
+    let sb = fixture_sandbox();
+    let env = [("CAPVIRT_FIXTURE_MODE", "unknown")];
+    let run = sb.capvirt_env(&["-c", "fixture:///x", "capabilities"], &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("warning: plugin `fixture`: capability `domain.teleport` ignored"), "{}", run.stderr);
+    assert!(run.stdout.contains("ignored: domain.teleport"), "{}", run.stdout);
+    let call = sb.capvirt_env(&["-c", "fixture:///x", "call", "domain.teleport"], &env);
+    assert_eq!(call.code, 3, "{}", call.stderr);
+    assert_eq!(sb.capvirt_env(&["-c", "fixture:///x", "list"], &env).code, 0);
+}
+
+#[test]
+fn a_plugin_built_against_another_registry_major_is_refused() {
+    let sb = fixture_sandbox();
+    let listed = plugins_json(&sb.capvirt_env(&["-o", "json", "plugins"], &[("CAPVIRT_FIXTURE_MODE", "major")]));
+    let fixture = listed.iter().find(|p| p["name"] == "fixture").unwrap_or_else(|| panic!("{listed:?}"));
+    assert_eq!(fixture["status"], "refused");
+    assert!(fixture["reason"].as_str().unwrap_or_default().contains("registry 2.0.0"), "{fixture}");
+}
+
+#[test]
+fn a_panic_while_connecting_is_an_error_not_a_crash() {
+    let sb = fixture_sandbox();
+    let run = sb.capvirt_env(&["-c", "fixture:///x", "list"], &[("CAPVIRT_FIXTURE_MODE", "connect-panic")]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("driver panicked: fixture refuses to connect"), "{}", run.stderr);
+}
+
+#[test]
+fn a_panicking_method_is_reported_and_the_host_keeps_working() {
+    let dir = plugin_dir(&[
+        ("libcapvirt_driver_test.so", &artifacts().test_plugin),
+        ("libcapvirt_driver_fixture.so", &artifacts().fixture_plugin),
+    ]);
+    let host = Host::new(HostConfig { plugin_dirs: vec![dir.path().to_path_buf()], ..Default::default() })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fixture = host.connect("fixture:///x", false).unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..3 {
+        let err = fixture.call("domain.info", Value::record([("domain", "x")])).expect_err("panics");
+        match &err {
+            CallError::Driver { error, .. } => {
+                assert_eq!(error.kind, ErrorKind::Internal);
+                assert!(error.message.contains("fixture panics in domain.info"), "{err}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // The same plugin and the others keep working.
+    assert!(fixture.call("domain.list", Value::Unit).is_ok());
+    let test = host.connect("test:///default", false).unwrap_or_else(|e| panic!("{e}"));
+    assert!(test.call("domain.info", Value::record([("domain", "test")])).is_ok());
+    // A capability the plugin does not declare is refused by the host, not sent.
+    let err = fixture.call("domain.suspend", Value::record([("domain", "x")])).expect_err("undeclared");
+    assert!(matches!(err, CallError::NotImplemented { .. }), "{err}");
+}
+
+#[test]
+fn malformed_results_are_caught_when_checking_is_on() {
+    let dir = plugin_dir(&[("libcapvirt_driver_fixture.so", &artifacts().fixture_plugin)]);
+    let host = Host::new(HostConfig {
+        plugin_dirs: vec![dir.path().to_path_buf()],
+        check_results: true,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let conn = host.connect("fixture:///x", false).unwrap_or_else(|e| panic!("{e}"));
+    let err = conn.call("host.info", Value::Unit).expect_err("malformed");
+    assert!(matches!(err, CallError::MalformedResult { .. }), "{err}");
+}
+
+#[test]
+fn two_plugins_cannot_serve_the_same_scheme() {
+    let test = &artifacts().test_plugin;
+    let dir = plugin_dir(&[("libcapvirt_driver_a.so", test), ("libcapvirt_driver_b.so", test)]);
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let listed = plugins_json(&sb.capvirt(&["-o", "json", "plugins"]));
+    assert_eq!(listed.iter().filter(|p| p["status"] == "loaded").count(), 1, "{listed:?}");
+    let refused = listed.iter().find(|p| p["status"] == "refused").unwrap_or_else(|| panic!("{listed:?}"));
+    assert!(refused["reason"].as_str().unwrap_or_default().contains("already loaded"), "{refused}");
+}
+
+#[test]
+fn plugin_dir_option_overrides_the_environment() {
+    let empty = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let sb = Sandbox::with_plugins(empty.path().to_path_buf());
+    let without = sb.capvirt(&["list"]);
+    assert_eq!(without.code, 4, "{}", without.stderr);
+    assert!(without.stderr.contains("no plugins found"), "{}", without.stderr);
+    let dir = capvirt_tests::test_plugin_dir().display().to_string();
+    assert_eq!(sb.capvirt(&["--plugin-dir", &dir, "list"]).code, 0);
+}
