@@ -3,19 +3,30 @@
 //! It defines the ABI-stable boundary (checked by `abi_stable` when a plugin is loaded) and the
 //! SDK vendors use to write a driver:
 //!
-//! ```ignore
+//! ```no_run
 //! use capvirt_plugin_api::prelude::*;
 //!
-//! struct MyDriver { /* connection state */ }
+//! /// One open connection.
+//! struct EchoDriver;
 //!
-//! impl Plugin for MyDriver {
-//!     fn manifest() -> Manifest { /* name, vendor, schemes, capabilities */ }
-//!     fn connect(uri: &str, options: &Value) -> Result<Self, PluginError> { /* … */ }
-//!     fn invoke(&self, capability: &str, args: &Args<'_>, ctx: &Context<'_>)
-//!         -> Result<Value, PluginError> { /* match capability { … } */ }
+//! impl Plugin for EchoDriver {
+//!     fn manifest() -> Manifest {
+//!         Manifest::new("echo", "Example Corp", "0.1.0", "1.0.0")
+//!             .scheme("echo")
+//!             .capabilities(["host.info"])
+//!     }
+//!     fn connect(_uri: &str, _options: &Value) -> Result<Self, PluginError> {
+//!         Ok(EchoDriver)
+//!     }
+//!     fn invoke(&self, capability: &str, _args: &Args<'_>, _ctx: &Context<'_>) -> Result<Value, PluginError> {
+//!         match capability {
+//!             "host.info" => Ok(capvirt_plugin_api::types::HostInfo::new("echo:///", "echo", "0.1.0").into_value()),
+//!             other => Err(PluginError::unsupported(format!("`{other}` is not implemented"))),
+//!         }
+//!     }
 //! }
 //!
-//! capvirt_plugin_api::export_plugin!(MyDriver);
+//! capvirt_plugin_api::export_plugin!(EchoDriver);
 //! ```
 //!
 //! # ABI rules (frozen for every 1.x release)
