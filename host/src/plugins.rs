@@ -234,3 +234,17 @@ impl PluginSet {
         self.loaded.iter().find(|p| p.info.schemes.iter().any(|s| s == scheme))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_directories_replace_the_defaults() {
+        let exe = Path::new("/opt/capvirt/bin");
+        assert_eq!(search_path(&[PathBuf::from("/a")], Some("/b:/c"), Some(exe)), vec![PathBuf::from("/a")]);
+        assert_eq!(search_path(&[], Some("/b:/c"), Some(exe)), vec![PathBuf::from("/b"), PathBuf::from("/c")]);
+        assert_eq!(search_path(&[], Some(""), Some(exe)), vec![exe.to_path_buf(), PathBuf::from(SYSTEM_PLUGIN_DIR)]);
+        assert_eq!(search_path(&[], None, None), vec![PathBuf::from(SYSTEM_PLUGIN_DIR)]);
+    }
+}

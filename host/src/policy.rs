@@ -76,3 +76,64 @@ pub fn authorize_capability<'r>(
     }
     Ok(Grant { capability, deprecated })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{source, SourceFile};
+
+    /// The embedded registry plus one capability per stage.
+    fn registry() -> Registry {
+        let mut files = source::embedded_files();
+        for (id, stage, extra) in [
+            ("test.experimental", "experimental", "since = \"1.0.0\""),
+            ("test.deprecated", "deprecated", "since = \"1.0.0\"\nreplaced_by = \"domain.info\""),
+            ("test.draft", "draft", ""),
+            ("test.removed", "removed", "since = \"1.0.0\"\nreplaced_by = \"domain.info\""),
+        ] {
+            files.push(SourceFile {
+                path: format!("capabilities/{id}.toml"),
+                text: format!(
+                    "id = \"{id}\"\nversion = 1\ntitle = \"t\"\nstage = \"{stage}\"\n{extra}\nmutates = false\nsummary = \"s\"\nmotivation = \"m\"\n"
+                ),
+            });
+        }
+        Registry::from_sources(&files).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn stages_gate_calls() {
+        let registry = registry();
+        let none = Policy::default();
+        let enabled = Policy { enabled: ["test.experimental".to_string()].into() };
+        let uri = "test:///default";
+        assert!(authorize(&registry, &none, "domain.info", uri, false).is_ok());
+        assert!(matches!(
+            authorize(&registry, &none, "test.experimental", uri, false),
+            Err(CallError::NotEnabled { .. })
+        ));
+        assert!(authorize(&registry, &enabled, "test.experimental", uri, false).is_ok());
+        let deprecated = authorize(&registry, &none, "test.deprecated", uri, false).unwrap_or_else(|e| panic!("{e}"));
+        assert!(deprecated.deprecated);
+        for refused in ["test.draft", "test.removed", "domain.monitor-command"] {
+            assert!(
+                matches!(authorize(&registry, &enabled, refused, uri, false), Err(CallError::Refused { .. })),
+                "{refused}"
+            );
+        }
+        let removed = authorize(&registry, &none, "test.removed", uri, false).expect_err("removed");
+        assert!(removed.to_string().contains("use `domain.info`"), "{removed}");
+        assert!(matches!(authorize(&registry, &none, "nope.nope", uri, false), Err(CallError::Unknown { .. })));
+    }
+
+    #[test]
+    fn readonly_refuses_only_mutating_capabilities() {
+        let registry = registry();
+        let policy = Policy::default();
+        assert!(matches!(
+            authorize(&registry, &policy, "domain.suspend", "test:///default", true),
+            Err(CallError::ReadOnly { .. })
+        ));
+        assert!(authorize(&registry, &policy, "domain.info", "test:///default", true).is_ok());
+    }
+}

@@ -319,3 +319,31 @@ fn usage_errors_exit_2_and_help_exits_0() {
     let no_driver = sb.capvirt(&["-c", "xen:///system", "list"]);
     assert!(failed(&no_driver, 4).contains("no loaded plugin serves the `xen` scheme"));
 }
+
+#[test]
+fn registry_override_warns_and_a_broken_registry_is_refused() {
+    let sb = Sandbox::new();
+    let copy = sb.path("registry");
+    copy_dir(&capvirt_tests::workspace_root().join("proposals"), &copy);
+    let run = sb.capvirt(&["--registry", &copy.display().to_string(), "list"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("warning: using registry from"), "{}", run.stderr);
+
+    std::fs::write(copy.join("capabilities/domain.info.toml"), "id = \"domain.info\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let broken = sb.capvirt(&["--registry", &copy.display().to_string(), "list"]);
+    assert_eq!(broken.code, 1);
+    assert!(broken.stderr.contains("capabilities/domain.info.toml"), "{}", broken.stderr);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")).flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
