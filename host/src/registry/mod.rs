@@ -86,6 +86,15 @@ impl fmt::Display for RegistryError {
 
 impl std::error::Error for RegistryError {}
 
+/// Registry files parsed into their model, before compilation (what the build script embeds).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ParsedRegistry {
+    pub registry: RegistryFile,
+    pub types: TypesFile,
+    /// `(path relative to the registry root, proposal)`.
+    pub capabilities: Vec<(String, CapabilityFile)>,
+}
+
 /// The compiled registry.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -97,10 +106,13 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The reviewed registry compiled into this host.
+    /// The reviewed registry compiled into this host. The build script already parsed the
+    /// TOML (a file that does not parse fails the build); this only decodes and compiles it.
     pub fn embedded() -> Result<Registry, RegistryError> {
-        let files = source::embedded_files();
-        Registry::from_sources(&files)
+        let parsed: ParsedRegistry = serde_json::from_str(source::EMBEDDED_PARSED).map_err(|e| RegistryError {
+            problems: vec![Problem { file: "(embedded)".into(), message: format!("corrupt embedded registry: {e}") }],
+        })?;
+        Registry::compile(parsed.registry, parsed.types, parsed.capabilities, Vec::new())
     }
 
     /// Builds a registry from `registry.toml`, `types.toml` and `capabilities/*.toml` sources.
@@ -146,7 +158,17 @@ impl Registry {
                 return Err(RegistryError { problems });
             }
         };
+        Registry::compile(info, types_file, capability_files, problems)
+    }
 
+    /// Compiles parsed files (types resolved, capabilities indexed, cross-references checked).
+    fn compile(
+        info: RegistryFile,
+        types_file: TypesFile,
+        mut capability_files: Vec<(String, CapabilityFile)>,
+        mut problems: Vec<Problem>,
+    ) -> Result<Registry, RegistryError> {
+        let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
         let types = compile_types(&types_file, &mut push);
 
         capability_files.sort_by(|a, b| a.1.id.cmp(&b.1.id));
