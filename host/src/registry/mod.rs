@@ -531,3 +531,88 @@ positional = ["b"]
         assert_eq!(err.path, "spec.memory_mib");
     }
 }
+
+/// The SDK's typed mirrors (`capvirt_plugin_api::types`) must describe exactly the registry's
+/// shapes: every value they build validates, and their enums list the registry's words.
+#[cfg(test)]
+mod sdk_mirror_tests {
+    use capvirt_plugin_api::types::*;
+    use capvirt_plugin_api::Value;
+
+    use super::*;
+
+    fn registry() -> Registry {
+        Registry::embedded().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn check(registry: &Registry, type_name: &str, mut value: Value) {
+        let ty = registry.types.parse_expr(type_name).unwrap_or_else(|e| panic!("{e}"));
+        let mut path = type_name.to_string();
+        registry.types.validate(&ty, Bounds::default(), &mut value, &mut path).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn enum_values(registry: &Registry, name: &str) -> Vec<String> {
+        let id = registry.types.lookup(name).unwrap_or_else(|| panic!("no type {name}"));
+        match &registry.types.get(id).body {
+            TypeBody::Enum { values } => values.clone(),
+            other => panic!("{name} is not an enum: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn built_values_validate() {
+        let registry = registry();
+        let mut spec = DomainSpec::new("vm1", 512, 2);
+        let mut disk = DiskSpec::new("/img/a.qcow2", DiskFormat::Qcow2, DiskBus::Virtio);
+        disk.target = Some("vda".into());
+        spec.disks.push(disk);
+        let mut stick = DeviceSpec::new(DeviceKind::UsbDisk, "stick");
+        stick.path = Some("/img/stick.raw".into());
+        stick.format = Some(DiskFormat::Raw);
+        spec.devices.push(stick);
+        spec.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Virtio));
+        check(&registry, "DomainSpec", spec.to_value());
+        let mut info = DomainInfo::new("vm1", DomainState::Paused);
+        info.vcpus = 2;
+        check(&registry, "DomainInfo", info.into_value());
+        check(&registry, "BlockStats", BlockStats::new(1, 2, 3, 4, 5).into_value());
+        check(&registry, "HostInfo", HostInfo::new("test:///default", "test", "1.0").into_value());
+        check(&registry, "DomainSummary", domain_summary("vm1", DomainState::ShutOff));
+        check(&registry, "Image", png_image(1, 1, vec![0x89]));
+    }
+
+    #[test]
+    fn enums_match_the_registry() {
+        let registry = registry();
+        let words = |all: Vec<&'static str>| all.into_iter().map(String::from).collect::<Vec<_>>();
+        assert_eq!(enum_values(&registry, "DomainState"), words(DomainState::ALL.map(DomainState::as_str).to_vec()));
+        assert_eq!(enum_values(&registry, "DiskFormat"), words(DiskFormat::ALL.map(DiskFormat::as_str).to_vec()));
+        assert_eq!(enum_values(&registry, "DiskBus"), words(DiskBus::ALL.map(DiskBus::as_str).to_vec()));
+        assert_eq!(enum_values(&registry, "DeviceKind"), words(DeviceKind::ALL.map(DeviceKind::as_str).to_vec()));
+        assert_eq!(
+            enum_values(&registry, "GraphicsAdapter"),
+            words(GraphicsAdapter::ALL.map(GraphicsAdapter::as_str).to_vec())
+        );
+    }
+
+    #[test]
+    fn record_mirrors_cover_every_registry_field() {
+        let registry = registry();
+        let fields = |name: &str| -> Vec<String> {
+            let id = registry.types.lookup(name).unwrap_or_else(|| panic!("no type {name}"));
+            match &registry.types.get(id).body {
+                TypeBody::Record { fields } => fields.iter().map(|f| f.name.clone()).collect(),
+                other => panic!("{name} is not a record: {other:?}"),
+            }
+        };
+        let built =
+            |v: Value| -> Vec<String> { v.fields().unwrap_or_default().iter().map(|f| f.name.to_string()).collect() };
+        let mut spec = DomainSpec::new("x", 64, 1);
+        spec.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Vga));
+        assert_eq!(built(spec.to_value()), fields("DomainSpec"));
+        assert_eq!(built(DomainInfo::new("x", DomainState::Running).into_value()), fields("DomainInfo"));
+        assert_eq!(built(BlockStats::default().into_value()), fields("BlockStats"));
+        assert_eq!(built(HostInfo::new("u", "h", "v").into_value()), fields("HostInfo"));
+        assert_eq!(built(png_image(1, 1, Vec::new())), fields("Image"));
+    }
+}
