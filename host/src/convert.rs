@@ -4,20 +4,9 @@
 use base64::Engine as _;
 use capvirt_plugin_api::{Field, Value};
 
-/// TOML to [`Value`]. Integers become `Int`; validation converts them to the declared type.
-/// Datetimes become strings.
+/// TOML to [`Value`] (see [`Value::from_toml`]).
 pub fn toml_to_value(value: &toml::Value) -> Value {
-    match value {
-        toml::Value::String(s) => Value::string(s),
-        toml::Value::Integer(n) => Value::Int(*n),
-        toml::Value::Float(f) => Value::Float(*f),
-        toml::Value::Boolean(b) => Value::Bool(*b),
-        toml::Value::Datetime(d) => Value::from(d.to_string()),
-        toml::Value::Array(items) => Value::List(items.iter().map(toml_to_value).collect()),
-        toml::Value::Table(table) => {
-            Value::Record(table.iter().map(|(k, v)| Field::new(k.clone(), toml_to_value(v))).collect())
-        }
-    }
+    Value::from_toml(value)
 }
 
 /// [`Value`] to JSON. Bytes become base64 strings.

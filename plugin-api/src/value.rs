@@ -231,6 +231,43 @@ value_from! {
     Vec<u8> => Bytes via RVec::from,
 }
 
+#[cfg(feature = "toml")]
+impl Value {
+    /// Converts TOML to a value. Integers become `Int` (validation converts them to the
+    /// declared type); datetimes become strings.
+    pub fn from_toml(value: &toml::Value) -> Value {
+        match value {
+            toml::Value::String(s) => Value::string(s),
+            toml::Value::Integer(n) => Value::Int(*n),
+            toml::Value::Float(f) => Value::Float(*f),
+            toml::Value::Boolean(b) => Value::Bool(*b),
+            toml::Value::Datetime(d) => Value::from(d.to_string()),
+            toml::Value::Array(items) => Value::List(items.iter().map(Value::from_toml).collect()),
+            toml::Value::Table(table) => {
+                Value::Record(table.iter().map(|(k, v)| Field::new(k.clone(), Value::from_toml(v))).collect())
+            }
+        }
+    }
+
+    /// Converts a value to TOML. `Unit` record fields are left out; bytes become integer arrays;
+    /// unsigned integers above `i64::MAX` saturate (TOML integers are signed 64-bit).
+    pub fn to_toml(&self) -> toml::Value {
+        match self {
+            Value::Unit => toml::Value::String(String::new()),
+            Value::Bool(b) => toml::Value::Boolean(*b),
+            Value::Int(n) => toml::Value::Integer(*n),
+            Value::UInt(n) => toml::Value::Integer(i64::try_from(*n).unwrap_or(i64::MAX)),
+            Value::Float(f) => toml::Value::Float(*f),
+            Value::Str(s) => toml::Value::String(s.to_string()),
+            Value::Bytes(b) => toml::Value::Array(b.iter().map(|x| toml::Value::Integer(i64::from(*x))).collect()),
+            Value::List(items) => toml::Value::Array(items.iter().map(Value::to_toml).collect()),
+            Value::Record(fields) => toml::Value::Table(
+                fields.iter().filter(|f| !f.value.is_unit()).map(|f| (f.name.to_string(), f.value.to_toml())).collect(),
+            ),
+        }
+    }
+}
+
 impl From<()> for Value {
     fn from(_: ()) -> Value {
         Value::Unit

@@ -55,9 +55,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Clap(e) => match e.kind() {
-                clap::error::ErrorKind::DisplayHelp
-                | clap::error::ErrorKind::DisplayVersion
-                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
                 _ => 2,
             },
             CliError::Message { category, .. } => exit_code(*category),

@@ -114,50 +114,17 @@ fn shut_off() -> String {
     DomainState::ShutOff.as_str().to_string()
 }
 
-/// Converts TOML to the plugin value model (the host does the same for `define` files).
-fn toml_to_value(value: &toml::Value) -> Value {
-    match value {
-        toml::Value::String(s) => Value::string(s),
-        toml::Value::Integer(n) => Value::Int(*n),
-        toml::Value::Float(f) => Value::Float(*f),
-        toml::Value::Boolean(b) => Value::Bool(*b),
-        toml::Value::Datetime(d) => Value::from(d.to_string()),
-        toml::Value::Array(items) => Value::List(items.iter().map(toml_to_value).collect()),
-        toml::Value::Table(t) => Value::record(t.iter().map(|(k, v)| (k.clone(), toml_to_value(v)))),
-    }
-}
-
-fn value_to_toml(value: &Value) -> toml::Value {
-    match value {
-        Value::Unit => toml::Value::String(String::new()),
-        Value::Bool(b) => toml::Value::Boolean(*b),
-        Value::Int(n) => toml::Value::Integer(*n),
-        Value::UInt(n) => toml::Value::Integer(i64::try_from(*n).unwrap_or(i64::MAX)),
-        Value::Float(f) => toml::Value::Float(*f),
-        Value::Str(s) => toml::Value::String(s.to_string()),
-        Value::Bytes(b) => toml::Value::Array(b.iter().map(|x| toml::Value::Integer(i64::from(*x))).collect()),
-        Value::List(items) => toml::Value::Array(items.iter().map(value_to_toml).collect()),
-        Value::Record(fields) => toml::Value::Table(
-            fields
-                .iter()
-                .filter(|f| !f.value.is_unit())
-                .map(|f| (f.name.to_string(), value_to_toml(&f.value)))
-                .collect(),
-        ),
-    }
-}
-
 impl DomainEntry {
     pub fn from_domain(domain: &Domain) -> DomainEntry {
         DomainEntry {
             state: domain.state.as_str().to_string(),
             cpu_time_ns: domain.cpu_time_ns,
-            spec: value_to_toml(&domain.spec.to_value()),
+            spec: domain.spec.to_value().to_toml(),
         }
     }
 
     pub fn into_domain(self, origin: &str) -> Result<Domain, PluginError> {
-        let spec = DomainSpec::from_value(&toml_to_value(&self.spec))
+        let spec = DomainSpec::from_value(&Value::from_toml(&self.spec))
             .map_err(|e| PluginError::invalid_argument(format!("{origin}: {}", e.message)))?;
         let state = DomainState::parse(&self.state)
             .ok_or_else(|| PluginError::invalid_argument(format!("{origin}: unknown state {:?}", self.state)))?;
