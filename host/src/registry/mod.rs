@@ -84,24 +84,24 @@ impl fmt::Display for RegistryError {
 
 impl std::error::Error for RegistryError {}
 
-/// The compiled registry.
-#[derive(Debug, Clone)]
-pub struct Registry {
-    pub info: RegistryFile,
-    pub types: TypeTable,
-    capabilities: Vec<Capability>,
-    by_id: HashMap<String, CapabilityIndex>,
+/// Registry files parsed into their model but not compiled yet: the first half of
+/// [`Registry::from_sources`], exposed so that tools may parse the files their own way (the
+/// maintainer lint does, for speed) and still compile them exactly as the host does.
+#[derive(Debug, Clone, Default)]
+pub struct ParsedSources {
+    pub info: Option<RegistryFile>,
+    /// Whether `registry.toml` was among the files, parsed or not.
+    pub registry_file_seen: bool,
+    pub types: TypesFile,
+    /// `(path relative to the registry root, proposal)`.
+    pub capabilities: Vec<(String, CapabilityFile)>,
+    /// Files that could not be parsed, or are not registry files.
+    pub problems: Vec<Problem>,
 }
 
-impl Registry {
-    /// The reviewed registry compiled into this host.
-    pub fn embedded() -> Result<Registry, RegistryError> {
-        let files = source::embedded_files();
-        Registry::from_sources(&files)
-    }
-
-    /// Builds a registry from `registry.toml`, `types.toml` and `capabilities/*.toml` sources.
-    pub fn from_sources(files: &[SourceFile]) -> Result<Registry, RegistryError> {
+impl ParsedSources {
+    /// Parses every file, recording problems instead of stopping at the first.
+    pub fn parse(files: &[SourceFile]) -> ParsedSources {
         let mut problems = Vec::new();
         let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
 
@@ -134,6 +134,42 @@ impl Registry {
                 ),
             }
         }
+        ParsedSources { info, registry_file_seen, types: types_file, capabilities: capability_files, problems }
+    }
+}
+
+/// The compiled registry.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub info: RegistryFile,
+    pub types: TypeTable,
+    capabilities: Vec<Capability>,
+    by_id: HashMap<String, CapabilityIndex>,
+}
+
+impl Registry {
+    /// The reviewed registry compiled into this host.
+    pub fn embedded() -> Result<Registry, RegistryError> {
+        let files = source::embedded_files();
+        Registry::from_sources(&files)
+    }
+
+    /// Builds a registry from `registry.toml`, `types.toml` and `capabilities/*.toml` sources.
+    pub fn from_sources(files: &[SourceFile]) -> Result<Registry, RegistryError> {
+        Registry::from_parsed(ParsedSources::parse(files))
+    }
+
+    /// Compiles already parsed registry files (see [`ParsedSources`]); every problem found,
+    /// including those recorded while parsing, is reported.
+    pub fn from_parsed(parsed: ParsedSources) -> Result<Registry, RegistryError> {
+        let ParsedSources {
+            info,
+            registry_file_seen,
+            types: types_file,
+            capabilities: mut capability_files,
+            mut problems,
+        } = parsed;
+        let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
         let info = match info {
             Some(info) => info,
             None => {

@@ -1,0 +1,25 @@
+//! `capvirt proposal check` over a generated registry of 1,000 capabilities.
+//! Target: ≤ 20 ms per check (issue 4). Run: `cargo bench -p capvirt-tests --bench registry`.
+
+use std::hint::black_box;
+
+use capvirt_host::maint::lint;
+use capvirt_tests::generated;
+use criterion::{criterion_group, criterion_main, Criterion};
+
+fn check_1000(c: &mut Criterion) {
+    let files = generated::registry_with(1000);
+    let report = lint::check(&files);
+    assert!(
+        report.findings.is_empty(),
+        "the generated registry must be lint-clean: {:#?}",
+        &report.findings[..report.findings.len().min(5)]
+    );
+    let mut group = c.benchmark_group("registry");
+    group.sample_size(30);
+    group.bench_function("proposal_check_1000_capabilities", |b| b.iter(|| lint::check(black_box(&files))));
+    group.finish();
+}
+
+criterion_group!(benches, check_1000);
+criterion_main!(benches);
