@@ -848,13 +848,13 @@ impl CapabilityLint<'_, '_> {
                     format!("vote by `{}`, who is not a maintainer in registry.toml", vote.by),
                 );
             }
-            if !seen.insert(vote.by.as_str()) {
+            if !seen.insert((vote.by.as_str(), vote.at_stage)) {
                 self.push(
                     at(),
                     Severity::Error,
                     Rule::Review,
                     format!(
-                        "`{}` voted twice (one vote per maintainer; record a new vote with `capvirt proposal review`)",
+                        "`{}` voted twice at the same stage (one vote per maintainer and stage; `capvirt proposal review` replaces a vote)",
                         vote.by
                     ),
                 );

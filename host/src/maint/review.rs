@@ -1,9 +1,9 @@
 //! `capvirt proposal review`: votes recorded inside the proposal, edited with `toml_edit` so
 //! that the author's comments and layout survive.
 //!
-//! Each maintainer has one vote per proposal; voting again replaces the earlier vote. A vote
-//! records the stage the proposal was at, because it approves (or objects to) the step out
-//! of that stage: `proposal promote` counts only votes cast at the current stage.
+//! A vote records the stage the proposal was at, because it approves (or objects to) the step
+//! out of that stage: `proposal promote` counts only votes cast at the current stage. Each
+//! maintainer has one vote per stage; voting again at the same stage replaces it.
 
 use std::str::FromStr;
 
@@ -134,7 +134,12 @@ fn set_vote(edit: &mut DocumentMut, request: &VoteRequest<'_>, stage: Stage) -> 
         .or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()))
         .as_array_of_tables_mut()
         .ok_or("`review.votes` must be an array of tables ([[review.votes]])")?;
-    let existing = votes.iter_mut().find(|t| t.get("by").and_then(Item::as_str) == Some(request.by));
+    // One vote per maintainer and stage: a new vote replaces the one cast at the same stage,
+    // votes on earlier steps stay as the record of who approved them.
+    let existing = votes.iter_mut().find(|t| {
+        t.get("by").and_then(Item::as_str) == Some(request.by)
+            && t.get("at_stage").and_then(Item::as_str) == Some(stage.as_str())
+    });
     let replaced = existing.is_some();
     let table = match existing {
         Some(table) => table,
