@@ -142,10 +142,14 @@ pub fn promote(files: &[SourceFile], request: &PromoteRequest<'_>) -> Result<Pro
     put_file(&mut new_files, "registry.toml", registry_text.clone());
 
     let report = lint::check(&new_files);
+    let quorum_refused =
+        !reasons.is_empty() && reasons.iter().any(|r| r.starts_with("no quorum") || r.starts_with("rejecting"));
     let (errors, warnings): (Vec<Finding>, Vec<Finding>) = report
         .findings
         .into_iter()
         .filter(|f| f.file == path || f.file == "registry.toml")
+        // The lint's review findings would only restate a missing quorum already reported.
+        .filter(|f| !(quorum_refused && f.rule == lint::Rule::Review))
         .partition(|f| f.severity == Severity::Error);
     if !errors.is_empty() {
         reasons.push(format!(

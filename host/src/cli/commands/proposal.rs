@@ -322,8 +322,9 @@ fn review(m: &ArgMatches, ctx: &Context) -> Result<(), CliError> {
     );
     let next = promote::next_stages(tally.stage);
     if tally.accepts() && !next.is_empty() {
-        let next: Vec<&str> = next.iter().filter(|s| **s != Stage::Rejected).map(|s| s.as_str()).collect();
-        text.push_str(&format!("Quorum reached: `capvirt proposal promote {id} --to {}`.\n", next.join("|")));
+        if let Some(next) = next.iter().find(|s| **s != Stage::Rejected) {
+            text.push_str(&format!("Quorum reached: `capvirt proposal promote {id} --to {next}`.\n"));
+        }
     } else if tally.rejects() {
         text.push_str(&format!("Quorum for rejection reached: `capvirt proposal promote {id} --to rejected`.\n"));
     }
