@@ -201,7 +201,7 @@ fn capability(registry: &Registry, cap: &Capability, installed: &Installed, ext:
         }
         s.push('\n');
     }
-    let _ = writeln!(s, "### Result\n\n{}", type_link(registry, &doc.result.ty, "../", ext));
+    let _ = write!(s, "### Result\n\n{}", type_link(registry, &doc.result.ty, "../", ext));
     if !doc.result.doc.is_empty() {
         let _ = write!(s, " — {}", text(&doc.result.doc));
     }
@@ -223,13 +223,15 @@ fn capability(registry: &Registry, cap: &Capability, installed: &Installed, ext:
     }
     if let Some(cli) = &doc.cli {
         let args: Vec<String> = cli.positional.iter().map(|p| p.to_uppercase()).collect();
-        let _ = writeln!(s, "### Command line\n\n`capvirt {} {}`", cli.command, args.join(" "));
+        let _ = write!(s, "### Command line\n\n`capvirt {} {}`", cli.command, args.join(" "));
         if !cli.about.is_empty() {
             let _ = write!(s, " — {}", text(&cli.about));
         }
         s.push_str("\n\n");
     }
-    let _ = writeln!(s, "Any callable capability is also reachable as `capvirt call {} --arg name=value…`.\n", doc.id);
+    if doc.stage.is_callable() {
+        let _ = writeln!(s, "Also reachable as `capvirt call {} --arg name=value…`.\n", doc.id);
+    }
     s.push_str(
         "## Per-driver mapping\n\n| Driver | How it implements the capability | Installed plugin |\n|---|---|---|\n",
     );
