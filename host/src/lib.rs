@@ -13,11 +13,13 @@
 
 pub mod audit;
 pub mod cli;
+pub mod config;
 pub mod convert;
 pub mod driver;
 pub mod error;
 pub mod host;
 mod loader;
+pub mod maint;
 pub mod plugins;
 pub mod policy;
 pub mod registry;

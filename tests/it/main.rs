@@ -3,4 +3,5 @@
 
 mod cli;
 mod dispatch;
+mod maint;
 mod plugins;

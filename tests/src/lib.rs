@@ -13,6 +13,8 @@ use std::{
     sync::OnceLock,
 };
 
+pub mod generated;
+
 pub use tempfile::TempDir;
 
 /// Paths of the freshly built binaries.
@@ -105,12 +107,14 @@ pub fn test_plugin_dir() -> &'static Path {
 }
 
 /// A `capvirt` command isolated from the user's environment: plugins from `plugin_dir`, the
-/// audit log in `state_dir`, no default URI or enabled capabilities from outside.
+/// audit log and host config in `state_dir`, no default URI or enabled capabilities from outside.
 pub fn capvirt(plugin_dir: &Path, state_dir: &Path) -> Command {
     let mut cmd = Command::new(&artifacts().capvirt);
     cmd.env("CAPVIRT_PLUGIN_DIR", plugin_dir)
         .env("CAPVIRT_AUDIT_LOG", state_dir.join("audit.jsonl"))
         .env("XDG_STATE_HOME", state_dir)
+        .env("XDG_CONFIG_HOME", state_dir)
+        .env_remove("CAPVIRT_CONFIG")
         .env_remove("CAPVIRT_DEFAULT_URI")
         .env_remove("CAPVIRT_ENABLE")
         .env_remove("CAPVIRT_CHECK_RESULTS")

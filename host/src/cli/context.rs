@@ -105,6 +105,8 @@ impl Context {
             if let Ok(list) = std::env::var("CAPVIRT_ENABLE") {
                 enabled.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
             }
+            let file_config = crate::config::HostFileConfig::load(crate::config::locate_from_env().as_ref());
+            enabled.extend(file_config.map_err(|e| CliError::usage(e.to_string()))?.enable);
             let config = HostConfig {
                 registry: match &self.globals.registry_dir {
                     Some(dir) => RegistrySource::Dir(dir.clone()),

@@ -36,7 +36,12 @@ pub fn run(argv: Vec<OsString>) -> ExitCode {
 fn try_run(argv: Vec<OsString>) -> Result<(), CliError> {
     // The registry shapes the command tree, so `--registry DIR` is read before clap runs.
     let registry_dir = context::prescan_registry_dir(&argv);
-    let registry = context::load_registry(registry_dir.as_deref())?;
+    let registry = match context::load_registry(registry_dir.as_deref()) {
+        Ok(registry) => registry,
+        // Maintainer commands read the files themselves; the embedded registry shapes the CLI.
+        Err(_) if commands::reads_registry_sources(&argv) => context::load_registry(None)?,
+        Err(e) => return Err(e),
+    };
     let matches = match command(&registry).try_get_matches_from(argv) {
         Ok(m) => m,
         Err(e) => return Err(CliError::clap(e)),

@@ -86,37 +86,24 @@ impl fmt::Display for RegistryError {
 
 impl std::error::Error for RegistryError {}
 
-/// Registry files parsed into their model, before compilation (what the build script embeds).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ParsedRegistry {
-    pub registry: RegistryFile,
+/// Registry files parsed into their model but not compiled yet: the first half of
+/// [`Registry::from_sources`], exposed so that tools may parse the files their own way (the
+/// maintainer lint does, for speed) and still compile them exactly as the host does.
+#[derive(Debug, Clone, Default)]
+pub struct ParsedSources {
+    pub info: Option<RegistryFile>,
+    /// Whether `registry.toml` was among the files, parsed or not.
+    pub registry_file_seen: bool,
     pub types: TypesFile,
     /// `(path relative to the registry root, proposal)`.
     pub capabilities: Vec<(String, CapabilityFile)>,
+    /// Files that could not be parsed, or are not registry files.
+    pub problems: Vec<Problem>,
 }
 
-/// The compiled registry.
-#[derive(Debug, Clone)]
-pub struct Registry {
-    pub info: RegistryFile,
-    pub types: TypeTable,
-    capabilities: Vec<Capability>,
-    /// Looked up on every call: a fast, non-DoS-resistant hash is fine for trusted keys.
-    by_id: FxHashMap<String, CapabilityIndex>,
-}
-
-impl Registry {
-    /// The reviewed registry compiled into this host. The build script already parsed the
-    /// TOML (a file that does not parse fails the build); this only decodes and compiles it.
-    pub fn embedded() -> Result<Registry, RegistryError> {
-        let parsed: ParsedRegistry = serde_json::from_str(source::EMBEDDED_PARSED).map_err(|e| RegistryError {
-            problems: vec![Problem { file: "(embedded)".into(), message: format!("corrupt embedded registry: {e}") }],
-        })?;
-        Registry::compile(parsed.registry, parsed.types, parsed.capabilities, Vec::new())
-    }
-
-    /// Builds a registry from `registry.toml`, `types.toml` and `capabilities/*.toml` sources.
-    pub fn from_sources(files: &[SourceFile]) -> Result<Registry, RegistryError> {
+impl ParsedSources {
+    /// Parses every file, recording problems instead of stopping at the first.
+    pub fn parse(files: &[SourceFile]) -> ParsedSources {
         let mut problems = Vec::new();
         let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
 
@@ -149,6 +136,61 @@ impl Registry {
                 ),
             }
         }
+        ParsedSources { info, registry_file_seen, types: types_file, capabilities: capability_files, problems }
+    }
+}
+
+/// Registry files parsed into their model, as the build script embeds them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ParsedRegistry {
+    pub registry: RegistryFile,
+    pub types: TypesFile,
+    /// `(path relative to the registry root, proposal)`.
+    pub capabilities: Vec<(String, CapabilityFile)>,
+}
+
+/// The compiled registry.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub info: RegistryFile,
+    pub types: TypeTable,
+    capabilities: Vec<Capability>,
+    /// Looked up on every call: a fast, non-DoS-resistant hash is fine for trusted keys.
+    by_id: FxHashMap<String, CapabilityIndex>,
+}
+
+impl Registry {
+    /// The reviewed registry compiled into this host. The build script already parsed the
+    /// TOML (a file that does not parse fails the build); this only decodes and compiles it.
+    pub fn embedded() -> Result<Registry, RegistryError> {
+        let parsed: ParsedRegistry = serde_json::from_str(source::EMBEDDED_PARSED).map_err(|e| RegistryError {
+            problems: vec![Problem { file: "(embedded)".into(), message: format!("corrupt embedded registry: {e}") }],
+        })?;
+        Registry::from_parsed(ParsedSources {
+            info: Some(parsed.registry),
+            registry_file_seen: true,
+            types: parsed.types,
+            capabilities: parsed.capabilities,
+            problems: Vec::new(),
+        })
+    }
+
+    /// Builds a registry from `registry.toml`, `types.toml` and `capabilities/*.toml` sources.
+    pub fn from_sources(files: &[SourceFile]) -> Result<Registry, RegistryError> {
+        Registry::from_parsed(ParsedSources::parse(files))
+    }
+
+    /// Compiles already parsed registry files (see [`ParsedSources`]); every problem found,
+    /// including those recorded while parsing, is reported.
+    pub fn from_parsed(parsed: ParsedSources) -> Result<Registry, RegistryError> {
+        let ParsedSources {
+            info,
+            registry_file_seen,
+            types: types_file,
+            capabilities: mut capability_files,
+            mut problems,
+        } = parsed;
+        let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
         let info = match info {
             Some(info) => info,
             None => {
@@ -158,17 +200,7 @@ impl Registry {
                 return Err(RegistryError { problems });
             }
         };
-        Registry::compile(info, types_file, capability_files, problems)
-    }
 
-    /// Compiles parsed files (types resolved, capabilities indexed, cross-references checked).
-    fn compile(
-        info: RegistryFile,
-        types_file: TypesFile,
-        mut capability_files: Vec<(String, CapabilityFile)>,
-        mut problems: Vec<Problem>,
-    ) -> Result<Registry, RegistryError> {
-        let mut push = |file: &str, message: String| problems.push(Problem { file: file.to_string(), message });
         let types = compile_types(&types_file, &mut push);
 
         capability_files.sort_by(|a, b| a.1.id.cmp(&b.1.id));

@@ -191,6 +191,26 @@ impl Stage {
     pub fn is_forbidden(self) -> bool {
         matches!(self, Stage::Removed | Stage::Rejected)
     }
+
+    /// Whether the host may call it at all (experimental ones only once enabled).
+    pub fn is_callable(self) -> bool {
+        matches!(self, Stage::Experimental | Stage::Stable | Stage::Deprecated)
+    }
+
+    /// Every stage, in lifecycle order.
+    pub const ALL: [Stage; 6] =
+        [Stage::Draft, Stage::Experimental, Stage::Stable, Stage::Deprecated, Stage::Removed, Stage::Rejected];
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Stage::ALL.into_iter().find(|stage| stage.as_str() == s).ok_or_else(|| {
+            let all: Vec<&str> = Stage::ALL.iter().map(|stage| stage.as_str()).collect();
+            format!("unknown stage `{s}` (expected one of {})", all.join(", "))
+        })
+    }
 }
 
 impl std::fmt::Display for Stage {
@@ -293,6 +313,11 @@ pub struct Vote {
     pub date: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// The proposal's stage when the vote was cast: a vote approves the step out of that stage
+    /// (`capvirt proposal promote` counts only votes cast at the current stage). Absent on
+    /// votes recorded by hand before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_stage: Option<Stage>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

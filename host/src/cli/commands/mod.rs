@@ -5,6 +5,7 @@ pub mod call;
 pub mod capabilities;
 pub mod capability;
 pub mod plugins;
+pub mod proposal;
 pub mod registry;
 
 use clap::{ArgMatches, Command};
@@ -13,7 +14,13 @@ use super::{context::Context, CliError};
 
 /// The fixed (not registry-derived) subcommands.
 pub fn fixed_commands() -> Vec<Command> {
-    vec![call::cli(), capabilities::cli(), plugins::cli(), registry::cli()]
+    vec![call::cli(), capabilities::cli(), plugins::cli(), proposal::cli(), registry::cli()]
+}
+
+/// Whether the command line runs a maintainer command that reads the registry's files itself
+/// and must work on a registry that does not compile (to report or repair it).
+pub fn reads_registry_sources(argv: &[std::ffi::OsString]) -> bool {
+    argv.iter().skip(1).any(|arg| arg == "proposal")
 }
 
 /// Runs `name` if it is a fixed subcommand.
@@ -22,6 +29,7 @@ pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Resul
         "call" => call::exec(m, ctx),
         "capabilities" => capabilities::exec(m, ctx),
         "plugins" => plugins::exec(m, ctx),
+        "proposal" => proposal::exec(m, ctx),
         "registry" => registry::exec(m, ctx),
         _ => return None,
     })

@@ -1,10 +1,15 @@
-//! `capvirt registry list|show ID`: the capabilities this host enforces.
+//! `capvirt registry list|show ID|diff OLD NEW|docs --out DIR`: the capabilities this host
+//! enforces, how two registries differ, and the generated API reference.
+
+use std::path::PathBuf;
 
 use clap::{Arg, ArgMatches, Command};
 
+use super::proposal::{format_arg, report_format};
 use crate::{
-    cli::{context::Context, output, CliError, OutputFormat},
-    registry::Capability,
+    cli::{context::Context, opt_string, output, CliError, OutputFormat},
+    maint::{diff, docs, source},
+    registry::{Capability, Registry},
 };
 
 pub fn cli() -> Command {
@@ -17,6 +22,30 @@ pub fn cli() -> Command {
                 .about("Show one capability's contract")
                 .arg(Arg::new("id").value_name("ID").required(true)),
         )
+        .subcommand(
+            Command::new("diff")
+                .about("Classify every change between two registries and check the semver bump")
+                .long_about(
+                    "Classify every change between two registries as breaking, compatible or docs-only, print the \
+                     semver bump they require, and fail when NEW's registry.toml bumps the version less. OLD and NEW \
+                     are registry directories or git revisions (REV, or REV:DIR for a registry elsewhere than \
+                     proposals/ in the repository around the current directory).",
+                )
+                .arg(Arg::new("old").value_name("OLD").required(true).help("Directory or git revision"))
+                .arg(Arg::new("new").value_name("NEW").required(true).help("Directory or git revision"))
+                .arg(format_arg()),
+        )
+        .subcommand(
+            Command::new("docs")
+                .about("Generate the API reference (Markdown and HTML) and the driver support matrix")
+                .arg(
+                    Arg::new("out")
+                        .long("out")
+                        .value_name("DIR")
+                        .required(true)
+                        .help("Output directory (created; generated files are replaced)"),
+                ),
+        )
 }
 
 pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
@@ -26,7 +55,9 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
             let id = sub.get_one::<String>("id").cloned().unwrap_or_default();
             show(ctx, &id)
         }
-        _ => Err(CliError::usage("expected `registry list` or `registry show ID`")),
+        Some(("diff", sub)) => registry_diff(sub, ctx),
+        Some(("docs", sub)) => registry_docs(sub, ctx),
+        _ => Err(CliError::usage("expected `registry list`, `show ID`, `diff OLD NEW` or `docs --out DIR`")),
     }
 }
 
@@ -143,4 +174,100 @@ fn describe(ctx: &Context, cap: &Capability) -> String {
         s.push_str(&format!("  {}\n", doc.review.record.trim().replace('\n', "\n  ")));
     }
     s
+}
+
+fn load_side(arg: &str, cwd: &std::path::Path) -> Result<(String, Registry), CliError> {
+    let reference = source::RegistryRef::parse(arg);
+    let label = reference.label();
+    let files = reference.read(cwd).map_err(|e| CliError::usage(format!("cannot read registry {label}: {e}")))?;
+    let registry = Registry::from_sources(&files)
+        .map_err(|e| CliError::other(format!("registry {label} is invalid: {}", e.to_string().replace('\n', "; "))))?;
+    Ok((label, registry))
+}
+
+fn registry_diff(m: &ArgMatches, ctx: &Context) -> Result<(), CliError> {
+    let cwd =
+        std::env::current_dir().map_err(|e| CliError::other(format!("cannot determine the current directory: {e}")))?;
+    let (old_label, old) = load_side(&opt_string(m, "old").unwrap_or_default(), &cwd)?;
+    let (new_label, new) = load_side(&opt_string(m, "new").unwrap_or_default(), &cwd)?;
+    let report = diff::diff(&old, &new);
+    let actual = report.actual_bump.map_or("backwards", diff::Bump::as_str);
+    match report_format(m, ctx) {
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(&report).map_err(|e| CliError::other(e.to_string()))?;
+            if let Some(object) = value.as_object_mut() {
+                object.insert("old".into(), old_label.clone().into());
+                object.insert("new".into(), new_label.clone().into());
+                object.insert("ok".into(), report.ok().into());
+            }
+            output::print(&output::json_value(&value));
+        }
+        OutputFormat::Table => {
+            let mut text =
+                format!("Registry {} ({old_label}) → {} ({new_label})\n\n", report.old_version, report.new_version);
+            if report.changes.is_empty() {
+                text.push_str("No changes.\n\n");
+            }
+            let width = report.changes.iter().map(|c| c.class.as_str().len()).max().unwrap_or(0);
+            for change in &report.changes {
+                text.push_str(&format!(
+                    "{:<width$}  {}: {}\n",
+                    change.class.as_str(),
+                    change.subject,
+                    change.description
+                ));
+            }
+            if !report.changes.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(&format!(
+                "Required bump: {} (at least {}); registry.toml bumps {actual}: {}\n",
+                report.required_bump,
+                report.minimum_version(),
+                if report.ok() { "ok" } else { "NOT ENOUGH" }
+            ));
+            output::print(&text);
+        }
+    }
+    if !report.ok() {
+        return Err(CliError::other(format!(
+            "registry.toml's version {} → {} is a {actual} bump, but the changes require a {} bump (version {} or later)",
+            report.old_version,
+            report.new_version,
+            report.required_bump,
+            report.minimum_version()
+        )));
+    }
+    Ok(())
+}
+
+fn registry_docs(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
+    let out = PathBuf::from(opt_string(m, "out").unwrap_or_default());
+    let registry = std::sync::Arc::clone(&ctx.registry);
+    let host = ctx.host()?;
+    let installed = docs::Installed {
+        loaded: host.plugins().loaded.iter().map(|p| p.info.clone()).collect(),
+        refused: host
+            .plugins()
+            .refused
+            .iter()
+            .map(|r| {
+                (r.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), r.reason.clone())
+            })
+            .collect(),
+    };
+    let pages = docs::render(&registry, &installed);
+    source::write_all(&out, &pages).map_err(|e| CliError::other(format!("cannot write the docs: {e}")))?;
+    let drivers: Vec<&str> = installed.loaded.iter().map(|p| p.name.as_str()).collect();
+    output::print(&format!(
+        "Wrote {} files to {} for registry {}: {} capabilities, support matrix for {}.\nOpen {}/index.html or start from {}/index.md.\n",
+        pages.len(),
+        out.display(),
+        registry.version(),
+        registry.capabilities().len(),
+        if drivers.is_empty() { "no installed driver".to_string() } else { drivers.join(", ") },
+        out.display(),
+        out.display()
+    ));
+    Ok(())
 }
