@@ -58,25 +58,11 @@ impl Sandbox {
         format!("qemu:///session?root={}{extra}", self.root(name).display())
     }
 
-    /// A qcow2 image made with `qemu-img` from a raw image whose first sector is a boot sector
-    /// that halts the CPU: SeaBIOS reads it (so block statistics count reads), then the guest
-    /// idles without an OS (so it ignores ACPI power-button requests).
+    /// The disk guests boot from: an empty qcow2 made with `qemu-img`. SeaBIOS reads its first
+    /// sector looking for a boot sector (so block statistics count reads), finds none and
+    /// idles at "No bootable device" (so the guest ignores ACPI power-button requests).
     pub fn boot_disk(&self, name: &str) -> PathBuf {
-        let raw = self.path().join(format!("{name}.raw"));
-        let mut image = vec![0u8; 1 << 20];
-        // cli; hlt; jmp back to hlt
-        image[..4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
-        image[510] = 0x55;
-        image[511] = 0xaa;
-        fs::write(&raw, &image).unwrap_or_else(|e| panic!("write {}: {e}", raw.display()));
-        let qcow2 = self.path().join(format!("{name}.qcow2"));
-        let out = output_within(
-            Command::new("qemu-img").arg("convert").args(["-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2),
-            COMMAND_TIMEOUT,
-        );
-        assert!(out.status.success(), "qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr));
-        let _ = fs::remove_file(&raw);
-        qcow2
+        self.blank_image(name, "qcow2")
     }
 
     /// An empty image made with `qemu-img create`.

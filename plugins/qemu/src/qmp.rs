@@ -1,8 +1,9 @@
 //! A QMP client over a Unix socket, speaking the `qapi` crate's generated command types.
 //!
-//! It replaces `qapi::Qmp`'s transport (not its types) for two measured reasons:
+//! It replaces `qapi::Qmp`'s transport (not its types) for measured reasons:
 //! - `Qmp::from_stream` writes each command in many small unbuffered writes; here a command is
-//!   serialized into a reused buffer and sent with one `send`;
+//!   serialized into a reused buffer and sent with one `send`, without the empty `arguments`
+//!   object `qapi::Execute` always adds (QEMU is slower to answer with it, see [`Qmp::encode`]);
 //! - `Qmp` parses every line into `QmpMessage`, an untagged enum over every QEMU event, which
 //!   costs more than the round trip itself; here a line is classified by a small borrowed
 //!   envelope, the result is deserialized from the raw `return` value only, and events are
@@ -24,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use qapi::{qmp, Command, Execute};
+use qapi::{qmp, Command};
 use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::value::RawValue;
@@ -213,10 +214,7 @@ impl Qmp {
         // Events already queued are older than this command: drop them, so that the ones
         // seen before its response (e.g. STOP for `stop`) are known to be its effects.
         self.discard_pending()?;
-        self.out.clear();
-        serde_json::to_writer(&mut self.out, &Execute::<&C>::from(command))
-            .map_err(|e| QmpError::Protocol(format!("cannot encode {}: {e}", C::NAME)))?;
-        self.out.push(b'\n');
+        self.encode(command)?;
         self.send(fd)?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -248,6 +246,26 @@ impl Qmp {
                 String::from_utf8_lossy(bytes).chars().take(200).collect::<String>()
             ))));
         }
+    }
+
+    /// Writes `{"execute": NAME, "arguments": ARGS}` and a newline into the output buffer,
+    /// leaving `arguments` out when empty: QEMU 7.2 answers a command that carries an empty
+    /// `arguments` object ~70 µs later than the same command without it (measured with
+    /// `stop`/`cont` on TCG, ~30% of the round trip), and QMP treats both alike.
+    fn encode<C: Command>(&mut self, command: &C) -> Result<(), QmpError> {
+        let encode_error = |e: serde_json::Error| QmpError::Protocol(format!("cannot encode {}: {e}", C::NAME));
+        self.out.clear();
+        self.out.extend_from_slice(b"{\"execute\":");
+        serde_json::to_writer(&mut self.out, C::NAME).map_err(encode_error)?;
+        let without_arguments = self.out.len();
+        self.out.extend_from_slice(b",\"arguments\":");
+        let arguments = self.out.len();
+        serde_json::to_writer(&mut self.out, command).map_err(encode_error)?;
+        if self.out[arguments..] == *b"{}" {
+            self.out.truncate(without_arguments);
+        }
+        self.out.extend_from_slice(b"}\n");
+        Ok(())
     }
 
     fn keep(&mut self, event: Event) {
