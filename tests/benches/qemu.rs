@@ -15,7 +15,7 @@ use std::{
 use capvirt_host::{Host, HostConfig, Value};
 use capvirt_tests::qemu::{qemu_plugin_dir, Sandbox};
 
-const ROUNDS: usize = 30;
+const ROUNDS: usize = 60;
 /// Suspend+resume pairs per round and client.
 const PAIRS: usize = 100;
 const WARMUP_PAIRS: usize = 200;
@@ -59,9 +59,15 @@ fn main() {
         conn.call("domain.suspend", args.clone()).unwrap_or_else(|e| panic!("suspend: {e}"));
         conn.call("domain.resume", args.clone()).unwrap_or_else(|e| panic!("resume: {e}"));
     };
-    // The raw client takes the last of the domain's monitor channels (the library
-    // connection holds the first one it found free).
-    let socket = sandbox.root("root").join("domains/bench/run/qmp3.sock");
+    // The raw client takes the last of the domain's monitor sockets (qmp0.sock, qmp1.sock…;
+    // the library connection holds the first one it found free).
+    let run = sandbox.root("root").join("domains/bench/run");
+    let channels = std::fs::read_dir(&run)
+        .unwrap_or_else(|e| panic!("{}: {e}", run.display()))
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".sock"))
+        .count();
+    let socket = run.join(format!("qmp{}.sock", channels.saturating_sub(1)));
     let mut raw = RawQmp::connect(&socket);
     let mut raw_pair = || {
         raw.round_trip(b"{\"execute\":\"stop\"}\n");

@@ -17,8 +17,9 @@ use crate::{
     store::DomainPaths,
 };
 
-/// QMP sockets per QEMU.
-pub const CHANNELS: usize = 4;
+/// QMP sockets per QEMU: as many connections (CLI calls, long-lived library connections)
+/// can talk to one domain at once; more wait for a free one, up to a bound.
+pub const CHANNELS: usize = 8;
 /// Bound on connecting and negotiating one channel.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
