@@ -360,3 +360,55 @@ fn held_monitors_and_stopped_qemus_never_hang_other_callers() {
     let after = conn.call("domain.resume", domain("busy")).err().map(|e| e.category());
     assert_eq!(after, Some(ErrorCategory::InvalidState));
 }
+
+#[test]
+fn concurrent_processes_start_a_domain_once() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("once", 64, &disk, true));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+    // Racing starts are serialized by the domain lock: one QEMU, the others told it runs.
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = sandbox.capvirt("r");
+            cmd.args(["start", "once"]);
+            std::thread::spawn(move || output_within(&mut cmd, COMMAND_TIMEOUT))
+        })
+        .collect();
+    let outcomes: Vec<_> =
+        racers.into_iter().map(|r| r.join().unwrap_or_else(|_| panic!("thread panicked")).status.code()).collect();
+    assert_eq!(outcomes.iter().filter(|c| **c == Some(0)).count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|c| **c == Some(6)).count(), 3, "{outcomes:?}");
+    assert_eq!(sandbox.processes().len(), 1, "{:?}", sandbox.processes());
+    assert_eq!(sandbox.state("r", "once"), "running");
+    sandbox.ok("r", &["destroy", "once"]);
+}
+
+#[test]
+fn idle_connections_give_their_monitor_channels_back() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("shared", 64, &disk, true));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+    sandbox.ok("r", &["start", "shared"]);
+    let host = Host::new(HostConfig { plugin_dirs: vec![qemu_plugin_dir().to_path_buf()], ..Default::default() })
+        .unwrap_or_else(|e| panic!("{e}"));
+    // More long-lived connections than the domain has monitor channels...
+    let connections: Vec<_> = (0..8)
+        .map(|_| {
+            let conn = host.connect(&sandbox.uri("r", ""), false).unwrap_or_else(|e| panic!("{e}"));
+            conn.call("domain.info", domain("shared")).unwrap_or_else(|e| panic!("{e}"));
+            conn
+        })
+        .collect();
+    // ...then go idle: their channels are released and another process gets one.
+    let started = Instant::now();
+    assert_eq!(sandbox.state("r", "shared"), "running");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    // An idle connection reconnects transparently.
+    for conn in &connections {
+        conn.call("domain.suspend", domain("shared")).unwrap_or_else(|e| panic!("{e}"));
+        conn.call("domain.resume", domain("shared")).unwrap_or_else(|e| panic!("{e}"));
+    }
+    sandbox.ok("r", &["destroy", "shared"]);
+}

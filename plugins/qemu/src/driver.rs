@@ -1,8 +1,7 @@
 //! The capabilities of the QEMU driver.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -13,6 +12,7 @@ use capvirt_plugin_api::{
 use qapi::qmp;
 
 use crate::{
+    cache::{MonitorCache, Shared},
     monitor::{self, Monitor, OpenError},
     qemu::{self, StartMode},
     qmp::{Qmp, QmpError},
@@ -58,9 +58,9 @@ const SCREENDUMP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct QemuDriver {
     pub(crate) config: Config,
     pub(crate) store: Store,
-    /// One monitor channel per domain, kept for the life of the connection: a QMP handshake
+    /// One monitor channel per domain, kept while the connection uses it: a QMP handshake
     /// costs more than the commands that follow it.
-    monitors: Mutex<HashMap<String, Arc<Mutex<Monitor>>>>,
+    monitors: MonitorCache,
     version: Mutex<Option<String>>,
 }
 
@@ -131,14 +131,9 @@ impl QemuDriver {
         QemuDriver {
             store: Store::new(config.root.clone()),
             config,
-            monitors: Mutex::new(HashMap::new()),
+            monitors: MonitorCache::default(),
             version: Mutex::new(None),
         }
-    }
-
-    fn cache(&self) -> MutexGuard<'_, HashMap<String, Arc<Mutex<Monitor>>>> {
-        // The map holds no invariant a panicking holder could break.
-        self.monitors.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn limits(&self) -> HostLimits {
@@ -147,22 +142,22 @@ impl QemuDriver {
 
     /// Drops this connection's monitor of `name` (QEMU restarted or gone).
     pub(crate) fn forget(&self, name: &str) {
-        self.cache().remove(name);
+        self.monitors.remove(name);
     }
 
     /// Takes this connection's monitor of `name` out of the cache, for a caller that will end
     /// the QEMU (`quit` needs a channel; keeping the cached one avoids waiting for another).
     pub(crate) fn take_monitor(&self, name: &str) -> Option<Monitor> {
-        let cached = self.cache().remove(name)?;
+        let cached = self.monitors.remove(name)?;
         let mutex = Arc::try_unwrap(cached).ok()?;
         let monitor = mutex.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
         (!monitor.qmp.is_broken()).then_some(monitor)
     }
 
     /// This connection's monitor of the running domain `name`, opened on first use.
-    pub(crate) fn monitor(&self, name: &str) -> Result<Arc<Mutex<Monitor>>, PluginError> {
-        if let Some(monitor) = self.cache().get(name) {
-            return Ok(Arc::clone(monitor));
+    pub(crate) fn monitor(&self, name: &str) -> Result<Shared, PluginError> {
+        if let Some(monitor) = self.monitors.get(name) {
+            return Ok(monitor);
         }
         let paths = self.store.paths(name)?;
         let pid = match self.store.liveness(&paths)? {
@@ -191,8 +186,7 @@ impl QemuDriver {
                 return Err(PluginError::driver_failure(format!("monitor of domain '{name}': {e}")))
             }
         };
-        let monitor = Arc::new(Mutex::new(monitor));
-        Ok(Arc::clone(self.cache().entry(name.to_string()).or_insert(monitor)))
+        Ok(self.monitors.insert(name, monitor))
     }
 
     /// Runs `exchange` on the domain's monitor. A cached channel whose QEMU went away before
@@ -210,10 +204,7 @@ impl QemuDriver {
             let broken = monitor.qmp.is_broken();
             drop(monitor);
             if broken {
-                let mut cache = self.cache();
-                if cache.get(op.domain).is_some_and(|cached| Arc::ptr_eq(cached, &shared)) {
-                    cache.remove(op.domain);
-                }
+                self.monitors.remove_if(op.domain, &shared);
             }
             match result {
                 Ok(value) => return Ok(value),

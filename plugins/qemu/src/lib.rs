@@ -9,6 +9,7 @@
 //! through its pidfile and QMP sockets in the state root (see [`store`]). Only the registry's
 //! capabilities are reachable; no caller text is ever sent to QEMU as a command.
 
+mod cache;
 mod driver;
 mod migration;
 mod monitor;
