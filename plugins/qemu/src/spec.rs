@@ -301,7 +301,8 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
     if spec.memory_mib < 16 {
         return Err(PluginError::invalid_argument(format!("memory_mib {} is below 16 MiB", spec.memory_mib)));
     }
-    if spec.memory_mib > limits.memory_mib {
+    // 0: the host's memory is unknown (no /proc/meminfo); QEMU will refuse what it cannot map.
+    if limits.memory_mib > 0 && spec.memory_mib > limits.memory_mib {
         return Err(PluginError::invalid_argument(format!(
             "memory_mib {} exceeds this host's {} MiB of memory",
             spec.memory_mib, limits.memory_mib
