@@ -5,3 +5,4 @@ mod cli;
 mod dispatch;
 mod maint;
 mod plugins;
+mod qemu;

@@ -17,16 +17,19 @@ pub mod generated;
 
 pub use tempfile::TempDir;
 
+pub mod qemu;
+
 /// Paths of the freshly built binaries.
 #[derive(Debug)]
 pub struct Artifacts {
     pub capvirt: PathBuf,
     pub test_plugin: PathBuf,
     pub fixture_plugin: PathBuf,
+    pub qemu_plugin: PathBuf,
 }
 
 /// Packages built for the tests, with the artifact each one contributes.
-const PACKAGES: &[&str] = &["capvirt-host", "capvirt-driver-test", "capvirt-fixture-plugin"];
+const PACKAGES: &[&str] = &["capvirt-host", "capvirt-driver-test", "capvirt-fixture-plugin", "capvirt-driver-qemu"];
 
 /// Builds (once per process) and returns the artifacts. Panics with cargo's output when the
 /// build fails: nothing can be tested then.
@@ -83,6 +86,7 @@ fn build() -> Artifacts {
         capvirt: capvirt.unwrap_or_else(|| panic!("cargo built no capvirt binary")),
         test_plugin: library("libcapvirt_driver_test.so"),
         fixture_plugin: library("libcapvirt_fixture_plugin.so"),
+        qemu_plugin: library("libcapvirt_driver_qemu.so"),
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! Connections to the same URI in one process share state, as in libvirt.
 
+#![forbid(unsafe_code)]
+
 mod driver;
 mod screenshot;
 mod state;

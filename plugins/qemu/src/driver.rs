@@ -1,0 +1,690 @@
+//! The capabilities of the QEMU driver.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use capvirt_plugin_api::{
+    prelude::*,
+    types::{domain_summary, png_image, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+};
+use qapi::qmp;
+
+use crate::{
+    cache::{MonitorCache, Shared},
+    monitor::{self, Monitor, OpenError},
+    qemu::{self, StartMode},
+    qmp::{Qmp, QmpError},
+    screenshot,
+    spec::{self, HostLimits, Kind, Live, Machine},
+    store::{self, DomainPaths, Liveness, Store},
+    uri::{self, Config},
+};
+
+/// The registry version this driver was written against.
+const REGISTRY_VERSION: &str = "1.0.0";
+
+/// Every capability the driver implements (all accepted ones, contract version 1).
+pub const CAPABILITIES: &[&str] = &[
+    "host.info",
+    "domain.list",
+    "domain.info",
+    "domain.define",
+    "domain.undefine",
+    "domain.start",
+    "domain.shutdown",
+    "domain.destroy",
+    "domain.reboot",
+    "domain.suspend",
+    "domain.resume",
+    "domain.block-stats",
+    "domain.attach-device",
+    "domain.detach-device",
+    "domain.migrate",
+    "domain.save",
+    "domain.restore",
+    "domain.screenshot",
+];
+
+/// How long a call waits for a free monitor channel of a domain.
+const CHANNEL_WAIT: Duration = Duration::from_secs(10);
+/// Bound on QEMU reporting an unplugged device gone.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a screen dump.
+const SCREENDUMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to one state root.
+pub struct QemuDriver {
+    pub(crate) config: Config,
+    pub(crate) store: Store,
+    /// One monitor channel per domain, kept while the connection uses it: a QMP handshake
+    /// costs more than the commands that follow it.
+    monitors: MonitorCache,
+    version: Mutex<Option<String>>,
+}
+
+impl Plugin for QemuDriver {
+    fn manifest() -> Manifest {
+        Manifest::new("qemu", "capvirt", env!("CARGO_PKG_VERSION"), REGISTRY_VERSION)
+            .scheme("qemu")
+            .description("QEMU/KVM domains (qemu:///session, qemu:///system), driven over QMP.")
+            .capabilities(CAPABILITIES.iter().copied())
+    }
+
+    fn connect(uri: &str, _options: &Value) -> Result<Self, PluginError> {
+        let config = uri::parse(uri)?;
+        Ok(QemuDriver::new(config))
+    }
+
+    fn invoke(&self, capability: &str, args: &Args<'_>, ctx: &Context<'_>) -> Result<Value, PluginError> {
+        match capability {
+            "domain.suspend" => self.suspend(args.str("domain")?),
+            "domain.resume" => self.resume(args.str("domain")?),
+            "domain.info" => self.info(args.str("domain")?),
+            "domain.list" => self.list(args.bool_or("all", false)?),
+            "domain.define" => self.define(args.get("spec")?),
+            "domain.undefine" => self.undefine(args.str("domain")?),
+            "domain.start" => self.start(args.str("domain")?),
+            "domain.shutdown" => {
+                let timeout = match args.opt("timeout_secs") {
+                    None => 60,
+                    Some(_) => args.u64("timeout_secs")?,
+                };
+                self.shutdown(args.str("domain")?, Duration::from_secs(timeout))
+            }
+            "domain.destroy" => self.destroy(args.str("domain")?),
+            "domain.reboot" => self.reboot(args.str("domain")?),
+            "domain.block-stats" => self.block_stats(args.str("domain")?, args.opt_str("device")?),
+            "domain.attach-device" => self.attach(args.str("domain")?, &DeviceSpec::from_value(args.get("device")?)?),
+            "domain.detach-device" => self.detach(args.str("domain")?, &DeviceSpec::from_value(args.get("device")?)?),
+            "domain.migrate" => self.migrate(args.str("domain")?, args.str("dest_uri")?, ctx),
+            "domain.save" => self.save(args.str("domain")?, args.str("path")?, ctx),
+            "domain.restore" => self.restore(args.str("path")?, ctx),
+            "domain.screenshot" => self.screenshot(args.str("domain")?),
+            "host.info" => self.host_info(),
+            other => Err(PluginError::unsupported(format!("the qemu driver does not implement `{other}`"))),
+        }
+    }
+}
+
+/// What a monitor exchange is for, to word its errors.
+pub(crate) struct Op<'a> {
+    pub domain: &'a str,
+    pub what: &'a str,
+    /// The error kind when QEMU refuses the command.
+    pub refused: ErrorKind,
+}
+
+impl<'a> Op<'a> {
+    pub fn new(domain: &'a str, what: &'a str) -> Self {
+        Op { domain, what, refused: ErrorKind::DriverFailure }
+    }
+
+    pub fn refused_as(self, refused: ErrorKind) -> Self {
+        Op { refused, ..self }
+    }
+}
+
+impl QemuDriver {
+    pub fn new(config: Config) -> QemuDriver {
+        QemuDriver {
+            store: Store::new(config.root.clone()),
+            config,
+            monitors: MonitorCache::default(),
+            version: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn limits(&self) -> HostLimits {
+        HostLimits { memory_mib: qemu::host_memory_kib() / 1024 }
+    }
+
+    /// Drops this connection's monitor of `name` (QEMU restarted or gone).
+    pub(crate) fn forget(&self, name: &str) {
+        self.monitors.remove(name);
+    }
+
+    /// Takes this connection's monitor of `name` out of the cache, for a caller that will end
+    /// the QEMU (`quit` needs a channel; keeping the cached one avoids waiting for another).
+    pub(crate) fn take_monitor(&self, name: &str) -> Option<Monitor> {
+        let cached = self.monitors.remove(name)?;
+        let mutex = Arc::try_unwrap(cached).ok()?;
+        let monitor = mutex.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (!monitor.qmp.is_broken()).then_some(monitor)
+    }
+
+    /// This connection's monitor of the running domain `name`, opened on first use.
+    pub(crate) fn monitor(&self, name: &str) -> Result<Shared, PluginError> {
+        if let Some(monitor) = self.monitors.get(name) {
+            return Ok(monitor);
+        }
+        let paths = self.store.paths(name)?;
+        let pid = match self.store.liveness(&paths)? {
+            Liveness::Alive(pid) => pid,
+            _ => return Err(self.not_running(&paths)),
+        };
+        let monitor = match monitor::open(&paths, CHANNEL_WAIT) {
+            Ok(monitor) => monitor,
+            Err(OpenError::Gone) => return Err(self.not_running(&paths)),
+            Err(OpenError::AllBusy) => {
+                return Err(PluginError::timeout(format!(
+                    "all {} monitor channels of domain '{name}' stayed in use by other connections for {} s",
+                    monitor::CHANNELS,
+                    CHANNEL_WAIT.as_secs()
+                )))
+            }
+            Err(OpenError::Qmp(QmpError::Timeout)) => {
+                return Err(PluginError::timeout(format!(
+                    "the QEMU of domain '{name}' (pid {pid}) does not answer on its monitor"
+                )))
+            }
+            Err(OpenError::Qmp(e)) => {
+                return Err(PluginError::driver_failure(format!("monitor of domain '{name}': {e}")))
+            }
+            Err(OpenError::Io(e)) => {
+                return Err(PluginError::driver_failure(format!("monitor of domain '{name}': {e}")))
+            }
+        };
+        Ok(self.monitors.insert(name, monitor))
+    }
+
+    /// Runs `exchange` on the domain's monitor. A cached channel whose QEMU went away before
+    /// the command was sent is replaced once (another process may have restarted the domain).
+    pub(crate) fn with_monitor<T>(
+        &self,
+        op: Op<'_>,
+        mut exchange: impl FnMut(&mut Qmp) -> Result<T, QmpError>,
+    ) -> Result<T, PluginError> {
+        let mut retried = false;
+        loop {
+            let shared = self.monitor(op.domain)?;
+            let mut monitor = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let result = exchange(&mut monitor.qmp);
+            let broken = monitor.qmp.is_broken();
+            drop(monitor);
+            if broken {
+                self.monitors.remove_if(op.domain, &shared);
+            }
+            match result {
+                Ok(value) => return Ok(value),
+                Err(QmpError::Stale) if !retried => retried = true,
+                Err(e) => return Err(self.qmp_failure(&op, e)),
+            }
+        }
+    }
+
+    /// Words a failed monitor exchange, telling a QEMU that went away from a QEMU that failed.
+    pub(crate) fn qmp_failure(&self, op: &Op<'_>, error: QmpError) -> PluginError {
+        match error {
+            QmpError::Stale | QmpError::Closed => match self.store.paths(op.domain) {
+                Ok(paths) if !matches!(self.store.liveness(&paths), Ok(Liveness::Alive(_))) => self.not_running(&paths),
+                _ => PluginError::driver_failure(format!(
+                    "lost the monitor connection of domain '{}' during {}",
+                    op.domain, op.what
+                )),
+            },
+            QmpError::Timeout => {
+                PluginError::timeout(format!("the QEMU of domain '{}' did not answer {} in time", op.domain, op.what))
+            }
+            QmpError::Command(e) => {
+                PluginError::new(op.refused, format!("QEMU refused {} on domain '{}': {}", op.what, op.domain, e.desc))
+            }
+            other => PluginError::driver_failure(format!("{} on domain '{}': {other}", op.what, op.domain)),
+        }
+    }
+
+    pub(crate) fn not_running(&self, paths: &DomainPaths) -> PluginError {
+        match self.store.definition(paths) {
+            Ok(None) => store::not_defined(&paths.name),
+            _ => match self.store.liveness(paths) {
+                Ok(Liveness::Crashed) => PluginError::invalid_state(format!(
+                    "domain '{}' is not running (its QEMU crashed; start it again)",
+                    paths.name
+                )),
+                _ => PluginError::invalid_state(format!("domain '{}' is not running", paths.name)),
+            },
+        }
+    }
+
+    /// The state of a defined domain, and its QEMU's PID when one runs.
+    pub(crate) fn observe(&self, paths: &DomainPaths) -> Result<(DomainState, Option<i32>), PluginError> {
+        let pid = match self.store.liveness(paths)? {
+            Liveness::Stopped => return Ok((DomainState::ShutOff, None)),
+            Liveness::Crashed => return Ok((DomainState::Crashed, None)),
+            Liveness::Alive(pid) => pid,
+        };
+        let op = Op::new(&paths.name, "query-status");
+        match self.with_monitor(op, |q| q.execute_loose::<_, serde_json::Value>(&qmp::query_status {})) {
+            Ok(status) => Ok((run_state(&status), Some(pid))),
+            Err(e) => match self.store.liveness(paths)? {
+                Liveness::Stopped => Ok((DomainState::ShutOff, None)),
+                Liveness::Crashed => Ok((DomainState::Crashed, None)),
+                // Alive, but its monitor cannot tell (stopped process, channels taken).
+                Liveness::Alive(pid) if e.kind == ErrorKind::Timeout => Ok((DomainState::Blocked, Some(pid))),
+                Liveness::Alive(_) => Err(e),
+            },
+        }
+    }
+
+    /// The live configuration of the running domain `name`.
+    pub(crate) fn live(&self, paths: &DomainPaths) -> Result<Live, PluginError> {
+        store::read_toml(&paths.live)?.ok_or_else(|| self.not_running(paths))
+    }
+
+    fn suspend(&self, name: &str) -> Result<Value, PluginError> {
+        let stopped = self.with_monitor(Op::new(name, "suspend (stop)"), |q| {
+            q.execute(&qmp::stop {})?;
+            Ok(q.saw_event("STOP"))
+        })?;
+        // QEMU answers `stop` on a stopped guest with success and no STOP event.
+        if stopped {
+            Ok(Value::Unit)
+        } else {
+            Err(self.wrong_state(name, "is not running"))
+        }
+    }
+
+    fn resume(&self, name: &str) -> Result<Value, PluginError> {
+        let op = Op::new(name, "resume (cont)").refused_as(ErrorKind::InvalidState);
+        let resumed = self.with_monitor(op, |q| {
+            q.execute(&qmp::cont {})?;
+            Ok(q.saw_event("RESUME"))
+        })?;
+        // QEMU answers `cont` on a running guest with success and no RESUME event.
+        if resumed {
+            Ok(Value::Unit)
+        } else {
+            Err(self.wrong_state(name, "is not paused"))
+        }
+    }
+
+    /// An invalid-state error naming the domain's actual state.
+    fn wrong_state(&self, name: &str, why: &str) -> PluginError {
+        let state = self.store.paths(name).and_then(|paths| self.observe(&paths)).map(|(s, _)| s.as_str());
+        match state {
+            Ok(state) => PluginError::invalid_state(format!("domain '{name}' {why} (state: {state})")),
+            Err(_) => PluginError::invalid_state(format!("domain '{name}' {why}")),
+        }
+    }
+
+    fn info(&self, name: &str) -> Result<Value, PluginError> {
+        let (paths, definition) = self.store.require(name)?;
+        let (state, pid) = self.observe(&paths)?;
+        let machine = match pid {
+            Some(_) => store::read_toml::<Live>(&paths.live)?.map(|l| l.machine).unwrap_or(definition),
+            None => definition,
+        };
+        let mut info = DomainInfo::new(machine.name.clone(), state);
+        info.vcpus = machine.vcpus;
+        info.memory_kib = machine.memory_mib * 1024;
+        info.max_memory_kib = machine.memory_mib * 1024;
+        info.cpu_time_ns = pid.map(qemu::cpu_time_ns).unwrap_or(0);
+        Ok(info.into_value())
+    }
+
+    fn list(&self, all: bool) -> Result<Value, PluginError> {
+        let mut domains = Vec::new();
+        for name in self.store.names()? {
+            let paths = self.store.paths(&name)?;
+            let (state, _) = match self.observe(&paths) {
+                Ok(observed) => observed,
+                // Undefined meanwhile.
+                Err(e) if e.kind == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if all || state.is_active() {
+                domains.push(domain_summary(name, state));
+            }
+        }
+        Ok(Value::List(domains.into()))
+    }
+
+    fn define(&self, spec: &Value) -> Result<Value, PluginError> {
+        let spec = DomainSpec::from_value(spec)?;
+        let machine = spec::validate(&spec, self.limits())?;
+        let lock = self.store.lock(&machine.name, true)?;
+        if let Liveness::Alive(_) = self.store.liveness(&lock.paths)? {
+            return Err(PluginError::invalid_state(format!(
+                "domain '{}' is running; redefine it once it is shut off",
+                machine.name
+            )));
+        }
+        store::write_toml(&lock.paths.definition, &machine)?;
+        Ok(Value::Unit)
+    }
+
+    fn undefine(&self, name: &str) -> Result<Value, PluginError> {
+        let lock = self.store.lock(name, false)?;
+        if self.store.definition(&lock.paths)?.is_none() {
+            return Err(store::not_defined(name));
+        }
+        if let Liveness::Alive(_) = self.store.liveness(&lock.paths)? {
+            return Err(PluginError::invalid_state(format!("domain '{name}' is running; destroy it first")));
+        }
+        self.forget(name);
+        store::remove_domain(&lock.paths)?;
+        Ok(Value::Unit)
+    }
+
+    fn start(&self, name: &str) -> Result<Value, PluginError> {
+        let lock = self.store.lock(name, false)?;
+        let machine = self.store.definition(&lock.paths)?.ok_or_else(|| store::not_defined(name))?;
+        if let Liveness::Alive(pid) = self.store.liveness(&lock.paths)? {
+            return Err(PluginError::invalid_state(format!("domain '{name}' is already running (pid {pid})")));
+        }
+        check_images_exist(&machine)?;
+        let accel = qemu::resolve_accel(self.config.accel)?;
+        self.forget(name);
+        qemu::launch(&self.store, &lock.paths, &Live::new(machine, accel), StartMode::Boot)?;
+        drop(lock);
+        // Open the channel now: it proves QEMU answers, and this connection's next call uses it.
+        self.monitor(name)?;
+        Ok(Value::Unit)
+    }
+
+    fn shutdown(&self, name: &str, timeout: Duration) -> Result<Value, PluginError> {
+        let (paths, _) = self.store.require(name)?;
+        let (state, pid) = self.observe(&paths)?;
+        let Some(pid) = pid.filter(|_| state == DomainState::Running) else {
+            return Err(PluginError::invalid_state(format!(
+                "domain '{name}' is not running (state: {})",
+                state.as_str()
+            )));
+        };
+        self.with_monitor(Op::new(name, "shutdown (system_powerdown)"), |q| q.execute(&qmp::system_powerdown {}))?;
+        if timeout.is_zero() {
+            return Ok(Value::Unit);
+        }
+        // The lock is not held while the guest takes its time: other calls go on meanwhile.
+        if qemu::wait_exit(&self.store, &paths, pid, timeout) {
+            self.forget(name);
+            let lock = self.store.lock(name, false)?;
+            if !matches!(self.store.liveness(&lock.paths)?, Liveness::Alive(_)) {
+                store::remove_runtime(&lock.paths)?;
+            }
+            return Ok(Value::Unit);
+        }
+        Err(PluginError::timeout(format!(
+            "domain '{name}' did not power off within {} s of the ACPI power-button request (the guest ignores \
+             it or has no ACPI support); it is still running — use destroy to force it off",
+            timeout.as_secs()
+        )))
+    }
+
+    fn destroy(&self, name: &str) -> Result<Value, PluginError> {
+        let lock = self.store.lock(name, false)?;
+        if self.store.definition(&lock.paths)?.is_none() {
+            return Err(store::not_defined(name));
+        }
+        match self.store.liveness(&lock.paths)? {
+            Liveness::Stopped => Err(PluginError::invalid_state(format!("domain '{name}' is not running"))),
+            // Clearing a crash's leftovers makes the domain plainly shut off.
+            Liveness::Crashed => {
+                self.forget(name);
+                store::remove_runtime(&lock.paths)?;
+                Ok(Value::Unit)
+            }
+            Liveness::Alive(pid) => {
+                let monitor = self.take_monitor(name).or_else(|| {
+                    self.forget(name);
+                    monitor::open(&lock.paths, Duration::from_secs(1)).ok()
+                });
+                qemu::stop(&self.store, &lock.paths, pid, monitor)?;
+                Ok(Value::Unit)
+            }
+        }
+    }
+
+    fn reboot(&self, name: &str) -> Result<Value, PluginError> {
+        let (paths, _) = self.store.require(name)?;
+        let (state, _) = self.observe(&paths)?;
+        if state != DomainState::Running {
+            return Err(PluginError::invalid_state(format!(
+                "domain '{name}' is not running (state: {})",
+                state.as_str()
+            )));
+        }
+        self.with_monitor(Op::new(name, "reboot (system_reset)"), |q| q.execute(&qmp::system_reset {}))?;
+        Ok(Value::Unit)
+    }
+
+    fn block_stats(&self, name: &str, device: Option<&str>) -> Result<Value, PluginError> {
+        let (paths, _) = self.store.require(name)?;
+        let live = self.live(&paths)?;
+        // Node name → the disk target or device id the caller knows.
+        let mut labels: Vec<(String, String)> =
+            live.machine.disks.iter().enumerate().map(|(i, d)| (qemu::disk_node(i), d.target.clone())).collect();
+        for dev in live.machine.devices.iter().filter(|d| d.kind == Kind::UsbDisk) {
+            if let Some(port) = live.port(&dev.id) {
+                labels.push((qemu::usb_node(port), dev.id.clone()));
+            }
+        }
+        if let Some(device) = device {
+            if !labels.iter().any(|(_, label)| label == device) {
+                return Err(PluginError::not_found(format!("domain '{name}' has no disk '{device}'")));
+            }
+        }
+        let entries = self.with_monitor(Op::new(name, "block stats (query-blockstats)"), |q| {
+            q.execute(&qmp::query_blockstats { query_nodes: None })
+        })?;
+        let mut total = BlockStats::default();
+        for entry in entries {
+            let Some(label) = entry
+                .node_name
+                .as_deref()
+                .and_then(|node| labels.iter().find(|(n, _)| n == node).map(|(_, label)| label.as_str()))
+            else {
+                continue;
+            };
+            if device.is_some_and(|d| d != label) {
+                continue;
+            }
+            let s = &entry.stats;
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
+            total = total.plus(BlockStats::new(
+                count(s.rd_operations),
+                count(s.rd_bytes),
+                count(s.wr_operations),
+                count(s.wr_bytes),
+                count(s.failed_rd_operations)
+                    .saturating_add(count(s.failed_wr_operations))
+                    .saturating_add(count(s.failed_flush_operations))
+                    .saturating_add(count(s.failed_unmap_operations)),
+            ));
+        }
+        Ok(total.into_value())
+    }
+
+    fn attach(&self, name: &str, device: &DeviceSpec) -> Result<Value, PluginError> {
+        let device = spec::device(device)?;
+        let lock = self.store.lock(name, false)?;
+        let mut live = self.live(&lock.paths)?;
+        let taken = live.machine.disks.iter().any(|d| d.target == device.id)
+            || live.machine.devices.iter().any(|d| d.id == device.id);
+        if taken {
+            return Err(PluginError::invalid_argument(format!("domain '{name}' already has a device '{}'", device.id)));
+        }
+        if let Some(path) = &device.path {
+            let in_use = live.machine.disks.iter().any(|d| &d.path == path)
+                || live.machine.devices.iter().any(|d| d.path.as_ref() == Some(path));
+            if in_use {
+                return Err(PluginError::invalid_argument(format!(
+                    "image {} is already in use by domain '{name}'",
+                    path.display()
+                )));
+            }
+        }
+        let port = live.free_port().ok_or_else(|| {
+            PluginError::invalid_state(format!("domain '{name}' has no free USB port ({} in use)", spec::USB_PORTS))
+        })?;
+        let node = match (&device.path, device.format) {
+            (Some(path), Some(format)) => {
+                let node = qemu::usb_node(port);
+                let options = qemu::blockdev(&node, path, format, false)?;
+                let op = Op::new(name, "attach (blockdev-add)").refused_as(ErrorKind::InvalidArgument);
+                self.with_monitor(op, |q| q.execute(&qmp::blockdev_add(options.clone())))?;
+                Some(node)
+            }
+            _ => None,
+        };
+        let add = qemu::usb_device(&device, port, node.as_deref());
+        let op = Op::new(name, "attach (device_add)").refused_as(ErrorKind::InvalidArgument);
+        let added = self.with_monitor(op, |q| q.execute(&add));
+        if let Err(e) = added {
+            if let Some(node) = node {
+                let _ = self.with_monitor(Op::new(name, "blockdev-del"), |q| {
+                    q.execute(&qmp::blockdev_del { node_name: node.clone() })
+                });
+            }
+            return Err(e);
+        }
+        live.usb_ports.insert(device.id.clone(), port);
+        live.machine.devices.push(device);
+        store::write_toml(&lock.paths.live, &live)?;
+        Ok(Value::Unit)
+    }
+
+    fn detach(&self, name: &str, device: &DeviceSpec) -> Result<Value, PluginError> {
+        let lock = self.store.lock(name, false)?;
+        let mut live = self.live(&lock.paths)?;
+        let Some(index) = live.machine.devices.iter().position(|d| d.id == device.id) else {
+            if live.machine.disks.iter().any(|d| d.target == device.id) {
+                return Err(PluginError::unsupported(format!(
+                    "'{}' is a disk of the domain's definition; only USB devices can be detached",
+                    device.id
+                )));
+            }
+            return Err(PluginError::not_found(format!("domain '{name}' has no device '{}'", device.id)));
+        };
+        let present = &live.machine.devices[index];
+        if present.kind != Kind::from(device.kind) {
+            return Err(PluginError::invalid_argument(format!(
+                "device '{}' is a {}, not a {}",
+                device.id,
+                present.kind.as_str(),
+                device.kind.as_str()
+            )));
+        }
+        let port = live.port(&device.id);
+        let id = device.id.clone();
+        self.with_monitor(Op::new(name, "detach (device_del)"), |q| {
+            q.execute(&qmp::device_del { id: id.clone() })?;
+            let deadline = Instant::now() + UNPLUG_TIMEOUT;
+            q.wait_event(deadline, |e| {
+                e.name == "DEVICE_DELETED" && e.data.get("device").and_then(|d| d.as_str()) == Some(&id)
+            })
+        })
+        .map_err(|e| match e.kind {
+            ErrorKind::Timeout => PluginError::timeout(format!(
+                "QEMU did not report device '{id}' of domain '{name}' removed within {} s",
+                UNPLUG_TIMEOUT.as_secs()
+            )),
+            _ => e,
+        })?;
+        if present.kind == Kind::UsbDisk {
+            if let Some(port) = port {
+                let node = qemu::usb_node(port);
+                self.with_monitor(Op::new(name, "detach (blockdev-del)"), |q| {
+                    q.execute(&qmp::blockdev_del { node_name: node.clone() })
+                })?;
+            }
+        }
+        live.machine.devices.remove(index);
+        live.usb_ports.remove(&device.id);
+        store::write_toml(&lock.paths.live, &live)?;
+        Ok(Value::Unit)
+    }
+
+    fn screenshot(&self, name: &str) -> Result<Value, PluginError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let (paths, _) = self.store.require(name)?;
+        let live = self.live(&paths)?;
+        if live.machine.graphics.is_none() {
+            return Err(PluginError::unsupported(format!("domain '{name}' has no display adapter")));
+        }
+        // QEMU writes the dump into the domain's private runtime directory.
+        let file = paths.run.join(format!(
+            "screendump-{}-{}.ppm",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let filename = file
+            .to_str()
+            .ok_or_else(|| PluginError::driver_failure(format!("state root path {:?} is not UTF-8", paths.run)))?
+            .to_string();
+        let dumped = self.with_monitor(Op::new(name, "screenshot (screendump)"), |q| {
+            q.execute_within(
+                &qmp::screendump { filename: filename.clone(), device: None, head: None, format: None },
+                SCREENDUMP_TIMEOUT,
+            )
+        });
+        let bytes = dumped.and_then(|_| std::fs::read(&file).map_err(|e| store::io_failure(&file, "read", &e)));
+        let _ = std::fs::remove_file(&file);
+        let image = screenshot::parse_ppm(&bytes?)?;
+        let png = screenshot::to_png(&image)?;
+        Ok(png_image(u64::from(image.width), u64::from(image.height), png))
+    }
+
+    fn host_info(&self) -> Result<Value, PluginError> {
+        let version = {
+            let mut cached = self.version.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match &*cached {
+                Some(version) => version.clone(),
+                None => {
+                    let version = qemu::probe_version()?;
+                    *cached = Some(version.clone());
+                    version
+                }
+            }
+        };
+        let mut info = HostInfo::new(self.config.uri.clone(), "QEMU", version);
+        info.hostname = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        info.cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+        info.memory_kib = qemu::host_memory_kib();
+        Ok(info.into_value())
+    }
+}
+
+/// Images can vanish between define and start.
+pub(crate) fn check_images_exist(machine: &Machine) -> Result<(), PluginError> {
+    let images = machine
+        .disks
+        .iter()
+        .map(|d| (d.target.as_str(), &d.path))
+        .chain(machine.devices.iter().filter_map(|d| d.path.as_ref().map(|p| (d.id.as_str(), p))));
+    for (id, path) in images {
+        if !path.exists() {
+            return Err(PluginError::not_found(format!("{id}: image {} no longer exists", path.display())));
+        }
+    }
+    Ok(())
+}
+
+/// Maps QEMU's run state (tolerating states newer than the `qapi` schema) to the registry's.
+pub(crate) fn run_state(status: &serde_json::Value) -> DomainState {
+    use qmp::RunState as R;
+    match status.get("status").cloned().map(serde_json::from_value::<R>) {
+        Some(Ok(R::running | R::colo)) => DomainState::Running,
+        Some(Ok(R::suspended)) => DomainState::PmSuspended,
+        Some(Ok(R::shutdown)) => DomainState::InShutdown,
+        Some(Ok(R::guest_panicked | R::internal_error)) => DomainState::Crashed,
+        Some(Ok(
+            R::paused
+            | R::debug
+            | R::inmigrate
+            | R::postmigrate
+            | R::prelaunch
+            | R::finish_migrate
+            | R::restore_vm
+            | R::save_vm
+            | R::io_error
+            | R::watchdog,
+        )) => DomainState::Paused,
+        _ => match status.get("running").and_then(serde_json::Value::as_bool) {
+            Some(true) => DomainState::Running,
+            _ => DomainState::Paused,
+        },
+    }
+}

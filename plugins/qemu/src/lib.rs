@@ -1,0 +1,27 @@
+//! capvirt's QEMU driver: `qemu:///session` (per-user state) and `qemu:///system` (root),
+//! running real `qemu-system-x86_64` processes and driving them over QMP with the `qapi`
+//! crate's command types.
+//!
+//! URI parameters: `root=DIR` selects another state root (isolated instances, tests);
+//! `accel=auto|kvm|tcg` (default `auto`: KVM when `/dev/kvm` is usable, TCG otherwise).
+//!
+//! Each `capvirt` invocation is a fresh process: QEMU runs daemonized and is found again
+//! through its pidfile and QMP sockets in the state root (see [`store`]). Only the registry's
+//! capabilities are reachable; no caller text is ever sent to QEMU as a command.
+
+#![forbid(unsafe_code)]
+
+mod cache;
+mod driver;
+mod migration;
+mod monitor;
+mod qemu;
+mod qmp;
+mod screenshot;
+mod spec;
+pub mod store;
+mod uri;
+
+pub use driver::{QemuDriver, CAPABILITIES};
+
+capvirt_plugin_api::export_plugin!(QemuDriver);

@@ -1,0 +1,439 @@
+//! QEMU processes: the command line a domain runs with, launching it detached from the
+//! calling process, stopping it, and host facts.
+//!
+//! Everything a caller supplied reaches QEMU as typed data: image paths and device ids go
+//! into JSON `-blockdev`/`-device` arguments serialized from the `qapi` crate's types (never
+//! into `key=value,…` option strings, where a comma in a path would start a new option).
+
+use std::{
+    ffi::OsString,
+    fs::{self, File, OpenOptions},
+    io::Read,
+    os::{
+        fd::OwnedFd,
+        unix::{fs::OpenOptionsExt, net::UnixListener, net::UnixStream},
+    },
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use capvirt_plugin_api::PluginError;
+use command_fds::{CommandFdExt, FdMapping};
+use qapi::{qmp, Any};
+
+use crate::{
+    monitor::{with_socket_path, Monitor, CHANNELS},
+    qmp::Qmp,
+    spec::{Adapter, Bus, Device, Format, Kind, Live, USB_PORTS},
+    store::{self, DomainPaths, Liveness, Store},
+    uri::Accel,
+};
+
+/// The emulator, looked up on `PATH` (never taken from a caller).
+pub const EMULATOR: &str = "qemu-system-x86_64";
+/// Bound on QEMU's start-up (until `-daemonize` returns).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on a QEMU exiting after `quit` or a signal.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First file descriptor number of the monitor sockets handed to QEMU.
+const FIRST_CHANNEL_FD: i32 = 3;
+
+/// How a QEMU is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Boot the guest.
+    Boot,
+    /// Wait for a migration stream (`-incoming defer`, then QMP `migrate-incoming`).
+    Incoming,
+}
+
+/// The accelerator to start with.
+pub fn resolve_accel(accel: Accel) -> Result<&'static str, PluginError> {
+    let kvm_usable = || OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    match accel {
+        Accel::Tcg => Ok("tcg"),
+        Accel::Auto => Ok(if kvm_usable() { "kvm" } else { "tcg" }),
+        Accel::Kvm if kvm_usable() => Ok("kvm"),
+        Accel::Kvm => Err(PluginError::unsupported(
+            "accel=kvm was requested but /dev/kvm cannot be opened read-write".to_string(),
+        )),
+    }
+}
+
+/// Node name of the image of disk number `index` (node names are at most 31 characters, so
+/// they are derived from positions, not from caller ids).
+pub fn disk_node(index: usize) -> String {
+    format!("capvirt-disk{index}")
+}
+
+/// Node name of the image of the USB disk on `port`.
+pub fn usb_node(port: u8) -> String {
+    format!("capvirt-usb{port}")
+}
+
+/// A format node over a file node, both named after `node`.
+pub fn blockdev(node: &str, path: &Path, format: Format, readonly: bool) -> Result<qmp::BlockdevOptions, PluginError> {
+    let filename = path
+        .to_str()
+        .ok_or_else(|| PluginError::invalid_argument(format!("image path {path:?} is not valid UTF-8")))?
+        .to_string();
+    let base = |name: String| qmp::BlockdevOptionsBase {
+        auto_read_only: None,
+        cache: None,
+        detect_zeroes: None,
+        discard: None,
+        force_share: None,
+        node_name: Some(name),
+        read_only: Some(readonly),
+    };
+    let file = qmp::BlockdevOptions::file {
+        base: base(format!("{node}-file")),
+        file: qmp::BlockdevOptionsFile {
+            aio: None,
+            aio_max_batch: None,
+            drop_cache: None,
+            locking: None,
+            pr_manager: None,
+            x_check_cache_dropped: None,
+            filename,
+        },
+    };
+    let file = qmp::BlockdevRef::definition(Box::new(file));
+    Ok(match format {
+        Format::Qcow2 => qmp::BlockdevOptions::qcow2 { base: base(node.to_string()), qcow2: file.into() },
+        Format::Raw => qmp::BlockdevOptions::raw { base: base(node.to_string()), raw: file.into() },
+    })
+}
+
+fn props<const N: usize>(pairs: [(&str, Any); N]) -> Vec<(String, Any)> {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// The `device_add` arguments of a USB device on `port` (`node`: its image, for a disk).
+pub fn usb_device(device: &Device, port: u8, node: Option<&str>) -> qmp::device_add {
+    let driver = match device.kind {
+        Kind::UsbTablet => "usb-tablet",
+        Kind::UsbKeyboard => "usb-kbd",
+        Kind::UsbDisk => "usb-storage",
+    };
+    let mut arguments = props([("port", Any::from(port.to_string()))]);
+    if let Some(node) = node {
+        arguments.push(("drive".into(), Any::from(node)));
+    }
+    qmp::device_add::new(driver, Some(device.id.clone()), Some("usb.0".to_string()), arguments)
+}
+
+/// QEMU's arguments for a domain.
+pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result<Vec<OsString>, PluginError> {
+    let machine = &live.machine;
+    let mut args = Args::default();
+    args.add(&["-name", &format!("guest={}", machine.name)]);
+    args.add(&["-machine", "q35", "-accel", &live.accel]);
+    args.add(&["-m", &format!("{}M", machine.memory_mib), "-smp", &machine.vcpus.to_string()]);
+    args.add(&["-nodefaults", "-no-user-config", "-display", "none", "-msg", "timestamp=on"]);
+    // No `elevateprivileges`/`spawn` denial: both break `-daemonize` (setsid, fork).
+    args.add(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
+    args.add(&["-daemonize"]);
+    args.0.extend(["-pidfile".into(), paths.pidfile.clone().into_os_string()]);
+    for channel in 0..CHANNELS {
+        let fd = FIRST_CHANNEL_FD + channel as i32;
+        args.add(&["-chardev", &format!("socket,id=qmp{channel},fd={fd},server=on,wait=off")]);
+        args.add(&["-mon", &format!("chardev=qmp{channel},mode=control")]);
+    }
+    let xhci = qmp::device_add::new(
+        "qemu-xhci",
+        Some("usb".to_string()),
+        None,
+        props([("p2", Any::from(USB_PORTS)), ("p3", Any::from(USB_PORTS))]),
+    );
+    args.json("-device", &xhci)?;
+    let mut sata_port = 0;
+    for (index, disk) in machine.disks.iter().enumerate() {
+        let node = disk_node(index);
+        args.json("-blockdev", &blockdev(&node, &disk.path, disk.format, disk.readonly)?)?;
+        let boot = [("drive", Any::from(node.as_str())), ("bootindex", Any::from(index + 1))];
+        let device = match disk.bus {
+            Bus::Virtio => qmp::device_add::new("virtio-blk-pci", Some(disk.target.clone()), None, props(boot)),
+            Bus::Sata => {
+                let bus = format!("ide.{sata_port}");
+                sata_port += 1;
+                qmp::device_add::new("ide-hd", Some(disk.target.clone()), Some(bus), props(boot))
+            }
+            Bus::Usb => {
+                let port = live.port(&disk.target).ok_or_else(|| no_port(&disk.target))?;
+                let mut arguments = props(boot);
+                arguments.push(("port".into(), Any::from(port.to_string())));
+                qmp::device_add::new("usb-storage", Some(disk.target.clone()), Some("usb.0".to_string()), arguments)
+            }
+        };
+        args.json("-device", &device)?;
+    }
+    for device in &machine.devices {
+        let port = live.port(&device.id).ok_or_else(|| no_port(&device.id))?;
+        let node = match (&device.path, device.format) {
+            (Some(path), Some(format)) => {
+                let node = usb_node(port);
+                args.json("-blockdev", &blockdev(&node, path, format, false)?)?;
+                Some(node)
+            }
+            _ => None,
+        };
+        args.json("-device", &usb_device(device, port, node.as_deref()))?;
+    }
+    if let Some(adapter) = machine.graphics {
+        let driver = match adapter {
+            Adapter::Vga => "VGA",
+            Adapter::Virtio => "virtio-vga",
+        };
+        args.json("-device", &qmp::device_add::new(driver, Some("video0".to_string()), None, std::iter::empty()))?;
+    }
+    if mode == StartMode::Incoming {
+        args.add(&["-incoming", "defer"]);
+    }
+    Ok(args.0)
+}
+
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn add(&mut self, items: &[&str]) {
+        self.0.extend(items.iter().map(OsString::from));
+    }
+
+    /// An option whose value is a QAPI value in JSON (the form `-device`/`-blockdev` accept).
+    fn json<T: serde::Serialize>(&mut self, option: &str, value: &T) -> Result<(), PluginError> {
+        let text = serde_json::to_string(value)
+            .map_err(|e| PluginError::internal(format!("cannot encode a QEMU {option} option: {e}")))?;
+        self.0.extend([OsString::from(option), OsString::from(text)]);
+        Ok(())
+    }
+}
+
+fn no_port(id: &str) -> PluginError {
+    PluginError::internal(format!("live configuration has no USB port for '{id}'"))
+}
+
+/// Starts the domain's QEMU detached from this process (`-daemonize`: QEMU outlives every
+/// `capvirt` invocation), with its monitor sockets bound here and handed over as file
+/// descriptors. Returns once QEMU has initialized, with its PID.
+pub fn launch(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -> Result<i32, PluginError> {
+    store::remove_runtime(paths)?;
+    store::make_private_dir(&paths.run)?;
+    let result = launch_in(store, paths, live, mode);
+    if result.is_err() {
+        let _ = store::remove_runtime(paths);
+    }
+    result
+}
+
+fn launch_in(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -> Result<i32, PluginError> {
+    store::write_toml(&paths.live, live)?;
+    let mut mappings = Vec::with_capacity(CHANNELS);
+    for channel in 0..CHANNELS {
+        let socket = paths.monitor_socket(channel);
+        let listener = with_socket_path(&socket, |path| UnixListener::bind(path))
+            .map_err(|e| store::io_failure(&socket, "bind monitor socket", &e))?;
+        mappings.push(FdMapping { parent_fd: OwnedFd::from(listener), child_fd: FIRST_CHANNEL_FD + channel as i32 });
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&paths.log)
+        .map_err(|e| store::io_failure(&paths.log, "create", &e))?;
+    let log_err = log.try_clone().map_err(|e| store::io_failure(&paths.log, "open", &e))?;
+    let mut command = Command::new(EMULATOR);
+    command
+        .args(command_line(paths, live, mode)?)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    command
+        .fd_mappings(mappings)
+        .map_err(|e| PluginError::internal(format!("cannot pass monitor sockets to QEMU: {e}")))?;
+    let mut launcher = command.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PluginError::unsupported(format!(
+            "{EMULATOR} is not installed (PATH has none); install QEMU (Debian: qemu-system-x86)"
+        )),
+        _ => PluginError::driver_failure(format!("cannot run {EMULATOR}: {e}")),
+    })?;
+    // The launcher is QEMU's parent before daemonizing: it exits once QEMU is initialized.
+    let status = match wait_child(&mut launcher, START_TIMEOUT) {
+        Some(status) => status,
+        None => {
+            let _ = launcher.kill();
+            let _ = launcher.wait();
+            kill_running(store, paths);
+            return Err(PluginError::timeout(format!(
+                "QEMU did not finish starting domain '{}' within {} s",
+                paths.name,
+                START_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    if !status.success() {
+        kill_running(store, paths);
+        return Err(PluginError::driver_failure(format!(
+            "QEMU failed to start domain '{}': {}",
+            paths.name,
+            log_summary(&paths.log).unwrap_or_else(|| status.to_string())
+        )));
+    }
+    match store.liveness(paths)? {
+        Liveness::Alive(pid) => Ok(pid),
+        _ => Err(PluginError::driver_failure(format!(
+            "QEMU exited right after starting domain '{}': {}",
+            paths.name,
+            log_summary(&paths.log).unwrap_or_else(|| "no message".into())
+        ))),
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => {
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// QEMU's own error lines from its log (its messages start with the program name).
+fn log_summary(log: &Path) -> Option<String> {
+    let mut text = String::new();
+    File::open(log).ok()?.take(64 << 10).read_to_string(&mut text).ok()?;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(EMULATOR) && !l.contains("warning:"))
+        .map(|l| l.split_once(&format!("{EMULATOR}: ")).map_or(l, |(_, msg)| msg))
+        .collect();
+    let pick = if lines.is_empty() { text.lines().rev().take(3).collect::<Vec<_>>() } else { lines };
+    let summary = pick.join("; ");
+    (!summary.trim().is_empty()).then(|| summary.chars().take(600).collect())
+}
+
+/// Best effort: SIGKILL whatever QEMU holds the domain's pidfile.
+fn kill_running(store: &Store, paths: &DomainPaths) {
+    if let Ok(Liveness::Alive(pid)) = store.liveness(paths) {
+        let _ = signal(pid, rustix::process::Signal::KILL);
+        wait_exit(store, paths, pid, EXIT_TIMEOUT);
+    }
+}
+
+fn signal(pid: i32, sig: rustix::process::Signal) -> Result<(), PluginError> {
+    let pid = rustix::process::Pid::from_raw(pid).ok_or_else(|| PluginError::internal("invalid pid"))?;
+    rustix::process::kill_process(pid, sig)
+        .map_err(|e| PluginError::driver_failure(format!("cannot signal QEMU process {}: {e}", pid.as_raw_nonzero())))
+}
+
+/// Waits until the QEMU `pid` no longer holds the domain's pidfile.
+pub fn wait_exit(store: &Store, paths: &DomainPaths, pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match store.liveness(paths) {
+            Ok(Liveness::Alive(holder)) if holder == pid => {}
+            _ => return true,
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Stops the domain's QEMU: QMP `quit` when a monitor is at hand, SIGKILL if it outlives
+/// [`EXIT_TIMEOUT`]; then removes its runtime files.
+pub fn stop(store: &Store, paths: &DomainPaths, pid: i32, monitor: Option<Monitor>) -> Result<(), PluginError> {
+    let mut exited = false;
+    if let Some(mut monitor) = monitor {
+        // `quit` may close the connection before its reply arrives: only the exit counts.
+        let _ = monitor.qmp.execute(&qmp::quit {});
+        drop(monitor);
+        exited = wait_exit(store, paths, pid, EXIT_TIMEOUT);
+    }
+    if !exited {
+        signal(pid, rustix::process::Signal::KILL)?;
+        if !wait_exit(store, paths, pid, EXIT_TIMEOUT) {
+            return Err(PluginError::driver_failure(format!(
+                "QEMU process {pid} of domain '{}' survived SIGKILL for {} s",
+                paths.name,
+                EXIT_TIMEOUT.as_secs()
+            )));
+        }
+    }
+    store::remove_runtime(paths)
+}
+
+/// CPU time consumed by a process, from `/proc/PID/stat` (utime + stime).
+pub fn cpu_time_ns(pid: i32) -> u64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    let Some((_, after_name)) = stat.rsplit_once(')') else { return 0 };
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let per_second = rustix::param::clock_ticks_per_second().max(1);
+    (ticks(11) + ticks(12)).saturating_mul(1_000_000_000 / per_second)
+}
+
+/// Total memory of the host, from `/proc/meminfo`.
+pub fn host_memory_kib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// QEMU's version, asked over QMP from a short-lived `-machine none` instance whose monitor
+/// is one end of a socketpair.
+pub fn probe_version() -> Result<String, PluginError> {
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| PluginError::driver_failure(format!("cannot create a socketpair: {e}")))?;
+    let mut command = Command::new(EMULATOR);
+    command
+        .args(["-machine", "none", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-chardev", &format!("socket,id=qmp,fd={FIRST_CHANNEL_FD},server=off")])
+        .args(["-mon", "chardev=qmp,mode=control"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+        .fd_mappings(vec![FdMapping { parent_fd: OwnedFd::from(theirs), child_fd: FIRST_CHANNEL_FD }])
+        .map_err(|e| PluginError::internal(format!("cannot pass the probe socket: {e}")))?;
+    let mut child = command.spawn().map_err(|e| {
+        PluginError::driver_failure(format!("cannot run {EMULATOR} to ask its version (is QEMU installed?): {e}"))
+    })?;
+    drop(command);
+    let result = (|| {
+        let mut qmp = Qmp::handshake(ours, Duration::from_secs(10))
+            .map_err(|e| PluginError::driver_failure(format!("{EMULATOR} version probe: {e}")))?;
+        let version = qmp
+            .execute(&qmp::query_version {})
+            .map_err(|e| PluginError::driver_failure(format!("{EMULATOR} version probe: {e}")))?;
+        let _ = qmp.execute(&qmp::quit {});
+        let triple = version.qemu;
+        Ok(if version.package.trim().is_empty() {
+            format!("{}.{}.{}", triple.major, triple.minor, triple.micro)
+        } else {
+            format!("{}.{}.{} ({})", triple.major, triple.minor, triple.micro, version.package.trim())
+        })
+    })();
+    if wait_child(&mut child, Duration::from_secs(5)).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}

@@ -1,0 +1,449 @@
+//! The domain definition as this driver stores and runs it, and the validation that turns the
+//! registry's hypervisor-agnostic `DomainSpec` into it.
+//!
+//! The registry already checked types and formats; this re-checks whatever becomes a path or
+//! a QEMU identifier, resolves image paths (they must exist, have the declared format and stay
+//! valid whatever the caller's working directory), and refuses specs QEMU could not run.
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    io::Read,
+    os::unix::fs::FileTypeExt,
+    path::{Path, PathBuf},
+};
+
+use capvirt_plugin_api::{
+    types::{DeviceKind, DeviceSpec, DiskBus, DiskFormat, DiskSpec, DomainSpec, GraphicsAdapter, GraphicsSpec},
+    PluginError,
+};
+use serde::{Deserialize, Serialize};
+
+/// USB2 ports of the xHCI controller every domain gets (boot USB disks and devices plus hot-plugged ones).
+pub const USB_PORTS: u8 = 8;
+/// Virtio disks (each takes a PCI slot on the root bus).
+pub const MAX_VIRTIO_DISKS: usize = 16;
+/// SATA ports of q35's built-in AHCI controller.
+pub const SATA_PORTS: usize = 6;
+/// The longest domain name (registry `DomainName`).
+const MAX_NAME_LEN: usize = 64;
+/// The longest device id (registry `DeviceName`).
+const MAX_DEVICE_ID_LEN: usize = 32;
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bus {
+    Virtio,
+    Sata,
+    Usb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(clippy::enum_variant_names)] // the registry's words: usb-tablet, usb-keyboard, usb-disk
+pub enum Kind {
+    UsbTablet,
+    UsbKeyboard,
+    UsbDisk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Adapter {
+    Vga,
+    Virtio,
+}
+
+/// A disk with its image path resolved and its guest target assigned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: Format,
+    pub bus: Bus,
+    pub target: String,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A USB device; `path`/`format` only for `usb-disk`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub kind: Kind,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+}
+
+/// A validated domain definition (what `domain.toml` holds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u64,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    pub devices: Vec<Device>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graphics: Option<Adapter>,
+}
+
+impl From<DiskFormat> for Format {
+    fn from(f: DiskFormat) -> Self {
+        match f {
+            DiskFormat::Raw => Format::Raw,
+            DiskFormat::Qcow2 => Format::Qcow2,
+        }
+    }
+}
+
+impl From<Format> for DiskFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Raw => DiskFormat::Raw,
+            Format::Qcow2 => DiskFormat::Qcow2,
+        }
+    }
+}
+
+impl From<DiskBus> for Bus {
+    fn from(b: DiskBus) -> Self {
+        match b {
+            DiskBus::Virtio => Bus::Virtio,
+            DiskBus::Sata => Bus::Sata,
+            DiskBus::Usb => Bus::Usb,
+        }
+    }
+}
+
+impl From<Bus> for DiskBus {
+    fn from(b: Bus) -> Self {
+        match b {
+            Bus::Virtio => DiskBus::Virtio,
+            Bus::Sata => DiskBus::Sata,
+            Bus::Usb => DiskBus::Usb,
+        }
+    }
+}
+
+impl From<DeviceKind> for Kind {
+    fn from(k: DeviceKind) -> Self {
+        match k {
+            DeviceKind::UsbTablet => Kind::UsbTablet,
+            DeviceKind::UsbKeyboard => Kind::UsbKeyboard,
+            DeviceKind::UsbDisk => Kind::UsbDisk,
+        }
+    }
+}
+
+impl From<Kind> for DeviceKind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::UsbTablet => DeviceKind::UsbTablet,
+            Kind::UsbKeyboard => DeviceKind::UsbKeyboard,
+            Kind::UsbDisk => DeviceKind::UsbDisk,
+        }
+    }
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        DeviceKind::from(self).as_str()
+    }
+}
+
+impl Machine {
+    /// The registry's view of this definition.
+    pub fn to_spec(&self) -> DomainSpec {
+        let mut spec = DomainSpec::new(self.name.clone(), self.memory_mib, self.vcpus);
+        for disk in &self.disks {
+            let mut d = DiskSpec::new(disk.path.display().to_string(), disk.format.into(), disk.bus.into());
+            d.target = Some(disk.target.clone());
+            d.readonly = disk.readonly;
+            spec.disks.push(d);
+        }
+        for device in &self.devices {
+            let mut d = DeviceSpec::new(device.kind.into(), device.id.clone());
+            d.path = device.path.as_ref().map(|p| p.display().to_string());
+            d.format = device.format.map(Into::into);
+            spec.devices.push(d);
+        }
+        spec.graphics = self.graphics.map(|a| {
+            GraphicsSpec::new(match a {
+                Adapter::Vga => GraphicsAdapter::Vga,
+                Adapter::Virtio => GraphicsAdapter::Virtio,
+            })
+        });
+        spec
+    }
+
+    /// Devices and disks that occupy a USB port.
+    pub fn usb_port_users(&self) -> usize {
+        self.disks.iter().filter(|d| d.bus == Bus::Usb).count() + self.devices.len()
+    }
+}
+
+/// Facts about the host that bound what a domain may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct HostLimits {
+    pub memory_mib: u64,
+}
+
+/// Checks a domain name before it becomes a directory name (the registry checked it too; this
+/// driver does not rely on that for anything that touches the file system).
+pub fn check_name(name: &str) -> Result<(), PluginError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(PluginError::invalid_argument(format!(
+            "domain name {name:?} is not a plain identifier (letters, digits, '.', '_', '-'; at most {MAX_NAME_LEN})"
+        )))
+    }
+}
+
+/// QEMU's rule for device ids (`id_wellformed`): a letter first, then letters, digits, `-._`.
+pub fn check_device_id(id: &str, what: &str) -> Result<(), PluginError> {
+    let ok = id.len() <= MAX_DEVICE_ID_LEN
+        && id.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PluginError::invalid_argument(format!(
+            "{what} {id:?}: QEMU device ids start with a letter and hold only letters, digits, '.', '_', '-' (at most {MAX_DEVICE_ID_LEN})"
+        )))
+    }
+}
+
+/// Resolves an image path: it must exist, be a regular file or block device, and hold the
+/// declared format (a qcow2 image declared raw would hand the guest the image's metadata).
+pub fn check_image(path: &str, format: Format, what: &str) -> Result<PathBuf, PluginError> {
+    if path.is_empty() || path.chars().any(char::is_control) {
+        return Err(PluginError::invalid_argument(format!(
+            "{what}: image path {path:?} is empty or has control characters"
+        )));
+    }
+    let resolved = std::fs::canonicalize(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PluginError::invalid_argument(format!("{what}: image {path} does not exist")),
+        _ => PluginError::invalid_argument(format!("{what}: cannot access image {path}: {e}")),
+    })?;
+    if resolved.to_str().is_none() {
+        return Err(PluginError::invalid_argument(format!("{what}: image path {path:?} is not valid UTF-8")));
+    }
+    let meta = std::fs::metadata(&resolved)
+        .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot access image {path}: {e}")))?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(PluginError::invalid_argument(format!("{what}: {path} is not a regular file or block device")));
+    }
+    let is_qcow2 = read_magic(&resolved)
+        .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot read image {path}: {e}")))?
+        == Some(QCOW2_MAGIC);
+    match (format, is_qcow2) {
+        (Format::Qcow2, false) => Err(PluginError::invalid_argument(format!(
+            "{what}: {path} is not a qcow2 image (declare format = \"raw\" for a raw image)"
+        ))),
+        (Format::Raw, true) => Err(PluginError::invalid_argument(format!(
+            "{what}: {path} is a qcow2 image but is declared raw (declare format = \"qcow2\")"
+        ))),
+        _ => Ok(resolved),
+    }
+}
+
+fn read_magic(path: &Path) -> std::io::Result<Option<[u8; 4]>> {
+    let mut magic = [0u8; 4];
+    let mut file = File::open(path)?;
+    let mut filled = 0;
+    while filled < magic.len() {
+        match file.read(&mut magic[filled..])? {
+            0 => return Ok(None),
+            n => filled += n,
+        }
+    }
+    Ok(Some(magic))
+}
+
+/// Validates a device to attach (or listed in a spec): ids, backing image.
+pub fn device(device: &DeviceSpec) -> Result<Device, PluginError> {
+    check_device_id(&device.id, "device")?;
+    let backing = device.disk_backing()?;
+    let (path, format) = match backing {
+        Some((path, format)) => {
+            let what = format!("device {}", device.id);
+            (Some(check_image(path, format.into(), &what)?), Some(Format::from(format)))
+        }
+        None => (None, None),
+    };
+    Ok(Device { kind: device.kind.into(), id: device.id.clone(), path, format })
+}
+
+/// Validates a whole domain spec into the stored definition. Touches nothing on disk but
+/// reads the images' first bytes.
+pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, PluginError> {
+    check_name(&spec.name)?;
+    if spec.memory_mib < 16 {
+        return Err(PluginError::invalid_argument(format!("memory_mib {} is below 16 MiB", spec.memory_mib)));
+    }
+    // 0: the host's memory is unknown (no /proc/meminfo); QEMU will refuse what it cannot map.
+    if limits.memory_mib > 0 && spec.memory_mib > limits.memory_mib {
+        return Err(PluginError::invalid_argument(format!(
+            "memory_mib {} exceeds this host's {} MiB of memory",
+            spec.memory_mib, limits.memory_mib
+        )));
+    }
+    if !(1..=255).contains(&spec.vcpus) {
+        return Err(PluginError::invalid_argument(format!("vcpus {} is outside 1..=255", spec.vcpus)));
+    }
+    let mut ids = HashSet::new();
+    let mut paths = HashSet::new();
+    let mut disks = Vec::with_capacity(spec.disks.len());
+    for (disk, target) in spec.disks.iter().zip(spec.disk_targets()) {
+        let what = format!("disk {target}");
+        check_device_id(&target, "disk target")?;
+        if !ids.insert(target.clone()) {
+            return Err(PluginError::invalid_argument(format!("disk target {target} is used twice")));
+        }
+        let bus = Bus::from(disk.bus);
+        if disk.readonly && bus == Bus::Sata {
+            return Err(PluginError::invalid_argument(format!(
+                "{what}: QEMU's SATA disks cannot be read-only; use bus \"virtio\" or \"usb\""
+            )));
+        }
+        let path = check_image(&disk.path, disk.format.into(), &what)?;
+        if !paths.insert(path.clone()) {
+            return Err(PluginError::invalid_argument(format!("{what}: image {} is used twice", path.display())));
+        }
+        disks.push(Disk { path, format: disk.format.into(), bus, target, readonly: disk.readonly });
+    }
+    let count = |bus| disks.iter().filter(|d| d.bus == bus).count();
+    if count(Bus::Virtio) > MAX_VIRTIO_DISKS {
+        return Err(PluginError::invalid_argument(format!("more than {MAX_VIRTIO_DISKS} virtio disks")));
+    }
+    if count(Bus::Sata) > SATA_PORTS {
+        return Err(PluginError::invalid_argument(format!("more than {SATA_PORTS} SATA disks")));
+    }
+    let mut devices = Vec::with_capacity(spec.devices.len());
+    for dev in &spec.devices {
+        let dev = device(dev)?;
+        if !ids.insert(dev.id.clone()) {
+            return Err(PluginError::invalid_argument(format!("device id {} is used twice", dev.id)));
+        }
+        if let Some(path) = &dev.path {
+            if !paths.insert(path.clone()) {
+                return Err(PluginError::invalid_argument(format!(
+                    "device {}: image {} is used twice",
+                    dev.id,
+                    path.display()
+                )));
+            }
+        }
+        devices.push(dev);
+    }
+    let graphics = spec.graphics.as_ref().map(|g| match g.adapter {
+        GraphicsAdapter::Vga => Adapter::Vga,
+        GraphicsAdapter::Virtio => Adapter::Virtio,
+    });
+    let machine =
+        Machine { name: spec.name.clone(), memory_mib: spec.memory_mib, vcpus: spec.vcpus, disks, devices, graphics };
+    if machine.usb_port_users() > usize::from(USB_PORTS) {
+        return Err(PluginError::invalid_argument(format!(
+            "USB disks and devices need {} ports; a domain has {USB_PORTS}",
+            machine.usb_port_users()
+        )));
+    }
+    Ok(machine)
+}
+
+/// The configuration a running QEMU was started with, plus hot-plugged devices, with the USB
+/// port of every USB disk and device. A migration destination or a restore starts from it, so
+/// that the device model (ports included) matches the saved state exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Live {
+    /// `kvm` or `tcg`: a saved or migrated state resumes only on the same accelerator.
+    pub accel: String,
+    pub machine: Machine,
+    /// USB port of each disk target or device id on the xHCI controller.
+    pub usb_ports: std::collections::BTreeMap<String, u8>,
+}
+
+impl Live {
+    /// Assigns USB ports in definition order: USB disks, then devices.
+    pub fn new(machine: Machine, accel: &str) -> Live {
+        let users = machine
+            .disks
+            .iter()
+            .filter(|d| d.bus == Bus::Usb)
+            .map(|d| d.target.clone())
+            .chain(machine.devices.iter().map(|d| d.id.clone()));
+        let usb_ports = users.zip(1..=USB_PORTS).collect();
+        Live { accel: accel.to_string(), machine, usb_ports }
+    }
+
+    /// The lowest USB port nobody uses.
+    pub fn free_port(&self) -> Option<u8> {
+        (1..=USB_PORTS).find(|port| !self.usb_ports.values().any(|p| p == port))
+    }
+
+    pub fn port(&self, id: &str) -> Option<u8> {
+        self.usb_ports.get(id).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_follow_qemu_rules() {
+        assert!(check_device_id("tablet0", "device").is_ok());
+        for bad in ["0tab", "", "a b", "a,b", "a/b"] {
+            assert!(check_device_id(bad, "device").is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn names_never_become_paths() {
+        for bad in ["../x", "a/b", ".x", "a..b", ""] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn machine_round_trips_through_toml() {
+        let machine = Machine {
+            name: "vm".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            disks: vec![Disk {
+                path: "/img/a.qcow2".into(),
+                format: Format::Qcow2,
+                bus: Bus::Virtio,
+                target: "vda".into(),
+                readonly: false,
+            }],
+            devices: vec![Device { kind: Kind::UsbTablet, id: "tab".into(), path: None, format: None }],
+            graphics: Some(Adapter::Vga),
+        };
+        let text = toml::to_string(&machine).unwrap_or_else(|e| panic!("{e}"));
+        let back: Machine = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, machine);
+    }
+}

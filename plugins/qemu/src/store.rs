@@ -1,0 +1,307 @@
+//! The state root: one directory per domain holding its definition, its lock and, while QEMU
+//! runs, a private `run/` directory (pidfile, QMP sockets, live configuration).
+//!
+//! ```text
+//! ROOT/domains/NAME/domain.toml   definition (written atomically)
+//!                   lock          flock'ed by every operation that changes the domain
+//!                   run/          0700; qemu.pid, qemu.log, live.toml, qmpN.sock, qmpN.lock
+//! ```
+//!
+//! Whether QEMU runs is read from its pidfile: QEMU keeps a POSIX write lock on it for its
+//! whole life and deletes it on a clean exit. A pidfile that nobody locks is therefore the
+//! mark of a QEMU that died without cleaning up (crashed, SIGKILLed). This is immune to PID
+//! reuse and to zombies.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use capvirt_plugin_api::PluginError;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::spec::{check_name, Machine};
+
+/// How long an operation waits for another one holding the same domain's lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// A state root.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Paths of one domain.
+#[derive(Debug, Clone)]
+pub struct DomainPaths {
+    pub name: String,
+    pub dir: PathBuf,
+    pub definition: PathBuf,
+    pub lock: PathBuf,
+    pub run: PathBuf,
+    pub pidfile: PathBuf,
+    pub log: PathBuf,
+    pub live: PathBuf,
+}
+
+impl DomainPaths {
+    pub fn monitor_socket(&self, channel: usize) -> PathBuf {
+        self.run.join(format!("qmp{channel}.sock"))
+    }
+    pub fn monitor_lock(&self, channel: usize) -> PathBuf {
+        self.run.join(format!("qmp{channel}.lock"))
+    }
+}
+
+/// Whether a domain's QEMU process exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// No pidfile: never started, or QEMU exited cleanly.
+    Stopped,
+    /// A QEMU process holds the pidfile lock.
+    Alive(i32),
+    /// A pidfile without its QEMU: it died without cleaning up.
+    Crashed,
+}
+
+/// The exclusive lock of one domain; released on drop.
+#[derive(Debug)]
+pub struct DomainLock {
+    _file: File,
+    pub paths: DomainPaths,
+}
+
+impl Store {
+    pub fn new(root: PathBuf) -> Store {
+        Store { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn domains_dir(&self) -> PathBuf {
+        self.root.join("domains")
+    }
+
+    /// Paths of the domain `name` (checked again here: it becomes a directory name).
+    pub fn paths(&self, name: &str) -> Result<DomainPaths, PluginError> {
+        check_name(name)?;
+        let dir = self.domains_dir().join(name);
+        let run = dir.join("run");
+        Ok(DomainPaths {
+            name: name.to_string(),
+            definition: dir.join("domain.toml"),
+            lock: dir.join("lock"),
+            pidfile: run.join("qemu.pid"),
+            log: run.join("qemu.log"),
+            live: run.join("live.toml"),
+            run,
+            dir,
+        })
+    }
+
+    /// Names of the defined domains, sorted.
+    pub fn names(&self) -> Result<Vec<String>, PluginError> {
+        let entries = match fs::read_dir(self.domains_dir()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_failure(&self.domains_dir(), "list", &e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|name| check_name(name).is_ok())
+            .filter(|name| self.domains_dir().join(name).join("domain.toml").is_file())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The stored definition, `None` when the domain is not defined.
+    pub fn definition(&self, paths: &DomainPaths) -> Result<Option<Machine>, PluginError> {
+        read_toml(&paths.definition)
+    }
+
+    /// The stored definition, or a not-found error.
+    pub fn require(&self, name: &str) -> Result<(DomainPaths, Machine), PluginError> {
+        let paths = self.paths(name)?;
+        match self.definition(&paths)? {
+            Some(machine) => Ok((paths, machine)),
+            None => Err(not_defined(name)),
+        }
+    }
+
+    /// Takes the domain's lock, waiting up to [`LOCK_WAIT`]. With `create`, makes the domain
+    /// directory first (define, restore, incoming migration); otherwise the domain must exist.
+    pub fn lock(&self, name: &str, create: bool) -> Result<DomainLock, PluginError> {
+        let paths = self.paths(name)?;
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            if create {
+                make_private_dir(&self.root)?;
+                make_private_dir(&self.domains_dir())?;
+                make_private_dir(&paths.dir)?;
+            }
+            let file = match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .mode(0o600)
+                .open(&paths.lock)
+            {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_defined(name)),
+                Err(e) => return Err(io_failure(&paths.lock, "open", &e)),
+            };
+            match file.try_lock() {
+                Ok(()) => {
+                    // Undefine deletes the lock file while holding it: a waiter that then gets
+                    // the lock on the unlinked file must start over.
+                    if same_file(&file, &paths.lock) {
+                        return Ok(DomainLock { _file: file, paths });
+                    }
+                    if !create {
+                        return Err(not_defined(name));
+                    }
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    if Instant::now() >= deadline {
+                        return Err(PluginError::timeout(format!(
+                            "domain '{name}' is locked by another capvirt operation; gave up after {} s",
+                            LOCK_WAIT.as_secs()
+                        )));
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_failure(&paths.lock, "lock", &e)),
+            }
+        }
+    }
+
+    /// Whether the domain's QEMU runs.
+    pub fn liveness(&self, paths: &DomainPaths) -> Result<Liveness, PluginError> {
+        let file = match File::open(&paths.pidfile) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Liveness::Stopped),
+            Err(e) => return Err(io_failure(&paths.pidfile, "open", &e)),
+        };
+        match lock_holder(&file) {
+            Ok(Some(pid)) => Ok(Liveness::Alive(pid)),
+            Ok(None) => Ok(Liveness::Crashed),
+            Err(e) => Err(io_failure(&paths.pidfile, "inspect the lock of", &e)),
+        }
+    }
+}
+
+/// The PID holding a POSIX write lock on `file` (QEMU's pidfile lock), if any.
+fn lock_holder(file: &File) -> io::Result<Option<i32>> {
+    let mut query = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETLK(&mut query)).map_err(io::Error::from)?;
+    if query.l_type == libc::F_UNLCK as libc::c_short {
+        Ok(None)
+    } else {
+        Ok(Some(query.l_pid))
+    }
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+pub fn not_defined(name: &str) -> PluginError {
+    PluginError::not_found(format!("domain '{name}' is not defined"))
+}
+
+pub fn io_failure(path: &Path, what: &str, e: &io::Error) -> PluginError {
+    PluginError::driver_failure(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// Creates a directory readable only by its owner (it holds sockets and definitions).
+pub fn make_private_dir(path: &Path) -> Result<(), PluginError> {
+    match fs::DirBuilder::new().recursive(true).mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(io_failure(path, "create directory", &e)),
+    }
+}
+
+/// Reads a TOML file; `None` when it does not exist.
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, PluginError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_failure(path, "read", &e)),
+    };
+    toml::from_str(&text).map(Some).map_err(|e| {
+        PluginError::driver_failure(format!(
+            "{} is corrupt: {}",
+            path.display(),
+            e.to_string().lines().next().unwrap_or_default()
+        ))
+    })
+}
+
+/// Writes `value` as TOML atomically: temporary file in the same directory, fsync, rename,
+/// fsync of the directory. Readers see the old or the new file, never a partial one.
+pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), PluginError> {
+    let text =
+        toml::to_string(value).map_err(|e| PluginError::internal(format!("cannot encode {}: {e}", path.display())))?;
+    write_atomic(path, text.as_bytes())
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PluginError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().ok_or_else(|| PluginError::internal(format!("{} has no parent", path.display())))?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let result = (|| -> io::Result<()> {
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_failure(path, "write", &e)
+    })
+}
+
+/// Removes a domain's runtime directory (after its QEMU is gone).
+pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
+    match fs::remove_dir_all(&paths.run) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_failure(&paths.run, "remove", &e)),
+    }
+}
+
+/// Removes a whole domain directory (undefine), the lock file last.
+pub fn remove_domain(paths: &DomainPaths) -> Result<(), PluginError> {
+    remove_runtime(paths)?;
+    for path in [&paths.definition, &paths.lock] {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_failure(path, "remove", &e)),
+        }
+    }
+    // Stray files (e.g. an interrupted atomic write) keep the directory; that is harmless.
+    let _ = fs::remove_dir(&paths.dir);
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Connection URIs: `qemu:///session` (per-user), `qemu:///system` (root only), with optional
+//! parameters `root=DIR` (another state root, percent-encoded) and `accel=auto|kvm|tcg`.
+
+use std::path::{Path, PathBuf};
+
+use capvirt_plugin_api::PluginError;
+use percent_encoding::percent_decode_str;
+
+/// Which accelerator domains started through this connection use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM when `/dev/kvm` can be opened read-write, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    fn parse(s: &str) -> Option<Accel> {
+        match s {
+            "auto" => Some(Accel::Auto),
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
+/// What a URI selects.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub uri: String,
+    /// Absolute state root (canonical when it already exists).
+    pub root: PathBuf,
+    pub accel: Accel,
+}
+
+/// Parses a `qemu://` URI.
+pub fn parse(uri: &str) -> Result<Config, PluginError> {
+    let rest = uri
+        .strip_prefix("qemu://")
+        .ok_or_else(|| PluginError::invalid_argument(format!("{uri:?} is not a qemu:// URI")))?;
+    let (location, query) = match rest.split_once('?') {
+        Some((location, query)) => (location, Some(query)),
+        None => (rest, None),
+    };
+    let Some(path) = location.strip_prefix('/') else {
+        return Err(PluginError::unsupported(format!(
+            "{uri}: remote hosts are not supported; use qemu:///session or qemu:///system"
+        )));
+    };
+    let mut root = None;
+    let mut accel = None;
+    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| PluginError::invalid_argument(format!("{uri}: parameter `{key}` is not valid UTF-8")))?;
+        match key {
+            "root" if root.is_some() => return Err(duplicate(uri, key)),
+            "root" => {
+                if value.is_empty() || value.chars().any(char::is_control) {
+                    return Err(PluginError::invalid_argument(format!(
+                        "{uri}: `root` must be a non-empty path without control characters"
+                    )));
+                }
+                root = Some(PathBuf::from(value.as_ref()));
+            }
+            "accel" if accel.is_some() => return Err(duplicate(uri, key)),
+            "accel" => {
+                accel = Some(Accel::parse(&value).ok_or_else(|| {
+                    PluginError::invalid_argument(format!("{uri}: `accel` must be auto, kvm or tcg, not {value:?}"))
+                })?);
+            }
+            other => {
+                return Err(PluginError::invalid_argument(format!(
+                    "{uri}: unknown parameter `{other}` (known: root, accel)"
+                )))
+            }
+        }
+    }
+    let root = match (path, root) {
+        ("session" | "system", Some(root)) => root,
+        ("session", None) => session_root()?,
+        ("system", None) => {
+            if !rustix::process::geteuid().is_root() {
+                return Err(PluginError::invalid_argument(
+                    "qemu:///system needs root privileges; use qemu:///session".to_string(),
+                ));
+            }
+            PathBuf::from("/var/lib/capvirt/qemu")
+        }
+        (other, _) => {
+            return Err(PluginError::invalid_argument(format!(
+                "{uri}: unknown instance {other:?}; use qemu:///session or qemu:///system"
+            )))
+        }
+    };
+    Ok(Config { uri: uri.to_string(), root: normalize(&root)?, accel: accel.unwrap_or(Accel::Auto) })
+}
+
+fn duplicate(uri: &str, key: &str) -> PluginError {
+    PluginError::invalid_argument(format!("{uri}: parameter `{key}` given twice"))
+}
+
+/// `$XDG_STATE_HOME/capvirt/qemu`, else `~/.local/state/capvirt/qemu`.
+fn session_root() -> Result<PathBuf, PluginError> {
+    let state_home = std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).filter(|p| p.is_absolute());
+    let base = match state_home {
+        Some(dir) => dir,
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .map(|home| home.join(".local/state"))
+            .ok_or_else(|| {
+                PluginError::invalid_argument(
+                    "qemu:///session needs $XDG_STATE_HOME or $HOME to locate its state; pass ?root=DIR".to_string(),
+                )
+            })?,
+    };
+    Ok(base.join("capvirt/qemu"))
+}
+
+/// One spelling per root, so that paths derived from it (QEMU's pidfile) compare equal across
+/// connections: canonical when the directory exists, else made absolute.
+fn normalize(root: &Path) -> Result<PathBuf, PluginError> {
+    match std::fs::canonicalize(root) {
+        Ok(path) => Ok(path),
+        Err(_) => std::path::absolute(root).map_err(|e| {
+            PluginError::invalid_argument(format!("state root {}: cannot make it absolute: {e}", root.display()))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_root_and_accel() {
+        let config = parse("qemu:///session?root=/tmp/a%20b&accel=tcg").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.root, PathBuf::from("/tmp/a b"));
+        assert_eq!(config.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn refuses_unknown_parameters_and_hosts() {
+        for bad in [
+            "qemu:///session?rot=/x",
+            "qemu:///session?accel=xen",
+            "qemu:///session?root=/a&root=/b",
+            "qemu://host/system",
+            "qemu:///other",
+            "qemu:///session?root=",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The QEMU driver against real `qemu-system-x86_64` processes, through the `capvirt` CLI and
+//! through the host library. Every test owns a [`Sandbox`] that kills its QEMUs on drop.
+
+use std::{
+    fs,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use capvirt_host::{CallObserver, ErrorCategory, Host, HostConfig, Value};
+use capvirt_tests::qemu::{output_within, qemu_plugin_dir, signal, spec_toml, wait_until, Sandbox, COMMAND_TIMEOUT};
+
+/// Bound on a freshly booted guest's firmware reading its disk.
+const FIRMWARE_READ: Duration = Duration::from_secs(30);
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn domain(name: &str) -> Value {
+    Value::record([("domain", Value::string(name))])
+}
+
+/// Exits with `code`, saying `needle` on stderr.
+fn assert_refused(out: &std::process::Output, code: i32, needle: &str) {
+    assert_eq!(out.status.code(), Some(code), "expected exit {code}, stderr: {}", stderr(out));
+    assert!(stderr(out).contains(needle), "stderr lacks {needle:?}: {}", stderr(out));
+}
+
+fn decode_png(path: &std::path::Path) -> (u32, u32) {
+    let file = fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader =
+        png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap_or_else(|e| panic!("not a PNG: {e}"));
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap_or_else(|| panic!("no buffer size"))];
+    let frame = reader.next_frame(&mut pixels).unwrap_or_else(|e| panic!("PNG frame: {e}"));
+    (frame.width, frame.height)
+}
+
+#[test]
+fn cli_drives_a_domain_through_its_whole_life() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("vm1", 64, &disk, false));
+    let spec = spec.to_str().unwrap_or_default();
+
+    sandbox.ok("a", &["define", spec]);
+    assert_eq!(sandbox.json("a", &["list", "--all"]), serde_json::json!([{"name": "vm1", "state": "shut off"}]));
+    assert_eq!(sandbox.json("a", &["list"]), serde_json::json!([]));
+    sandbox.ok("a", &["start", "vm1"]);
+    assert_eq!(sandbox.json("a", &["list"]), serde_json::json!([{"name": "vm1", "state": "running"}]));
+    let info = sandbox.json("a", &["dominfo", "vm1"]);
+    assert_eq!((info["vcpus"].as_u64(), info["memory_kib"].as_u64()), (Some(1), Some(65536)));
+    assert_refused(&sandbox.run("a", &["start", "vm1"]), 6, "already running");
+    assert_refused(&sandbox.run("a", &["undefine", "vm1"]), 6, "destroy it first");
+
+    // suspend → resume (QMP stop/cont), each refused in the wrong state.
+    sandbox.ok("a", &["suspend", "vm1"]);
+    assert_eq!(sandbox.state("a", "vm1"), "paused");
+    assert_refused(&sandbox.run("a", &["suspend", "vm1"]), 6, "not running (state: paused)");
+    sandbox.ok("a", &["resume", "vm1"]);
+    assert_eq!(sandbox.state("a", "vm1"), "running");
+    assert_refused(&sandbox.run("a", &["resume", "vm1"]), 6, "not paused");
+
+    // The firmware reads the boot disk: block statistics count it.
+    assert!(
+        wait_until(FIRMWARE_READ, || sandbox.json("a", &["domblkstat", "vm1", "vda"])["rd_req"].as_u64() > Some(0)),
+        "SeaBIOS never read vda"
+    );
+    let total = sandbox.json("a", &["domblkstat", "vm1"]);
+    assert!(total["rd_bytes"].as_u64() >= Some(512), "{total}");
+    assert_refused(&sandbox.run("a", &["domblkstat", "vm1", "vdz"]), 5, "no disk 'vdz'");
+
+    // USB hotplug of a tablet, then unplug (waits for DEVICE_DELETED).
+    let tablet = sandbox.write("tablet.toml", "kind = \"usb-tablet\"\nid = \"tablet0\"\n");
+    let tablet = tablet.to_str().unwrap_or_default();
+    sandbox.ok("a", &["attach-device", "vm1", tablet]);
+    assert_refused(&sandbox.run("a", &["attach-device", "vm1", tablet]), 2, "already has a device 'tablet0'");
+    sandbox.ok("a", &["detach-device", "vm1", tablet]);
+    assert_refused(&sandbox.run("a", &["detach-device", "vm1", tablet]), 5, "no device 'tablet0'");
+    sandbox.ok("a", &["attach-device", "vm1", tablet]);
+
+    // Screenshot: a valid PNG of the VGA text mode SeaBIOS leaves (720x400).
+    let shot = sandbox.path().join("shot.png");
+    sandbox.ok("a", &["screenshot", "vm1", shot.to_str().unwrap_or_default()]);
+    assert_eq!(decode_png(&shot), (720, 400));
+
+    // save → shut off; restore → running again, with the hot-plugged tablet.
+    let saved = sandbox.path().join("vm1.save");
+    let saved = saved.to_str().unwrap_or_default();
+    sandbox.ok("a", &["save", "vm1", saved]);
+    assert_eq!(sandbox.state("a", "vm1"), "shut off");
+    assert_refused(&sandbox.run("a", &["save", "vm1", saved]), 2, "already exists");
+    let other = sandbox.path().join("other.save");
+    assert_refused(&sandbox.run("a", &["save", "vm1", other.to_str().unwrap_or_default()]), 6, "not running");
+    assert!(!other.exists());
+    let out = sandbox.ok("a", &["restore", saved]);
+    assert!(out.contains("restored"), "{out}");
+    assert_eq!(sandbox.state("a", "vm1"), "running");
+    sandbox.ok("a", &["detach-device", "vm1", tablet]);
+
+    // migrate to a second state root: the source ends shut off, the destination runs it.
+    let dest = sandbox.uri("b", "");
+    sandbox.ok("a", &["migrate", "vm1", &dest]);
+    assert_eq!(sandbox.state("a", "vm1"), "shut off");
+    assert_eq!(sandbox.json("b", &["list"]), serde_json::json!([{"name": "vm1", "state": "running"}]));
+    assert_eq!(sandbox.json("b", &["domblkstat", "vm1"])["errs"].as_u64(), Some(0));
+
+    // A guest without an OS ignores the ACPI power button: bounded wait, domain left running.
+    let started = Instant::now();
+    let out = sandbox.run("b", &["shutdown", "vm1", "--timeout-secs", "1"]);
+    assert_refused(&out, 1, "did not power off within 1 s");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(sandbox.state("b", "vm1"), "running");
+    sandbox.ok("b", &["destroy", "vm1"]);
+    assert_eq!(sandbox.state("b", "vm1"), "shut off");
+    assert_refused(&sandbox.run("b", &["destroy", "vm1"]), 6, "not running");
+
+    sandbox.ok("b", &["undefine", "vm1"]);
+    sandbox.ok("a", &["undefine", "vm1"]);
+    assert_eq!(sandbox.json("a", &["list", "--all"]), serde_json::json!([]));
+    assert_refused(&sandbox.run("a", &["dominfo", "vm1"]), 5, "not defined");
+    assert!(sandbox.processes().is_empty(), "QEMU processes left: {:?}", sandbox.processes());
+}
+
+/// Records what a call reports.
+#[derive(Default)]
+struct Progress(Mutex<Vec<(u64, u64)>>);
+
+impl CallObserver for Progress {
+    fn progress(&self, done: u64, total: u64) {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.push((done, total));
+        }
+    }
+}
+
+#[test]
+fn host_library_drives_tcg_domains_and_reports_migration_progress() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let stick = sandbox.blank_image("stick", "raw");
+    let host = Host::new(HostConfig {
+        plugin_dirs: vec![qemu_plugin_dir().to_path_buf()],
+        check_results: true,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let conn = host.connect(&sandbox.uri("a", "&accel=tcg"), false).unwrap_or_else(|e| panic!("{e}"));
+    let call = |id: &str, args: Value| conn.call(id, args).unwrap_or_else(|e| panic!("{id}: {e}"));
+
+    let host_info = call("host.info", Value::Unit);
+    assert_eq!(host_info.get("hypervisor").and_then(Value::as_str), Some("QEMU"));
+    let version = host_info.get("hypervisor_version").and_then(Value::as_str).unwrap_or_default();
+    assert!(version.chars().next().is_some_and(|c| c.is_ascii_digit()), "version {version:?}");
+
+    let spec = Value::record([
+        ("name", Value::from("tcg1")),
+        ("memory_mib", Value::UInt(64)),
+        ("vcpus", Value::UInt(1)),
+        (
+            "disks",
+            Value::list([Value::record([
+                ("path", Value::string(disk.to_str().unwrap_or_default())),
+                ("format", Value::from("qcow2")),
+                ("bus", Value::from("sata")),
+            ])]),
+        ),
+    ]);
+    call("domain.define", Value::record([("spec", spec)]));
+    call("domain.start", domain("tcg1"));
+    let state = |conn: &capvirt_host::Connection| {
+        let info = conn.call("domain.info", domain("tcg1")).unwrap_or_else(|e| panic!("info: {e}"));
+        info.get("state").and_then(Value::as_str).unwrap_or_default().to_string()
+    };
+    assert_eq!(state(&conn), "running");
+    for _ in 0..20 {
+        call("domain.suspend", domain("tcg1"));
+        call("domain.resume", domain("tcg1"));
+    }
+    call("domain.suspend", domain("tcg1"));
+    assert_eq!(state(&conn), "paused");
+    let twice = conn.call("domain.suspend", domain("tcg1")).err().map(|e| e.category());
+    assert_eq!(twice, Some(ErrorCategory::InvalidState));
+    call("domain.resume", domain("tcg1"));
+    // The SATA disk (sda) is read by the firmware.
+    let sda = Value::record([("domain", Value::from("tcg1")), ("device", Value::from("sda"))]);
+    assert!(wait_until(FIRMWARE_READ, || {
+        call("domain.block-stats", sda.clone()).get("rd_req").and_then(Value::as_u64) > Some(0)
+    }));
+    // A headless domain cannot be screenshotted.
+    let shot = conn.call("domain.screenshot", domain("tcg1")).err().map(|e| e.category());
+    assert_eq!(shot, Some(ErrorCategory::Unsupported));
+
+    // A USB disk hot-plugged through blockdev-add + device_add has its own statistics.
+    let usb_disk = Value::record([
+        ("kind", Value::from("usb-disk")),
+        ("id", Value::from("stick")),
+        ("path", Value::string(stick.to_str().unwrap_or_default())),
+        ("format", Value::from("raw")),
+    ]);
+    let with_device = |device: Value| Value::record([("domain", Value::from("tcg1")), ("device", device)]);
+    call("domain.attach-device", with_device(usb_disk.clone()));
+    let stick_stats = Value::record([("domain", Value::from("tcg1")), ("device", Value::from("stick"))]);
+    assert_eq!(call("domain.block-stats", stick_stats.clone()).get("errs").and_then(Value::as_u64), Some(0));
+    call("domain.detach-device", with_device(usb_disk));
+    let gone = conn.call("domain.block-stats", stick_stats).err().map(|e| e.category());
+    assert_eq!(gone, Some(ErrorCategory::NotFound));
+    call("domain.reboot", domain("tcg1"));
+
+    // Migration reports progress from query-migrate, up to done == total.
+    let progress = Progress::default();
+    let args =
+        Value::record([("domain", Value::from("tcg1")), ("dest_uri", Value::string(&sandbox.uri("b", "&accel=tcg")))]);
+    conn.call_observed("domain.migrate", args, &progress).unwrap_or_else(|e| panic!("migrate: {e}"));
+    let seen = progress.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let last = seen.last().copied().unwrap_or_else(|| panic!("no progress reported"));
+    assert!(last.1 >= 64 << 20 && last.0 == last.1, "progress {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "progress went backwards: {seen:?}");
+    assert_eq!(state(&conn), "shut off");
+    let dest = host.connect(&sandbox.uri("b", "&accel=tcg"), false).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(state(&dest), "running");
+    dest.call("domain.destroy", domain("tcg1")).unwrap_or_else(|e| panic!("destroy: {e}"));
+    // Migrating to the source's own root is refused.
+    let own = Value::record([("domain", Value::from("tcg1")), ("dest_uri", Value::string(&sandbox.uri("a", "")))]);
+    assert_eq!(conn.call("domain.migrate", own).err().map(|e| e.category()), Some(ErrorCategory::Usage));
+}
+
+#[test]
+fn sigkilled_qemu_is_reported_crashed_and_starts_again() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("victim", 64, &disk, true));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+    sandbox.ok("r", &["start", "victim"]);
+    let pid = sandbox.qemu_pid("r", "victim");
+    signal(pid, rustix::process::Signal::KILL);
+    assert!(wait_until(Duration::from_secs(10), || !sandbox.processes().contains(&pid)), "QEMU survived SIGKILL");
+
+    assert_eq!(sandbox.state("r", "victim"), "crashed");
+    assert_eq!(sandbox.json("r", &["list", "--all"]), serde_json::json!([{"name": "victim", "state": "crashed"}]));
+    assert_eq!(sandbox.json("r", &["list"]), serde_json::json!([]));
+    assert_refused(&sandbox.run("r", &["suspend", "victim"]), 6, "crashed");
+    sandbox.ok("r", &["start", "victim"]);
+    assert_eq!(sandbox.state("r", "victim"), "running");
+    assert_ne!(sandbox.qemu_pid("r", "victim"), pid);
+    sandbox.ok("r", &["destroy", "victim"]);
+    assert_eq!(sandbox.state("r", "victim"), "shut off");
+}
+
+#[test]
+fn bad_specs_are_refused_and_nothing_is_written() {
+    let sandbox = Sandbox::new();
+    let qcow2 = sandbox.blank_image("q", "qcow2");
+    let raw = sandbox.blank_image("r", "raw");
+    let (qcow2, raw) = (qcow2.display().to_string(), raw.display().to_string());
+    let missing = sandbox.path().join("missing.qcow2").display().to_string();
+    let dir = sandbox.path().display().to_string();
+    let disk = |path: &str, format: &str, bus: &str, extra: &str| {
+        format!("\n[[disks]]\npath = \"{path}\"\nformat = \"{format}\"\nbus = \"{bus}\"\n{extra}")
+    };
+    let base = |name: &str, memory: u64| format!("name = \"{name}\"\nmemory_mib = {memory}\nvcpus = 1\n");
+    let tablets: String = (0..9).map(|i| format!("\n[[devices]]\nkind = \"usb-tablet\"\nid = \"t{i}\"\n")).collect();
+    let cases: Vec<(String, i32, &str)> = vec![
+        (base("a", 64) + &disk(&missing, "qcow2", "virtio", ""), 2, "does not exist"),
+        (base("a", 64) + &disk(&raw, "qcow2", "virtio", ""), 2, "is not a qcow2 image"),
+        (base("a", 64) + &disk(&qcow2, "raw", "virtio", ""), 2, "is a qcow2 image but is declared raw"),
+        (base("a", 64) + &disk(&dir, "raw", "virtio", ""), 2, "not a regular file"),
+        (base("a", 1048576), 2, "exceeds this host"),
+        (base("a", 64) + &disk(&raw, "raw", "sata", "readonly = true\n"), 2, "cannot be read-only"),
+        (
+            base("a", 64)
+                + &disk(&raw, "raw", "virtio", "target = \"vda\"\n")
+                + &disk(&qcow2, "qcow2", "virtio", "target = \"vda\"\n"),
+            2,
+            "used twice",
+        ),
+        (base("a", 64) + &disk(&raw, "raw", "virtio", "") + &disk(&raw, "raw", "sata", ""), 2, "used twice"),
+        (base("a", 64) + "\n[[devices]]\nkind = \"usb-tablet\"\nid = \"0tab\"\n", 2, "start with a letter"),
+        (base("a", 64) + "\n[[devices]]\nkind = \"usb-disk\"\nid = \"stick\"\n", 2, "needs `path` and `format`"),
+        (base("a", 64) + &tablets, 2, "ports"),
+        // Refused by the registry's formats before the driver sees them.
+        (base("../evil", 64), 2, "name"),
+        (base("a", 8), 2, "memory_mib"),
+    ];
+    for (index, (text, code, needle)) in cases.iter().enumerate() {
+        let spec = sandbox.write(&format!("bad{index}.toml"), text);
+        let out = sandbox.run("root", &["define", spec.to_str().unwrap_or_default()]);
+        assert_refused(&out, *code, needle);
+    }
+    // A file that is no save file is refused too.
+    let bogus = sandbox.write("bogus.save", "CAPVIRT-QEMU-SAVE 1\n99999999\n");
+    assert_refused(
+        &sandbox.run("root", &["restore", bogus.to_str().unwrap_or_default()]),
+        2,
+        "not a capvirt QEMU save file",
+    );
+    assert!(!sandbox.root("root").exists(), "a refused spec wrote into the state root");
+    assert_eq!(sandbox.json("root", &["list", "--all"]), serde_json::json!([]));
+}
+
+#[test]
+fn capabilities_are_reported_truthfully() {
+    let sandbox = Sandbox::new();
+    let reported = sandbox.json("r", &["capabilities"]);
+    let registry = capvirt_host::Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
+    let rows = reported["capabilities"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), registry.capabilities().len());
+    for cap in registry.capabilities() {
+        let row = rows.iter().find(|r| r["id"] == cap.id()).unwrap_or_else(|| panic!("{} missing", cap.id()));
+        // Every callable capability is implemented; the rejected monitor passthrough is not.
+        assert_eq!(row["implemented"].as_bool(), Some(!cap.stage().is_forbidden()), "{row}");
+    }
+    let plugins = sandbox.json("r", &["plugins"]);
+    let qemu = plugins.as_array().and_then(|p| p.iter().find(|p| p["name"] == "qemu")).cloned();
+    assert!(qemu.is_some(), "{plugins}");
+}
+
+#[test]
+fn held_monitors_and_stopped_qemus_never_hang_other_callers() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("busy", 64, &disk, true));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+    sandbox.ok("r", &["start", "busy"]);
+
+    // A long-lived library connection keeps one monitor channel...
+    let host = Host::new(HostConfig { plugin_dirs: vec![qemu_plugin_dir().to_path_buf()], ..Default::default() })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let conn = host.connect(&sandbox.uri("r", ""), false).unwrap_or_else(|e| panic!("{e}"));
+    conn.call("domain.suspend", domain("busy")).unwrap_or_else(|e| panic!("{e}"));
+    // ...while concurrent capvirt processes share the others.
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            let mut cmd = sandbox.capvirt("r");
+            cmd.args(["--output", "json", "dominfo", "busy"]);
+            std::thread::spawn(move || output_within(&mut cmd, COMMAND_TIMEOUT))
+        })
+        .collect();
+    for child in children {
+        let out = child.join().unwrap_or_else(|_| panic!("thread panicked"));
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"paused\""));
+    }
+    conn.call("domain.resume", domain("busy")).unwrap_or_else(|e| panic!("{e}"));
+
+    // A stopped QEMU process cannot answer: callers get an answer anyway, in bounded time.
+    let pid = sandbox.qemu_pid("r", "busy");
+    signal(pid, rustix::process::Signal::STOP);
+    let started = Instant::now();
+    let out = sandbox.run("r", &["--output", "json", "dominfo", "busy"]);
+    signal(pid, rustix::process::Signal::CONT);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"blocked\""), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    // Once it runs again, so does its monitor.
+    assert_eq!(sandbox.state("r", "busy"), "running");
+    conn.call("domain.suspend", domain("busy")).unwrap_or_else(|e| panic!("{e}"));
+    sandbox.ok("r", &["destroy", "busy"]);
+    // The library connection's cached channel is gone with its QEMU: a clear state error.
+    let after = conn.call("domain.resume", domain("busy")).err().map(|e| e.category());
+    assert_eq!(after, Some(ErrorCategory::InvalidState));
+}
+
+#[test]
+fn concurrent_processes_start_a_domain_once() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("once", 64, &disk, true));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+    // Racing starts are serialized by the domain lock: one QEMU, the others told it runs.
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = sandbox.capvirt("r");
+            cmd.args(["start", "once"]);
+            std::thread::spawn(move || output_within(&mut cmd, COMMAND_TIMEOUT))
+        })
+        .collect();
+    let outcomes: Vec<_> =
+        racers.into_iter().map(|r| r.join().unwrap_or_else(|_| panic!("thread panicked")).status.code()).collect();
+    assert_eq!(outcomes.iter().filter(|c| **c == Some(0)).count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|c| **c == Some(6)).count(), 3, "{outcomes:?}");
+    assert_eq!(sandbox.processes().len(), 1, "{:?}", sandbox.processes());
+    assert_eq!(sandbox.state("r", "once"), "running");
+    sandbox.ok("r", &["destroy", "once"]);
+}
+
+#[test]
+fn idle_connections_give_their_monitor_channels_back() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("shared", 64, &disk, true));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+    sandbox.ok("r", &["start", "shared"]);
+    let host = Host::new(HostConfig { plugin_dirs: vec![qemu_plugin_dir().to_path_buf()], ..Default::default() })
+        .unwrap_or_else(|e| panic!("{e}"));
+    // More long-lived connections than the domain has monitor channels...
+    let connections: Vec<_> = (0..8)
+        .map(|_| {
+            let conn = host.connect(&sandbox.uri("r", ""), false).unwrap_or_else(|e| panic!("{e}"));
+            conn.call("domain.info", domain("shared")).unwrap_or_else(|e| panic!("{e}"));
+            conn
+        })
+        .collect();
+    // ...then go idle: their channels are released and another process gets one.
+    let started = Instant::now();
+    assert_eq!(sandbox.state("r", "shared"), "running");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    // An idle connection reconnects transparently.
+    for conn in &connections {
+        conn.call("domain.suspend", domain("shared")).unwrap_or_else(|e| panic!("{e}"));
+        conn.call("domain.resume", domain("shared")).unwrap_or_else(|e| panic!("{e}"));
+    }
+    sandbox.ok("r", &["destroy", "shared"]);
+}

@@ -1,0 +1,240 @@
+//! Support for tests and benchmarks that run real QEMU processes through the QEMU driver.
+//!
+//! A [`Sandbox`] owns a temporary directory holding state roots, disk images and specs; when
+//! dropped (also when a test panics) it SIGKILLs every process whose command line mentions
+//! that directory (the QEMUs it started: their pidfiles live there), waits for them to go,
+//! then deletes the directory. Every wait here is bounded.
+
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tempfile::TempDir;
+
+use crate::{artifacts, capvirt, plugin_dir};
+
+/// A directory with only the QEMU driver, shared by the tests of one process.
+pub fn qemu_plugin_dir() -> &'static Path {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    DIR.get_or_init(|| plugin_dir(&[("libcapvirt_driver_qemu.so", &artifacts().qemu_plugin)])).path()
+}
+
+/// Bound on one `capvirt` invocation in tests (the driver bounds its own waits well below it).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A private directory for one test's QEMU domains, cleaned up on drop.
+pub struct Sandbox {
+    dir: TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        Sandbox { dir: TempDir::new().unwrap_or_else(|e| panic!("tempdir: {e}")) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A state root inside the sandbox (not created: the driver creates it on first write).
+    pub fn root(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+
+    /// The connection URI of the state root `name`, with extra URI parameters (`&accel=tcg`).
+    pub fn uri(&self, name: &str, extra: &str) -> String {
+        format!("qemu:///session?root={}{extra}", self.root(name).display())
+    }
+
+    /// The disk guests boot from: an empty qcow2 made with `qemu-img`. SeaBIOS reads its first
+    /// sector looking for a boot sector (so block statistics count reads), finds none and
+    /// idles at "No bootable device" (so the guest ignores ACPI power-button requests).
+    pub fn boot_disk(&self, name: &str) -> PathBuf {
+        self.blank_image(name, "qcow2")
+    }
+
+    /// An empty image made with `qemu-img create`.
+    pub fn blank_image(&self, name: &str, format: &str) -> PathBuf {
+        let path = self.path().join(format!("{name}.{format}"));
+        let out = output_within(
+            Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(&path).arg("8M"),
+            COMMAND_TIMEOUT,
+        );
+        assert!(out.status.success(), "qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr));
+        path
+    }
+
+    /// Writes a file into the sandbox and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path().join(name);
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
+    /// A `capvirt` command on the state root `root`, checking results against the registry.
+    pub fn capvirt(&self, root: &str) -> Command {
+        let mut cmd = capvirt(qemu_plugin_dir(), self.path());
+        cmd.env("CAPVIRT_CHECK_RESULTS", "1").arg("-c").arg(self.uri(root, ""));
+        cmd
+    }
+
+    /// Runs `capvirt -c ROOT ARGS…` within [`COMMAND_TIMEOUT`].
+    pub fn run(&self, root: &str, args: &[&str]) -> Output {
+        output_within(self.capvirt(root).args(args), COMMAND_TIMEOUT)
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, root: &str, args: &[&str]) -> String {
+        let out = self.run(root, args);
+        assert!(
+            out.status.success(),
+            "capvirt {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command that must succeed with `--output json`; returns its parsed output.
+    pub fn json(&self, root: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let text = self.ok(root, &all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("capvirt {args:?}: not JSON ({e}): {text}"))
+    }
+
+    /// The state of `domain` as `dominfo` reports it.
+    pub fn state(&self, root: &str, domain: &str) -> String {
+        self.json(root, &["dominfo", domain])["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// PID of the QEMU of `domain` in `root`, from its pidfile.
+    pub fn qemu_pid(&self, root: &str, domain: &str) -> i32 {
+        let pidfile = self.root(root).join("domains").join(domain).join("run/qemu.pid");
+        let text = fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+        text.trim().parse().unwrap_or_else(|e| panic!("pidfile {text:?}: {e}"))
+    }
+
+    /// PIDs of live processes whose command line mentions this sandbox.
+    pub fn processes(&self) -> Vec<i32> {
+        processes_mentioning(self.path())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pids = self.processes();
+            if pids.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            for pid in pids {
+                signal(pid, rustix::process::Signal::KILL);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Sends `sig` to `pid`, ignoring a process that is already gone.
+pub fn signal(pid: i32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// Live (non-zombie) processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<i32> {
+    let needle = needle.as_os_str().as_encoded_bytes();
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| *pid != std::process::id() as i32)
+        .filter(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.windows(needle.len().max(1)).any(|w| w == needle)
+        })
+        .filter(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | None)
+        })
+        .collect()
+}
+
+/// Runs `cmd` to completion, killing it if it outlives `timeout` (then panicking: a hang is a bug).
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let status = wait_within(&mut child, timeout)
+        .unwrap_or_else(|| panic!("{cmd:?} did not finish within {} s", timeout.as_secs()));
+    Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
+}
+
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
+fn wait_within(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A domain spec in TOML: one virtio qcow2 disk, VGA unless `headless`.
+pub fn spec_toml(name: &str, memory_mib: u64, disk: &Path, headless: bool) -> String {
+    let graphics = if headless { "" } else { "\n[graphics]\nadapter = \"vga\"\n" };
+    format!(
+        "name = \"{name}\"\nmemory_mib = {memory_mib}\nvcpus = 1\n\n[[disks]]\npath = \"{}\"\nformat = \"qcow2\"\nbus = \"virtio\"\n{graphics}",
+        disk.display()
+    )
+}
