@@ -7,14 +7,13 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use capvirt_host::{
     maint::diff::{self, Bump, ChangeClass},
     registry::{source, Registry, SourceFile},
 };
-use capvirt_tests::{capvirt, test_plugin_dir, workspace_root, TempDir};
+use capvirt_tests::{capvirt, run, test_plugin_dir, workspace_root, Run, TempDir};
 
 const DATE: &str = "2026-12-01";
 
@@ -79,26 +78,6 @@ fn edit(path: &Path, from: &str, to: &str) {
     write(path, &text.replacen(from, to, 1));
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs a command with a bounded wait.
-fn run(cmd: Command) -> Run {
-    let output = assert_cmd::Command::from_std(cmd)
-        .timeout(Duration::from_secs(60))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run capvirt: {e}"));
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// `capvirt ARGS` in `dir`, isolated (state and config in `dir/.state`).
 fn capvirt_in(dir: &Path, args: &[&str]) -> Run {
     let state = dir.join(".state");
     fs::create_dir_all(&state).unwrap_or_else(|e| panic!("{e}"));

@@ -247,6 +247,18 @@ impl QemuDriver {
         }
     }
 
+    /// The PID of a domain's QEMU that runs or is paused; any other state is refused.
+    pub(crate) fn active_pid(&self, paths: &DomainPaths) -> Result<(DomainState, i32), PluginError> {
+        match self.observe(paths)? {
+            (state @ (DomainState::Running | DomainState::Paused), Some(pid)) => Ok((state, pid)),
+            (state, _) => Err(PluginError::invalid_state(format!(
+                "domain '{}' is not running (state: {})",
+                paths.name,
+                state.as_str()
+            ))),
+        }
+    }
+
     /// The state of a defined domain, and its QEMU's PID when one runs.
     pub(crate) fn observe(&self, paths: &DomainPaths) -> Result<(DomainState, Option<i32>), PluginError> {
         let pid = match self.store.liveness(paths)? {

@@ -72,16 +72,7 @@ impl QemuDriver {
         }
         let lock = self.store.lock(name, false)?;
         let definition = self.store.definition(&lock.paths)?.ok_or_else(|| store::not_defined(name))?;
-        let (state, pid) = self.observe(&lock.paths)?;
-        let pid = match (state, pid) {
-            (DomainState::Running | DomainState::Paused, Some(pid)) => pid,
-            _ => {
-                return Err(PluginError::invalid_state(format!(
-                    "domain '{name}' is not running (state: {})",
-                    state.as_str()
-                )))
-            }
-        };
+        let (_, pid) = self.active_pid(&lock.paths)?;
         let live = self.live(&lock.paths)?;
         let dest_accel = qemu::resolve_accel(dest.accel)?;
         if dest_accel != live.accel {
@@ -195,16 +186,7 @@ impl QemuDriver {
         let target = new_file_path(path)?;
         let lock = self.store.lock(name, false)?;
         let definition = self.store.definition(&lock.paths)?.ok_or_else(|| store::not_defined(name))?;
-        let (state, pid) = self.observe(&lock.paths)?;
-        let pid = match (state, pid) {
-            (DomainState::Running | DomainState::Paused, Some(pid)) => pid,
-            _ => {
-                return Err(PluginError::invalid_state(format!(
-                    "domain '{name}' is not running (state: {})",
-                    state.as_str()
-                )))
-            }
-        };
+        let (state, pid) = self.active_pid(&lock.paths)?;
         let live = self.live(&lock.paths)?;
         let running = state == DomainState::Running;
         let header = SaveHeader { running, definition, live };
