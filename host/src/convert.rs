@@ -4,11 +4,6 @@
 use base64::Engine as _;
 use capvirt_plugin_api::{Field, Value};
 
-/// TOML to [`Value`] (see [`Value::from_toml`]).
-pub fn toml_to_value(value: &toml::Value) -> Value {
-    Value::from_toml(value)
-}
-
 /// [`Value`] to JSON. Bytes become base64 strings.
 pub fn value_to_json(value: &Value) -> serde_json::Value {
     use serde_json::Value as J;

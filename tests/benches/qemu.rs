@@ -13,7 +13,7 @@ use std::{
 };
 
 use capvirt_host::{Host, HostConfig, Value};
-use capvirt_tests::qemu::{qemu_plugin_dir, Sandbox};
+use capvirt_tests::qemu::{qemu_plugin_dir, spec_value, Sandbox};
 
 const ROUNDS: usize = 60;
 /// Suspend+resume pairs per round and client.
@@ -32,19 +32,7 @@ fn main() {
     let host = Host::new(HostConfig { plugin_dirs: vec![qemu_plugin_dir().to_path_buf()], ..Default::default() })
         .unwrap_or_else(|e| panic!("host: {e}"));
     let conn = host.connect(&uri, false).unwrap_or_else(|e| panic!("connect: {e}"));
-    let spec = Value::record([
-        ("name", Value::from("bench")),
-        ("memory_mib", Value::UInt(64)),
-        ("vcpus", Value::UInt(1)),
-        (
-            "disks",
-            Value::list([Value::record([
-                ("path", Value::string(disk.to_str().unwrap_or_default())),
-                ("format", Value::from("qcow2")),
-                ("bus", Value::from("virtio")),
-            ])]),
-        ),
-    ]);
+    let spec = spec_value("bench", &disk, "virtio");
     conn.call("domain.define", Value::record([("spec", spec)])).unwrap_or_else(|e| panic!("define: {e}"));
     conn.call("domain.start", Value::record([("domain", Value::from("bench"))]))
         .unwrap_or_else(|e| panic!("start: {e}"));

@@ -8,7 +8,9 @@ use std::{
 };
 
 use capvirt_host::{CallObserver, ErrorCategory, Host, HostConfig, Value};
-use capvirt_tests::qemu::{output_within, qemu_plugin_dir, signal, spec_toml, wait_until, Sandbox, COMMAND_TIMEOUT};
+use capvirt_tests::qemu::{
+    output_within, qemu_plugin_dir, signal, spec_toml, spec_value, wait_until, Sandbox, COMMAND_TIMEOUT,
+};
 
 /// Bound on a freshly booted guest's firmware reading its disk.
 const FIRMWARE_READ: Duration = Duration::from_secs(30);
@@ -153,19 +155,7 @@ fn host_library_drives_tcg_domains_and_reports_migration_progress() {
     let version = host_info.get("hypervisor_version").and_then(Value::as_str).unwrap_or_default();
     assert!(version.chars().next().is_some_and(|c| c.is_ascii_digit()), "version {version:?}");
 
-    let spec = Value::record([
-        ("name", Value::from("tcg1")),
-        ("memory_mib", Value::UInt(64)),
-        ("vcpus", Value::UInt(1)),
-        (
-            "disks",
-            Value::list([Value::record([
-                ("path", Value::string(disk.to_str().unwrap_or_default())),
-                ("format", Value::from("qcow2")),
-                ("bus", Value::from("sata")),
-            ])]),
-        ),
-    ]);
+    let spec = spec_value("tcg1", &disk, "sata");
     call("domain.define", Value::record([("spec", spec)]));
     call("domain.start", domain("tcg1"));
     let state = |conn: &capvirt_host::Connection| {
@@ -333,7 +323,7 @@ fn held_monitors_and_stopped_qemus_never_hang_other_callers() {
         .map(|_| {
             let mut cmd = sandbox.capvirt("r");
             cmd.args(["--output", "json", "dominfo", "busy"]);
-            std::thread::spawn(move || output_within(&mut cmd, COMMAND_TIMEOUT))
+            std::thread::spawn(move || output_within(cmd, COMMAND_TIMEOUT))
         })
         .collect();
     for child in children {
@@ -372,7 +362,7 @@ fn concurrent_processes_start_a_domain_once() {
         .map(|_| {
             let mut cmd = sandbox.capvirt("r");
             cmd.args(["start", "once"]);
-            std::thread::spawn(move || output_within(&mut cmd, COMMAND_TIMEOUT))
+            std::thread::spawn(move || output_within(cmd, COMMAND_TIMEOUT))
         })
         .collect();
     let outcomes: Vec<_> =

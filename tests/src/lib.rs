@@ -137,12 +137,15 @@ pub struct Run {
 /// Upper bound for one CLI run in tests; a hang fails the test instead of blocking CI.
 pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Runs `cmd` to completion, killing it if it outlives `timeout` (a killed run fails the
+/// caller's status assertions instead of blocking CI).
+pub fn output_within(cmd: Command, timeout: std::time::Duration) -> std::process::Output {
+    assert_cmd::Command::from_std(cmd).timeout(timeout).output().unwrap_or_else(|e| panic!("cannot run command: {e}"))
+}
+
 /// Runs `cmd` to completion (killing it after [`RUN_TIMEOUT`]).
 pub fn run(cmd: Command) -> Run {
-    let output = assert_cmd::Command::from_std(cmd)
-        .timeout(RUN_TIMEOUT)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run capvirt: {e}"));
+    let output = output_within(cmd, RUN_TIMEOUT);
     Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

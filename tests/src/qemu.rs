@@ -7,9 +7,8 @@
 
 use std::{
     fs,
-    io::Read,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output},
     sync::OnceLock,
     thread,
     time::{Duration, Instant},
@@ -17,6 +16,7 @@ use std::{
 
 use tempfile::TempDir;
 
+pub use crate::output_within;
 use crate::{artifacts, capvirt, plugin_dir};
 
 /// A directory with only the QEMU driver, shared by the tests of one process.
@@ -68,10 +68,9 @@ impl Sandbox {
     /// An empty image made with `qemu-img create`.
     pub fn blank_image(&self, name: &str, format: &str) -> PathBuf {
         let path = self.path().join(format!("{name}.{format}"));
-        let out = output_within(
-            Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(&path).arg("8M"),
-            COMMAND_TIMEOUT,
-        );
+        let mut qemu_img = Command::new("qemu-img");
+        qemu_img.args(["create", "-q", "-f", format]).arg(&path).arg("8M");
+        let out = output_within(qemu_img, COMMAND_TIMEOUT);
         assert!(out.status.success(), "qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr));
         path
     }
@@ -92,7 +91,9 @@ impl Sandbox {
 
     /// Runs `capvirt -c ROOT ARGS…` within [`COMMAND_TIMEOUT`].
     pub fn run(&self, root: &str, args: &[&str]) -> Output {
-        output_within(self.capvirt(root).args(args), COMMAND_TIMEOUT)
+        let mut cmd = self.capvirt(root);
+        cmd.args(args);
+        output_within(cmd, COMMAND_TIMEOUT)
     }
 
     /// Runs a command that must succeed; returns its stdout.
@@ -176,46 +177,6 @@ pub fn processes_mentioning(needle: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// Runs `cmd` to completion, killing it if it outlives `timeout` (then panicking: a hang is a bug).
-pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
-    let status = wait_within(&mut child, timeout)
-        .unwrap_or_else(|| panic!("{cmd:?} did not finish within {} s", timeout.as_secs()));
-    Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() }
-}
-
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_end(&mut bytes);
-        }
-        bytes
-    })
-}
-
-fn wait_within(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-}
-
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -228,6 +189,24 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A domain spec as a value for the host library: one qcow2 disk on `bus`, headless.
+pub fn spec_value(name: &str, disk: &Path, bus: &'static str) -> capvirt_host::Value {
+    use capvirt_host::Value;
+    Value::record([
+        ("name", Value::string(name)),
+        ("memory_mib", Value::UInt(64)),
+        ("vcpus", Value::UInt(1)),
+        (
+            "disks",
+            Value::list([Value::record([
+                ("path", Value::string(disk.to_str().unwrap_or_default())),
+                ("format", Value::from("qcow2")),
+                ("bus", Value::from(bus)),
+            ])]),
+        ),
+    ])
 }
 
 /// A domain spec in TOML: one virtio qcow2 disk, VGA unless `headless`.

@@ -7,10 +7,7 @@ use std::{fs, path::Path};
 use capvirt_plugin_api::Value;
 
 use super::CliError;
-use crate::{
-    convert::toml_to_value,
-    registry::{Ty, TypeBody, TypeTable},
-};
+use crate::registry::{Ty, TypeBody, TypeTable};
 
 /// Parses `text` as a value of type `ty` for parameter `name`.
 ///
@@ -54,13 +51,13 @@ pub fn read_toml_file(name: &str, path: &Path) -> Result<Value, CliError> {
             one_line(&e.to_string())
         ))
     })?;
-    Ok(toml_to_value(&toml::Value::Table(table)))
+    Ok(Value::from_toml(&toml::Value::Table(table)))
 }
 
 fn parse_inline_toml(name: &str, text: &str) -> Result<Value, CliError> {
     let doc: toml::Table = toml::from_str(&format!("value = {text}"))
         .map_err(|e| CliError::usage(format!("argument `{name}`: not a TOML value: {}", one_line(&e.to_string()))))?;
-    Ok(doc.get("value").map(toml_to_value).unwrap_or(Value::Unit))
+    Ok(doc.get("value").map(Value::from_toml).unwrap_or(Value::Unit))
 }
 
 fn one_line(text: &str) -> String {

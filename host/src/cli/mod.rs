@@ -48,7 +48,7 @@ fn try_run(argv: Vec<OsString>) -> Result<(), CliError> {
     };
     let globals = GlobalOptions::from_matches(&matches, registry_dir);
     logging::init(&globals);
-    if registry_dir_given(&globals) {
+    if globals.registry_dir.is_some() {
         tracing::warn!(target: "capvirt::registry", "using registry from {} instead of the reviewed, embedded one", globals.registry_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
     }
     let Some((name, sub)) = matches.subcommand() else {
@@ -59,10 +59,6 @@ fn try_run(argv: Vec<OsString>) -> Result<(), CliError> {
         return result;
     }
     commands::capability::exec(name, sub, &mut ctx)
-}
-
-fn registry_dir_given(globals: &GlobalOptions) -> bool {
-    globals.registry_dir.is_some()
 }
 
 /// The whole command tree for `registry`.

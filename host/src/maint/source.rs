@@ -162,19 +162,8 @@ pub fn read_git(cwd: &Path, rev: &str, dir: &str) -> io::Result<Vec<SourceFile>>
 /// Writes `text` to `path` through a temporary file in the same directory, synced and then
 /// renamed over the target: readers see the old file or the new one, never a partial one.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut temp = tempfile::Builder::new()
-        .prefix(".capvirt-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-    temp.write_all(text.as_bytes())?;
-    temp.as_file().sync_all()?;
-    temp.persist(path).map_err(|e| io::Error::new(e.error.kind(), format!("{}: {}", path.display(), e.error)))?;
-    Ok(())
+    capvirt_plugin_api::fs::write_atomic(path, text.as_bytes())
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Writes several files; each is atomic on its own. Parent directories are created.

@@ -14,7 +14,6 @@ use rustc_hash::FxHashMap;
 
 use capvirt_plugin_api::Value;
 
-use crate::convert::toml_to_value;
 pub use model::{CapabilityFile, CliHint, RegistryFile, Stage, TypesFile};
 pub use types::{Bounds, FieldDef, Ty, TypeBody, TypeDef, TypeId, TypeTable, ValidationError};
 
@@ -423,7 +422,7 @@ fn compile_field(table: &TypeTable, decl: &model::FieldDecl) -> Result<FieldDef,
     let default = match &decl.default {
         None => None,
         Some(_) if decl.required => return Err("a required field cannot have a default".into()),
-        Some(value) => Some(toml_to_value(value)),
+        Some(value) => Some(Value::from_toml(value)),
     };
     Ok(FieldDef {
         name: decl.name.clone(),

@@ -14,10 +14,9 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Write},
+    io,
     os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -265,21 +264,7 @@ pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), PluginErro
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PluginError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().ok_or_else(|| PluginError::internal(format!("{} has no parent", path.display())))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let result = (|| -> io::Result<()> {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io_failure(path, "write", &e)
-    })
+    capvirt_plugin_api::fs::write_atomic(path, bytes).map_err(|e| io_failure(path, "write", &e))
 }
 
 /// Removes a domain's runtime directory (after its QEMU is gone).

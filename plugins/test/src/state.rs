@@ -3,7 +3,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
-    io::Write,
     path::Path,
     sync::{Arc, Mutex, OnceLock},
 };
@@ -169,25 +168,12 @@ pub fn write_new_file_atomically(path: &Path, contents: &[u8]) -> Result<(), Plu
     if path.exists() {
         return Err(PluginError::invalid_argument(format!("{} already exists", path.display())));
     }
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.is_dir() {
         return Err(PluginError::not_found(format!("directory {} does not exist", dir.display())));
     }
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        PluginError::driver_failure(format!("cannot write {}: {e}", path.display()))
-    })
+    capvirt_plugin_api::fs::write_atomic(path, contents)
+        .map_err(|e| PluginError::driver_failure(format!("cannot write {}: {e}", path.display())))
 }
 
 type Hosts = Mutex<HashMap<String, Arc<Mutex<State>>>>;

@@ -2,8 +2,7 @@
 //! shared code that performs a call and renders its result.
 
 use std::{
-    fs,
-    io::{IsTerminal, Write},
+    io::IsTerminal,
     path::{Path, PathBuf},
 };
 
@@ -13,7 +12,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{
     cli::{args, context::Context, output, CliError, OutputFormat},
-    convert::value_to_json,
     driver::{CallObserver, NoObserver},
     registry::{Capability, FieldDef, Registry, Stage, Ty},
 };
@@ -82,7 +80,7 @@ fn option_arg(param: &FieldDef) -> Arg {
 pub fn exec(name: &str, m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let registry = std::sync::Arc::clone(&ctx.registry);
     let cap = registry.by_command(name).ok_or_else(|| CliError::usage(format!("unknown command `{name}`")))?;
-    let hint = cap.doc.cli.clone().unwrap_or_else(|| unreachable_hint(name));
+    let hint = cap.doc.cli.clone().ok_or_else(|| CliError::usage(format!("`{}` has no CLI command", cap.id())))?;
     let mut record = Value::record_empty();
     for param in &cap.params {
         let is_flag = matches!(m.try_get_one::<bool>(&param.name), Ok(Some(_)));
@@ -107,18 +105,6 @@ pub fn exec(name: &str, m: &ArgMatches, ctx: &mut Context) -> Result<(), CliErro
     perform(ctx, cap, record, output_file)
 }
 
-fn unreachable_hint(name: &str) -> crate::registry::CliHint {
-    crate::registry::CliHint {
-        command: name.to_string(),
-        positional: Vec::new(),
-        file_args: Vec::new(),
-        output_file: None,
-        about: String::new(),
-        message: None,
-        progress: false,
-    }
-}
-
 /// Calls `cap` with `args` on the selected connection and prints the result.
 pub fn perform(ctx: &mut Context, cap: &Capability, args: Value, output_file: Option<PathBuf>) -> Result<(), CliError> {
     let format = ctx.output();
@@ -140,7 +126,7 @@ pub fn perform(ctx: &mut Context, cap: &Capability, args: Value, output_file: Op
     if let Some(path) = &output_file {
         let bytes = take_bytes(&mut shown)
             .ok_or_else(|| CliError::other(format!("`{}` returned no data to write", cap.id())))?;
-        write_file_atomically(path, &bytes)
+        capvirt_plugin_api::fs::write_atomic(path, &bytes)
             .map_err(|e| CliError::other(format!("cannot write {}: {e}", path.display())))?;
         shown.set("file", path.display().to_string());
     }
@@ -186,23 +172,6 @@ fn take_bytes(value: &mut Value) -> Option<Vec<u8>> {
         }
         _ => None,
     }
-}
-
-/// Temp file, fsync, rename: a crash never leaves a partial output file.
-pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Replaces `{name}` and `{name.field}` with argument values.
@@ -260,11 +229,6 @@ impl CallObserver for ProgressObserver {
         }
         self.bar.set_position(done);
     }
-}
-
-/// JSON for `--output json` listings built by fixed commands.
-pub fn json_of(value: &Value) -> serde_json::Value {
-    value_to_json(value)
 }
 
 #[cfg(test)]
