@@ -384,6 +384,8 @@ pub struct DomainInfo {
     pub max_memory_kib: u64,
     pub cpu_time_ns: u64,
     pub persistent: bool,
+    /// The version of the hypervisor running the domain, when it runs and the driver knows.
+    pub hypervisor_version: Option<String>,
 }
 
 impl DomainInfo {
@@ -396,11 +398,12 @@ impl DomainInfo {
             max_memory_kib: 0,
             cpu_time_ns: 0,
             persistent: true,
+            hypervisor_version: None,
         }
     }
 
     pub fn into_value(self) -> Value {
-        Value::record([
+        let mut record = Value::record([
             ("name", Value::from(self.name)),
             ("state", Value::from(self.state.as_str())),
             ("vcpus", Value::UInt(self.vcpus)),
@@ -408,7 +411,11 @@ impl DomainInfo {
             ("max_memory_kib", Value::UInt(self.max_memory_kib)),
             ("cpu_time_ns", Value::UInt(self.cpu_time_ns)),
             ("persistent", Value::Bool(self.persistent)),
-        ])
+        ]);
+        if let Some(version) = self.hypervisor_version {
+            record.set("hypervisor_version", version);
+        }
+        record
     }
 }
 

@@ -9,7 +9,8 @@ use std::{
 
 use capvirt_host::{CallObserver, ErrorCategory, Host, HostConfig, Value};
 use capvirt_tests::qemu::{
-    output_within, qemu_plugin_dir, signal, spec_toml, spec_value, wait_until, Sandbox, COMMAND_TIMEOUT,
+    output_within, peer, qemu_plugin_dir, signal, spec_toml, spec_value, under_test, wait_until, Qemu, Sandbox,
+    COMMAND_TIMEOUT,
 };
 
 /// Bound on a freshly booted guest's firmware reading its disk.
@@ -401,4 +402,115 @@ fn idle_connections_give_their_monitor_channels_back() {
         conn.call("domain.resume", domain("shared")).unwrap_or_else(|e| panic!("{e}"));
     }
     sandbox.ok("r", &["destroy", "shared"]);
+}
+
+/// `MAJOR.MINOR` of a QEMU, as its versioned machine types name it.
+fn release_line(qemu: &Qemu) -> (u32, u32) {
+    (qemu.version.0, qemu.version.1)
+}
+
+#[test]
+fn the_driver_reports_the_qemu_it_drives() {
+    let sandbox = Sandbox::new();
+    let qemu = under_test();
+    let node = sandbox.json("a", &["nodeinfo"]);
+    let reported = node["hypervisor_version"].as_str().unwrap_or_default();
+    assert!(reported.starts_with(&qemu.number()), "nodeinfo says {reported:?}; the emulator says {}", qemu.banner);
+
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("vm1", 64, &disk, true));
+    sandbox.ok("a", &["define", spec.to_str().unwrap_or_default()]);
+    assert_eq!(sandbox.json("a", &["dominfo", "vm1"]).get("hypervisor_version"), None, "shut off: no version");
+    sandbox.ok("a", &["start", "vm1"]);
+    let info = sandbox.json("a", &["dominfo", "vm1"]);
+    let running = info["hypervisor_version"].as_str().unwrap_or_default();
+    assert!(running.starts_with(&qemu.number()), "dominfo says {running:?}; the emulator says {}", qemu.banner);
+    // A first start runs the emulator's newest q35 machine (a restore pins the saved one).
+    let cmdline = fs::read(format!("/proc/{}/cmdline", sandbox.qemu_pid("a", "vm1"))).unwrap_or_default();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    assert!(args.windows(2).any(|w| w == ["-machine", "q35"]), "first start runs q35: {args:?}");
+    sandbox.ok("a", &["destroy", "vm1"]);
+    assert_eq!(sandbox.json("a", &["dominfo", "vm1"]).get("hypervisor_version"), None);
+}
+
+#[test]
+fn emulators_that_are_no_supported_qemu_are_refused_and_nothing_is_written() {
+    let sandbox = Sandbox::new();
+    let old = sandbox.write("old-qemu", "#!/bin/sh\necho 'QEMU emulator version 6.2.0 (Debian 1:6.2+dfsg-2)'\n");
+    let plain = sandbox.write("plain", "not a program\n");
+    fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod: {e}"));
+    let dir = sandbox.path().display().to_string();
+    let cases: [(&str, i32, &str); 6] = [
+        ("/bin/echo", 2, "/bin/echo is not a QEMU emulator"),
+        ("/bin/false", 2, "`-version` failed"),
+        (old.to_str().unwrap_or_default(), 4, "is QEMU 6.2.0; the qemu driver supports QEMU 7.2.0 or newer"),
+        (plain.to_str().unwrap_or_default(), 2, "not executable"),
+        ("relative/qemu-system-x86_64", 2, "must be an absolute path"),
+        (&dir, 2, "not a regular file"),
+    ];
+    for (emulator, code, needle) in cases {
+        let uri = format!("qemu:///session?root={}&emulator={emulator}", sandbox.root("root").display());
+        assert_refused(&sandbox.run_uri(&uri, &["nodeinfo"]), code, needle);
+        assert!(!sandbox.root("root").exists(), "a refused emulator ({emulator}) wrote into the state root");
+    }
+    // A domain is never started on a QEMU older than supported.
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("vm1", 64, &disk, true));
+    sandbox.ok("root", &["define", spec.to_str().unwrap_or_default()]);
+    let old_uri = format!("qemu:///session?root={}&emulator={}", sandbox.root("root").display(), old.display());
+    assert_refused(&sandbox.run_uri(&old_uri, &["start", "vm1"]), 4, "6.2.0");
+    assert_eq!(sandbox.state("root", "vm1"), "shut off");
+}
+
+/// A domain started on the QEMU under test, saved, then restored and migrated onto the peer
+/// QEMU: a newer (or the same) QEMU runs it on the machine type it was started with and reports
+/// its own version; an older one refuses it naming both versions, and nothing is left behind.
+#[test]
+fn saved_and_migrated_state_moves_to_newer_qemus_only() {
+    let sandbox = Sandbox::new();
+    let (here, there) = (under_test(), peer());
+    let disk = sandbox.boot_disk("boot");
+    let spec = sandbox.write("vm.toml", &spec_toml("vm1", 64, &disk, true));
+    let source = sandbox.uri_on(here, "a", "&accel=tcg");
+    sandbox.ok_uri(&source, &["define", spec.to_str().unwrap_or_default()]);
+    sandbox.ok_uri(&source, &["start", "vm1"]);
+    let save = sandbox.path().join("vm1.save");
+    let save = save.to_str().unwrap_or_default();
+    sandbox.ok_uri(&source, &["save", "vm1", save]);
+
+    let restored = sandbox.uri_on(there, "b", "&accel=tcg");
+    let out = sandbox.run_uri(&restored, &["restore", save]);
+    let (major, minor) = release_line(here);
+    if release_line(there) >= release_line(here) {
+        assert!(out.status.success(), "restore on QEMU {} failed: {}", there.number(), stderr(&out));
+        let info = sandbox.json_uri(&restored, &["dominfo", "vm1"]);
+        assert_eq!(info["state"], "running");
+        let version = info["hypervisor_version"].as_str().unwrap_or_default();
+        assert!(version.starts_with(&there.number()), "restored domain reports {version:?}, runs {}", there.banner);
+        let cmdline = fs::read(format!("/proc/{}/cmdline", sandbox.qemu_pid("b", "vm1"))).unwrap_or_default();
+        let machine = format!("pc-q35-{major}.{minor}");
+        assert!(
+            cmdline.split(|b| *b == 0).any(|a| a == machine.as_bytes()),
+            "restored domain does not run the saved machine {machine}"
+        );
+        sandbox.ok_uri(&restored, &["destroy", "vm1"]);
+    } else {
+        assert_refused(&out, 4, &format!("QEMU {}, which cannot run it", there.number()));
+        assert!(stderr(&out).contains(&format!("QEMU {major}.{minor}")), "{}", stderr(&out));
+        assert_eq!(sandbox.json_uri(&restored, &["list", "--all"]), serde_json::json!([]));
+    }
+
+    // The same rule for a running domain migrated onto the peer.
+    sandbox.ok_uri(&source, &["restore", save]);
+    let dest = sandbox.uri_on(there, "c", "&accel=tcg");
+    let out = sandbox.run_uri(&source, &["migrate", "vm1", &dest]);
+    if release_line(there) >= release_line(here) {
+        assert!(out.status.success(), "migrate onto QEMU {} failed: {}", there.number(), stderr(&out));
+        let version = sandbox.json_uri(&dest, &["dominfo", "vm1"])["hypervisor_version"].clone();
+        assert!(version.as_str().unwrap_or_default().starts_with(&there.number()), "{version}");
+    } else {
+        assert_refused(&out, 4, "cannot run it");
+        assert_eq!(sandbox.json_uri(&source, &["dominfo", "vm1"])["state"], "running");
+    }
 }

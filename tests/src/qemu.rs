@@ -4,9 +4,14 @@
 //! dropped (also when a test panics) it SIGKILLs every process whose command line mentions
 //! that directory (the QEMUs it started: their pidfiles live there), waits for them to go,
 //! then deletes the directory. Every wait here is bounded.
+//!
+//! The QEMU under test is `qemu-system-x86_64` on `PATH`, or the binary named by
+//! `$CAPVIRT_TEST_QEMU` (CI runs the QEMU tests once per supported QEMU release that way);
+//! `$CAPVIRT_TEST_QEMU_PEER` names a second one for the cross-version tests (default: the same).
 
 use std::{
     fs,
+    io::Write,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::OnceLock,
@@ -41,6 +46,7 @@ impl Default for Sandbox {
 
 impl Sandbox {
     pub fn new() -> Sandbox {
+        under_test();
         Sandbox { dir: TempDir::new().unwrap_or_else(|e| panic!("tempdir: {e}")) }
     }
 
@@ -53,9 +59,19 @@ impl Sandbox {
         self.path().join(name)
     }
 
-    /// The connection URI of the state root `name`, with extra URI parameters (`&accel=tcg`).
+    /// The connection URI of the state root `name` on the QEMU under test, with extra URI
+    /// parameters (`&accel=tcg`).
     pub fn uri(&self, name: &str, extra: &str) -> String {
-        format!("qemu:///session?root={}{extra}", self.root(name).display())
+        self.uri_on(under_test(), name, extra)
+    }
+
+    /// The connection URI of the state root `name` on `qemu`.
+    pub fn uri_on(&self, qemu: &Qemu, name: &str, extra: &str) -> String {
+        let emulator = match &qemu.path {
+            Some(path) => format!("&emulator={}", path.display()),
+            None => String::new(),
+        };
+        format!("qemu:///session?root={}{emulator}{extra}", self.root(name).display())
     }
 
     /// The disk guests boot from: an empty qcow2 made with `qemu-img`. SeaBIOS reads its first
@@ -84,21 +100,36 @@ impl Sandbox {
 
     /// A `capvirt` command on the state root `root`, checking results against the registry.
     pub fn capvirt(&self, root: &str) -> Command {
+        self.capvirt_uri(&self.uri(root, ""))
+    }
+
+    /// A `capvirt -c URI` command, checking results against the registry.
+    pub fn capvirt_uri(&self, uri: &str) -> Command {
         let mut cmd = capvirt(qemu_plugin_dir(), self.path());
-        cmd.env("CAPVIRT_CHECK_RESULTS", "1").arg("-c").arg(self.uri(root, ""));
+        cmd.env("CAPVIRT_CHECK_RESULTS", "1").arg("-c").arg(uri);
         cmd
     }
 
     /// Runs `capvirt -c ROOT ARGS…` within [`COMMAND_TIMEOUT`].
     pub fn run(&self, root: &str, args: &[&str]) -> Output {
-        let mut cmd = self.capvirt(root);
+        self.run_uri(&self.uri(root, ""), args)
+    }
+
+    /// Runs `capvirt -c URI ARGS…` within [`COMMAND_TIMEOUT`].
+    pub fn run_uri(&self, uri: &str, args: &[&str]) -> Output {
+        let mut cmd = self.capvirt_uri(uri);
         cmd.args(args);
         output_within(cmd, COMMAND_TIMEOUT)
     }
 
     /// Runs a command that must succeed; returns its stdout.
     pub fn ok(&self, root: &str, args: &[&str]) -> String {
-        let out = self.run(root, args);
+        self.ok_uri(&self.uri(root, ""), args)
+    }
+
+    /// [`Sandbox::ok`] on a URI.
+    pub fn ok_uri(&self, uri: &str, args: &[&str]) -> String {
+        let out = self.run_uri(uri, args);
         assert!(
             out.status.success(),
             "capvirt {args:?} failed ({}): {}",
@@ -110,9 +141,14 @@ impl Sandbox {
 
     /// Runs a command that must succeed with `--output json`; returns its parsed output.
     pub fn json(&self, root: &str, args: &[&str]) -> serde_json::Value {
+        self.json_uri(&self.uri(root, ""), args)
+    }
+
+    /// [`Sandbox::json`] on a URI.
+    pub fn json_uri(&self, uri: &str, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--output", "json"];
         all.extend_from_slice(args);
-        let text = self.ok(root, &all);
+        let text = self.ok_uri(uri, &all);
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("capvirt {args:?}: not JSON ({e}): {text}"))
     }
 
@@ -148,6 +184,62 @@ impl Drop for Sandbox {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A QEMU build tests run against.
+#[derive(Debug)]
+pub struct Qemu {
+    /// `None`: `qemu-system-x86_64` on `PATH`.
+    pub path: Option<PathBuf>,
+    /// What its `-version` says: `(major, minor, micro)` and the whole first line.
+    pub version: (u32, u32, u32),
+    pub banner: String,
+}
+
+impl Qemu {
+    fn from_env(var: &str) -> Qemu {
+        let path = std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let program = path.clone().unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        let mut command = Command::new(&program);
+        command.arg("-version");
+        let out = output_within(command, COMMAND_TIMEOUT);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let banner = text.lines().next().unwrap_or_default().to_string();
+        let number = banner.strip_prefix("QEMU emulator version ").and_then(|rest| rest.split(' ').next());
+        let parts: Vec<u32> = number.unwrap_or_default().split('.').filter_map(|p| p.parse().ok()).collect();
+        let [major, minor, micro] = parts[..] else {
+            panic!("{} (from ${var}) is not a QEMU: -version printed {text:?}", program.display())
+        };
+        Qemu { path, version: (major, minor, micro), banner }
+    }
+
+    /// The version as the driver reports it, without the package (`7.2.22`).
+    pub fn number(&self) -> String {
+        let (major, minor, micro) = self.version;
+        format!("{major}.{minor}.{micro}")
+    }
+}
+
+/// The QEMU under test (`$CAPVIRT_TEST_QEMU`, else `PATH`'s), named once on stderr so that the
+/// test log says which QEMU the tests ran against.
+pub fn under_test() -> &'static Qemu {
+    static QEMU: OnceLock<Qemu> = OnceLock::new();
+    QEMU.get_or_init(|| {
+        let qemu = Qemu::from_env("CAPVIRT_TEST_QEMU");
+        // Straight to the file descriptor: the test harness captures `eprintln!`.
+        let where_from = qemu.path.as_ref().map_or("PATH".to_string(), |p| p.display().to_string());
+        let _ = writeln!(std::io::stderr(), "QEMU tests run against {} ({where_from})", qemu.banner);
+        qemu
+    })
+}
+
+/// The second QEMU of the cross-version tests (`$CAPVIRT_TEST_QEMU_PEER`, else the one under test).
+pub fn peer() -> &'static Qemu {
+    static QEMU: OnceLock<Qemu> = OnceLock::new();
+    QEMU.get_or_init(|| match std::env::var_os("CAPVIRT_TEST_QEMU_PEER").filter(|v| !v.is_empty()) {
+        Some(_) => Qemu::from_env("CAPVIRT_TEST_QEMU_PEER"),
+        None => Qemu::from_env("CAPVIRT_TEST_QEMU"),
+    })
 }
 
 /// Sends `sig` to `pid`, ignoring a process that is already gone.

@@ -605,6 +605,8 @@ mod sdk_mirror_tests {
         check(&registry, "DomainSpec", spec.to_value());
         let mut info = DomainInfo::new("vm1", DomainState::Paused);
         info.vcpus = 2;
+        check(&registry, "DomainInfo", info.clone().into_value());
+        info.hypervisor_version = Some("7.2.22".into());
         check(&registry, "DomainInfo", info.into_value());
         check(&registry, "BlockStats", BlockStats::new(1, 2, 3, 4, 5).into_value());
         check(&registry, "HostInfo", HostInfo::new("test:///default", "test", "1.0").into_value());
@@ -641,7 +643,9 @@ mod sdk_mirror_tests {
         let mut spec = DomainSpec::new("x", 64, 1);
         spec.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Vga));
         assert_eq!(built(spec.to_value()), fields("DomainSpec"));
-        assert_eq!(built(DomainInfo::new("x", DomainState::Running).into_value()), fields("DomainInfo"));
+        let mut info = DomainInfo::new("x", DomainState::Running);
+        info.hypervisor_version = Some("1.0".into());
+        assert_eq!(built(info.into_value()), fields("DomainInfo"));
         assert_eq!(built(BlockStats::default().into_value()), fields("BlockStats"));
         assert_eq!(built(HostInfo::new("u", "h", "v").into_value()), fields("HostInfo"));
         assert_eq!(built(png_image(1, 1, Vec::new())), fields("Image"));

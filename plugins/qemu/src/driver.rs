@@ -13,6 +13,7 @@ use qapi::qmp;
 
 use crate::{
     cache::{MonitorCache, Shared},
+    emulator::Release,
     monitor::{self, Monitor, OpenError},
     qemu::{self, StartMode},
     qmp::{Qmp, QmpError},
@@ -23,7 +24,7 @@ use crate::{
 };
 
 /// The registry version this driver was written against.
-const REGISTRY_VERSION: &str = "1.0.0";
+const REGISTRY_VERSION: &str = "1.1.0";
 
 /// Every capability the driver implements (all accepted ones, contract version 1).
 pub const CAPABILITIES: &[&str] = &[
@@ -61,7 +62,8 @@ pub struct QemuDriver {
     /// One monitor channel per domain, kept while the connection uses it: a QMP handshake
     /// costs more than the commands that follow it.
     monitors: MonitorCache,
-    version: Mutex<Option<String>>,
+    /// The connection's emulator release, asked once when first needed.
+    release: Mutex<Option<Release>>,
 }
 
 impl Plugin for QemuDriver {
@@ -132,8 +134,19 @@ impl QemuDriver {
             store: Store::new(config.root.clone()),
             config,
             monitors: MonitorCache::default(),
-            version: Mutex::new(None),
+            release: Mutex::new(None),
         }
+    }
+
+    /// The emulator's release; refuses an emulator that is no QEMU or older than supported.
+    pub(crate) fn release(&self) -> Result<Release, PluginError> {
+        let mut cached = self.release.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(release) = &*cached {
+            return Ok(release.clone());
+        }
+        let release = self.config.emulator.probe()?;
+        *cached = Some(release.clone());
+        Ok(release)
     }
 
     pub(crate) fn limits(&self) -> HostLimits {
@@ -323,11 +336,16 @@ impl QemuDriver {
     fn info(&self, name: &str) -> Result<Value, PluginError> {
         let (paths, definition) = self.store.require(name)?;
         let (state, pid) = self.observe(&paths)?;
-        let machine = match pid {
-            Some(_) => store::read_toml::<Live>(&paths.live)?.map(|l| l.machine).unwrap_or(definition),
-            None => definition,
+        let live = match pid {
+            Some(_) => store::read_toml::<Live>(&paths.live)?,
+            None => None,
+        };
+        let (machine, hypervisor_version) = match live {
+            Some(live) => (live.machine, live.qemu_version),
+            None => (definition, None),
         };
         let mut info = DomainInfo::new(machine.name.clone(), state);
+        info.hypervisor_version = hypervisor_version;
         info.vcpus = machine.vcpus;
         info.memory_kib = machine.memory_mib * 1024;
         info.max_memory_kib = machine.memory_mib * 1024;
@@ -387,8 +405,9 @@ impl QemuDriver {
         }
         check_images_exist(&machine)?;
         let accel = qemu::resolve_accel(self.config.accel)?;
+        self.release()?;
         self.forget(name);
-        qemu::launch(&self.store, &lock.paths, &Live::new(machine, accel), StartMode::Boot)?;
+        qemu::launch(&self.store, &lock.paths, &Live::new(machine, accel), StartMode::Boot, &self.config.emulator)?;
         drop(lock);
         // Open the channel now: it proves QEMU answers, and this connection's next call uses it.
         self.monitor(name)?;
@@ -640,18 +659,7 @@ impl QemuDriver {
     }
 
     fn host_info(&self) -> Result<Value, PluginError> {
-        let version = {
-            let mut cached = self.version.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            match &*cached {
-                Some(version) => version.clone(),
-                None => {
-                    let version = qemu::probe_version()?;
-                    *cached = Some(version.clone());
-                    version
-                }
-            }
-        };
-        let mut info = HostInfo::new(self.config.uri.clone(), "QEMU", version);
+        let mut info = HostInfo::new(self.config.uri.clone(), "QEMU", self.release()?.to_string());
         info.hostname = rustix::system::uname().nodename().to_string_lossy().into_owned();
         info.cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
         info.memory_kib = qemu::host_memory_kib();

@@ -3,7 +3,9 @@
 //! crate's command types.
 //!
 //! URI parameters: `root=DIR` selects another state root (isolated instances, tests);
-//! `accel=auto|kvm|tcg` (default `auto`: KVM when `/dev/kvm` is usable, TCG otherwise).
+//! `accel=auto|kvm|tcg` (default `auto`: KVM when `/dev/kvm` is usable, TCG otherwise);
+//! `emulator=PATH` drives another QEMU build than `qemu-system-x86_64` on `PATH` (QEMU 7.2
+//! through 10.x are supported; see [`emulator`]).
 //!
 //! Each `capvirt` invocation is a fresh process: QEMU runs daemonized and is found again
 //! through its pidfile and QMP sockets in the state root (see [`store`]). Only the registry's
@@ -13,6 +15,7 @@
 
 mod cache;
 mod driver;
+mod emulator;
 mod migration;
 mod monitor;
 mod qemu;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     driver::{check_images_exist, Op, QemuDriver},
+    emulator::{self, Emulator},
     monitor::{self, Monitor},
     qemu::{self, StartMode},
     qmp::{Qmp, QmpError},
@@ -83,6 +84,8 @@ impl QemuDriver {
         }
         spec::validate(&definition.to_spec(), self.limits())?;
         check_images_exist(&live.machine)?;
+        let dest_release = dest.emulator.probe()?;
+        emulator::check_machine_type(live.machine_type.as_deref(), &dest_release, &dest.emulator)?;
 
         let dest_store = Store::new(dest.root.clone());
         let dest_lock = dest_store.lock(name, true)?;
@@ -91,7 +94,7 @@ impl QemuDriver {
         }
         let previous = dest_store.definition(&dest_lock.paths)?;
         store::write_toml(&dest_lock.paths.definition, &definition)?;
-        let outcome = self.migrate_to(name, &dest_store, &dest_lock.paths, &live, ctx);
+        let outcome = self.migrate_to(name, &dest_store, &dest_lock.paths, &live, &dest.emulator, ctx);
         match outcome {
             Ok(()) => {
                 // The source ends shut off; its definition stays.
@@ -120,9 +123,10 @@ impl QemuDriver {
         dest_store: &Store,
         dest_paths: &DomainPaths,
         live: &Live,
+        emulator: &Emulator,
         ctx: &Context<'_>,
     ) -> Result<(), PluginError> {
-        qemu::launch(dest_store, dest_paths, live, StartMode::Incoming)?;
+        qemu::launch(dest_store, dest_paths, live, StartMode::Incoming, emulator)?;
         let mut dest = open_fresh(dest_paths)?;
         let (source_end, dest_end) =
             UnixStream::pair().map_err(|e| PluginError::driver_failure(format!("cannot create a socketpair: {e}")))?;
@@ -234,7 +238,8 @@ impl QemuDriver {
         if definition.name != live_machine.name {
             return Err(PluginError::invalid_argument(format!("{path}: inconsistent domain names")));
         }
-        let live = check_live(Live { machine: live_machine, ..header.live }, path)?;
+        // The version is the restoring QEMU's, recorded once it runs.
+        let live = check_live(Live { machine: live_machine, qemu_version: None, ..header.live }, path)?;
         let name = live.machine.name.clone();
         let accel = qemu::resolve_accel(self.config.accel)?;
         if accel != live.accel {
@@ -247,13 +252,14 @@ impl QemuDriver {
         if let Liveness::Alive(_) = self.store.liveness(&lock.paths)? {
             return Err(PluginError::invalid_state(format!("domain '{name}' is already running")));
         }
+        emulator::check_machine_type(live.machine_type.as_deref(), &self.release()?, &self.config.emulator)?;
         let newly_defined = self.store.definition(&lock.paths)?.is_none();
         if newly_defined {
             store::write_toml(&lock.paths.definition, &definition)?;
         }
         self.forget(&name);
         let restored = (|| {
-            let pid = qemu::launch(&self.store, &lock.paths, &live, StartMode::Incoming)?;
+            let pid = qemu::launch(&self.store, &lock.paths, &live, StartMode::Incoming, &self.config.emulator)?;
             let mut monitor = open_fresh(&lock.paths)?;
             let op = || Op::new(&name, "restore (migrate-incoming)");
             let q = &mut monitor.qmp;
@@ -452,6 +458,9 @@ fn check_live(live: Live, path: &str) -> Result<Live, PluginError> {
     let bad = |why: String| PluginError::invalid_argument(format!("{path}: {why}"));
     if !matches!(live.accel.as_str(), "kvm" | "tcg") {
         return Err(bad(format!("unknown accelerator {:?}", live.accel)));
+    }
+    if let Some(machine_type) = live.machine_type.as_deref().filter(|m| !emulator::is_q35_machine_type(m)) {
+        return Err(bad(format!("unknown machine type {machine_type:?}")));
     }
     let users: Vec<&str> = live
         .machine

@@ -11,7 +11,7 @@ use std::{
     io::Read,
     os::{
         fd::OwnedFd,
-        unix::{fs::OpenOptionsExt, net::UnixListener, net::UnixStream},
+        unix::{fs::OpenOptionsExt, net::UnixListener},
     },
     path::Path,
     process::{Child, Command, Stdio},
@@ -24,15 +24,13 @@ use command_fds::{CommandFdExt, FdMapping};
 use qapi::{qmp, Any};
 
 use crate::{
-    monitor::{with_socket_path, Monitor, CHANNELS},
-    qmp::Qmp,
+    emulator::Emulator,
+    monitor::{self, with_socket_path, Monitor, CHANNELS},
     spec::{Adapter, Bus, Device, Format, Kind, Live, USB_PORTS},
     store::{self, DomainPaths, Liveness, Store},
     uri::Accel,
 };
 
-/// The emulator, looked up on `PATH` (never taken from a caller).
-pub const EMULATOR: &str = "qemu-system-x86_64";
 /// Bound on QEMU's start-up (until `-daemonize` returns).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on a QEMU exiting after `quit` or a signal.
@@ -130,7 +128,9 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
     let machine = &live.machine;
     let mut args = Args::default();
     args.add(&["-name", &format!("guest={}", machine.name)]);
-    args.add(&["-machine", "q35", "-accel", &live.accel]);
+    // A first start takes the emulator's newest q35; a restore or migration destination
+    // recreates the versioned machine its state was saved from (see `record_runtime`).
+    args.add(&["-machine", live.machine_type.as_deref().unwrap_or("q35"), "-accel", &live.accel]);
     args.add(&["-m", &format!("{}M", machine.memory_mib), "-smp", &machine.vcpus.to_string()]);
     args.add(&["-nodefaults", "-no-user-config", "-display", "none", "-msg", "timestamp=on"]);
     // No `elevateprivileges`/`spawn` denial: both break `-daemonize` (setsid, fork).
@@ -218,18 +218,70 @@ fn no_port(id: &str) -> PluginError {
 
 /// Starts the domain's QEMU detached from this process (`-daemonize`: QEMU outlives every
 /// `capvirt` invocation), with its monitor sockets bound here and handed over as file
-/// descriptors. Returns once QEMU has initialized, with its PID.
-pub fn launch(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -> Result<i32, PluginError> {
+/// descriptors. Returns once QEMU has initialized and its version and machine type are
+/// recorded in the live configuration, with its PID.
+pub fn launch(
+    store: &Store,
+    paths: &DomainPaths,
+    live: &Live,
+    mode: StartMode,
+    emulator: &Emulator,
+) -> Result<i32, PluginError> {
     store::remove_runtime(paths)?;
     store::make_private_dir(&paths.run)?;
-    let result = launch_in(store, paths, live, mode);
+    let result = launch_in(store, paths, live, mode, emulator).and_then(|pid| {
+        record_runtime(paths, live)?;
+        Ok(pid)
+    });
     if result.is_err() {
+        kill_running(store, paths);
         let _ = store::remove_runtime(paths);
     }
     result
 }
 
-fn launch_in(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -> Result<i32, PluginError> {
+/// The entry of `query-machines` the driver reads.
+#[derive(serde::Deserialize)]
+struct MachineEntry {
+    name: String,
+    #[serde(default)]
+    alias: Option<String>,
+}
+
+/// Records what the QEMU just started runs: its own version (`query-version`, which stays
+/// true for this process after the package is upgraded) and, on a first start, the versioned
+/// machine type behind `q35` — a restore or a migration destination, possibly on a newer
+/// QEMU, must recreate that machine, not the newest one.
+fn record_runtime(paths: &DomainPaths, live: &Live) -> Result<(), PluginError> {
+    let mut monitor = monitor::open(paths, Duration::from_secs(5)).map_err(|e| {
+        PluginError::driver_failure(format!(
+            "cannot reach the monitor of the QEMU just started for '{}': {e}",
+            paths.name
+        ))
+    })?;
+    let failed = |e| PluginError::driver_failure(format!("QEMU of domain '{}': {e}", paths.name));
+    let version = monitor.qmp.execute(&qmp::query_version {}).map_err(failed)?;
+    let mut recorded = live.clone();
+    let triple = &version.qemu;
+    let number = format!("{}.{}.{}", triple.major, triple.minor, triple.micro);
+    recorded.qemu_version = Some(match version.package.trim() {
+        "" => number,
+        package => format!("{number} ({package})"),
+    });
+    if recorded.machine_type.is_none() {
+        let machines: Vec<MachineEntry> = monitor.qmp.execute_loose(&qmp::query_machines {}).map_err(failed)?;
+        recorded.machine_type = machines.into_iter().find(|m| m.alias.as_deref() == Some("q35")).map(|m| m.name);
+    }
+    store::write_toml(&paths.live, &recorded)
+}
+
+fn launch_in(
+    store: &Store,
+    paths: &DomainPaths,
+    live: &Live,
+    mode: StartMode,
+    emulator: &Emulator,
+) -> Result<i32, PluginError> {
     store::write_toml(&paths.live, live)?;
     let mut mappings = Vec::with_capacity(CHANNELS);
     for channel in 0..CHANNELS {
@@ -245,7 +297,7 @@ fn launch_in(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -
         .open(&paths.log)
         .map_err(|e| store::io_failure(&paths.log, "create", &e))?;
     let log_err = log.try_clone().map_err(|e| store::io_failure(&paths.log, "open", &e))?;
-    let mut command = Command::new(EMULATOR);
+    let mut command = Command::new(emulator.program());
     command
         .args(command_line(paths, live, mode)?)
         .current_dir("/")
@@ -255,12 +307,8 @@ fn launch_in(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -
     command
         .fd_mappings(mappings)
         .map_err(|e| PluginError::internal(format!("cannot pass monitor sockets to QEMU: {e}")))?;
-    let mut launcher = command.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => PluginError::unsupported(format!(
-            "{EMULATOR} is not installed (PATH has none); install QEMU (Debian: qemu-system-x86)"
-        )),
-        _ => PluginError::driver_failure(format!("cannot run {EMULATOR}: {e}")),
-    })?;
+    let mut launcher =
+        command.spawn().map_err(|e| PluginError::driver_failure(format!("cannot run {emulator}: {e}")))?;
     // The launcher is QEMU's parent before daemonizing: it exits once QEMU is initialized.
     let status = match wait_child(&mut launcher, START_TIMEOUT) {
         Some(status) => status,
@@ -280,7 +328,7 @@ fn launch_in(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -
         return Err(PluginError::driver_failure(format!(
             "QEMU failed to start domain '{}': {}",
             paths.name,
-            log_summary(&paths.log).unwrap_or_else(|| status.to_string())
+            log_summary(&paths.log, emulator).unwrap_or_else(|| status.to_string())
         )));
     }
     match store.liveness(paths)? {
@@ -288,7 +336,7 @@ fn launch_in(store: &Store, paths: &DomainPaths, live: &Live, mode: StartMode) -
         _ => Err(PluginError::driver_failure(format!(
             "QEMU exited right after starting domain '{}': {}",
             paths.name,
-            log_summary(&paths.log).unwrap_or_else(|| "no message".into())
+            log_summary(&paths.log, emulator).unwrap_or_else(|| "no message".into())
         ))),
     }
 }
@@ -309,13 +357,15 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::Exit
 }
 
 /// QEMU's own error lines from its log (its messages start with the program name).
-fn log_summary(log: &Path) -> Option<String> {
+fn log_summary(log: &Path, emulator: &Emulator) -> Option<String> {
     let mut text = String::new();
     File::open(log).ok()?.take(64 << 10).read_to_string(&mut text).ok()?;
+    let program = emulator.message_prefix();
+    let prefix = format!("{program}: ");
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains(EMULATOR) && !l.contains("warning:"))
-        .map(|l| l.split_once(&format!("{EMULATOR}: ")).map_or(l, |(_, msg)| msg))
+        .filter(|l| l.contains(&program) && !l.contains("warning:"))
+        .map(|l| l.split_once(&prefix).map_or(l, |(_, msg)| msg))
         .collect();
     let pick = if lines.is_empty() { text.lines().rev().take(3).collect::<Vec<_>>() } else { lines };
     let summary = pick.join("; ");
@@ -395,45 +445,4 @@ pub fn host_memory_kib() -> u64 {
                 .and_then(|n| n.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// QEMU's version, asked over QMP from a short-lived `-machine none` instance whose monitor
-/// is one end of a socketpair.
-pub fn probe_version() -> Result<String, PluginError> {
-    let (ours, theirs) =
-        UnixStream::pair().map_err(|e| PluginError::driver_failure(format!("cannot create a socketpair: {e}")))?;
-    let mut command = Command::new(EMULATOR);
-    command
-        .args(["-machine", "none", "-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-chardev", &format!("socket,id=qmp,fd={FIRST_CHANNEL_FD},server=off")])
-        .args(["-mon", "chardev=qmp,mode=control"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    command
-        .fd_mappings(vec![FdMapping { parent_fd: OwnedFd::from(theirs), child_fd: FIRST_CHANNEL_FD }])
-        .map_err(|e| PluginError::internal(format!("cannot pass the probe socket: {e}")))?;
-    let mut child = command.spawn().map_err(|e| {
-        PluginError::driver_failure(format!("cannot run {EMULATOR} to ask its version (is QEMU installed?): {e}"))
-    })?;
-    drop(command);
-    let result = (|| {
-        let mut qmp = Qmp::handshake(ours, Duration::from_secs(10))
-            .map_err(|e| PluginError::driver_failure(format!("{EMULATOR} version probe: {e}")))?;
-        let version = qmp
-            .execute(&qmp::query_version {})
-            .map_err(|e| PluginError::driver_failure(format!("{EMULATOR} version probe: {e}")))?;
-        let _ = qmp.execute(&qmp::quit {});
-        let triple = version.qemu;
-        Ok(if version.package.trim().is_empty() {
-            format!("{}.{}.{}", triple.major, triple.minor, triple.micro)
-        } else {
-            format!("{}.{}.{} ({})", triple.major, triple.minor, triple.micro, version.package.trim())
-        })
-    })();
-    if wait_child(&mut child, Duration::from_secs(5)).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    result
 }

@@ -382,6 +382,14 @@ pub struct Live {
     pub machine: Machine,
     /// USB port of each disk target or device id on the xHCI controller.
     pub usb_ports: std::collections::BTreeMap<String, u8>,
+    /// The versioned machine type QEMU runs (`pc-q35-7.2`), recorded at the first start so
+    /// that a restore or migration destination on another QEMU recreates the same machine.
+    /// Absent in states recorded by driver 1.0 (`q35` then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_type: Option<String>,
+    /// The running QEMU's own version (QMP `query-version`), shown by `domain.info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_version: Option<String>,
 }
 
 impl Live {
@@ -394,7 +402,7 @@ impl Live {
             .map(|d| d.target.clone())
             .chain(machine.devices.iter().map(|d| d.id.clone()));
         let usb_ports = users.zip(1..=USB_PORTS).collect();
-        Live { accel: accel.to_string(), machine, usb_ports }
+        Live { accel: accel.to_string(), machine, usb_ports, machine_type: None, qemu_version: None }
     }
 
     /// The lowest USB port nobody uses.

@@ -1,10 +1,13 @@
 //! Connection URIs: `qemu:///session` (per-user), `qemu:///system` (root only), with optional
-//! parameters `root=DIR` (another state root, percent-encoded) and `accel=auto|kvm|tcg`.
+//! parameters `root=DIR` (another state root, percent-encoded), `accel=auto|kvm|tcg` and
+//! `emulator=PATH` (the QEMU binary; default: `qemu-system-x86_64` on `PATH`).
 
 use std::path::{Path, PathBuf};
 
 use capvirt_plugin_api::PluginError;
 use percent_encoding::percent_decode_str;
+
+use crate::emulator::Emulator;
 
 /// Which accelerator domains started through this connection use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,7 @@ pub struct Config {
     /// Absolute state root (canonical when it already exists).
     pub root: PathBuf,
     pub accel: Accel,
+    pub emulator: Emulator,
 }
 
 /// Parses a `qemu://` URI.
@@ -51,6 +55,7 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
     };
     let mut root = None;
     let mut accel = None;
+    let mut emulator = None;
     for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
         let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode_str(raw)
@@ -72,9 +77,18 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
                     PluginError::invalid_argument(format!("{uri}: `accel` must be auto, kvm or tcg, not {value:?}"))
                 })?);
             }
+            "emulator" if emulator.is_some() => return Err(duplicate(uri, key)),
+            "emulator" => {
+                if value.is_empty() || value.chars().any(char::is_control) {
+                    return Err(PluginError::invalid_argument(format!(
+                        "{uri}: `emulator` must be a non-empty path without control characters"
+                    )));
+                }
+                emulator = Some(PathBuf::from(value.as_ref()));
+            }
             other => {
                 return Err(PluginError::invalid_argument(format!(
-                    "{uri}: unknown parameter `{other}` (known: root, accel)"
+                    "{uri}: unknown parameter `{other}` (known: root, accel, emulator)"
                 )))
             }
         }
@@ -96,7 +110,11 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
             )))
         }
     };
-    Ok(Config { uri: uri.to_string(), root: normalize(&root)?, accel: accel.unwrap_or(Accel::Auto) })
+    let emulator = match emulator {
+        Some(emulator_path) => Emulator::at(&emulator_path, path == "system")?,
+        None => Emulator::default(),
+    };
+    Ok(Config { uri: uri.to_string(), root: normalize(&root)?, accel: accel.unwrap_or(Accel::Auto), emulator })
 }
 
 fn duplicate(uri: &str, key: &str) -> PluginError {
@@ -141,6 +159,22 @@ mod tests {
         let config = parse("qemu:///session?root=/tmp/a%20b&accel=tcg").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.root, PathBuf::from("/tmp/a b"));
         assert_eq!(config.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn takes_an_absolute_emulator_path() {
+        let config = parse("qemu:///session?root=/tmp/a&emulator=/bin/sh").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.emulator.program(), Path::new("/bin/sh"));
+        let default = parse("qemu:///session?root=/tmp/a").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(default.emulator.program(), Path::new("qemu-system-x86_64"));
+        for bad in [
+            "qemu:///session?root=/tmp/a&emulator=",
+            "qemu:///session?root=/tmp/a&emulator=sh",
+            "qemu:///session?root=/tmp/a&emulator=/bin/sh&emulator=/bin/sh",
+            "qemu:///session?root=/tmp/a&emulator=/nonexistent/qemu",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// The registry version this driver was written against.
-const REGISTRY_VERSION: &str = "1.0.0";
+const REGISTRY_VERSION: &str = "1.1.0";
 
 /// Every capability the test driver implements (all accepted ones, contract version 1).
 const CAPABILITIES: &[&str] = &[
@@ -123,6 +123,9 @@ impl TestDriver {
         info.memory_kib = domain.spec.memory_mib * 1024;
         info.max_memory_kib = domain.spec.memory_mib * 1024;
         info.cpu_time_ns = domain.cpu_time_ns;
+        if domain.state.is_active() {
+            info.hypervisor_version = Some(env!("CARGO_PKG_VERSION").to_string());
+        }
         Ok(info.into_value())
     }
 
