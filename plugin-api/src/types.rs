@@ -190,6 +190,87 @@ impl GraphicsSpec {
     }
 }
 
+/// How a domain boots (registry type `BootSpec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BootSpec {
+    /// Containers: the first process and its arguments (empty: not given).
+    pub init: Vec<String>,
+    /// Virtual machines: direct kernel boot.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+impl BootSpec {
+    /// A container's boot: run `init` (program and arguments).
+    pub fn init<S: Into<String>>(init: impl IntoIterator<Item = S>) -> Self {
+        BootSpec { init: init.into_iter().map(Into::into).collect(), ..BootSpec::default() }
+    }
+
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        let init = list_field(v, "init")
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| PluginError::invalid_argument("boot: `init` must be a list of strings"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(BootSpec {
+            init,
+            kernel: opt_str_field(v, "boot", "kernel")?.map(str::to_string),
+            initrd: opt_str_field(v, "boot", "initrd")?.map(str::to_string),
+            cmdline: opt_str_field(v, "boot", "cmdline")?.map(str::to_string),
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::record_empty();
+        if !self.init.is_empty() {
+            v.set("init", Value::list(self.init.iter().cloned().map(Value::from)));
+        }
+        for (name, field) in [("kernel", &self.kernel), ("initrd", &self.initrd), ("cmdline", &self.cmdline)] {
+            if let Some(text) = field {
+                v.set(name, text.clone());
+            }
+        }
+        v
+    }
+}
+
+/// A host directory shared into a domain (registry type `FilesystemSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FilesystemSpec {
+    pub source: String,
+    pub target: String,
+    pub readonly: bool,
+}
+
+impl FilesystemSpec {
+    /// A read-only share (the registry's default).
+    pub fn new(source: impl Into<String>, target: impl Into<String>) -> Self {
+        FilesystemSpec { source: source.into(), target: target.into(), readonly: true }
+    }
+
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        Ok(FilesystemSpec {
+            source: str_field(v, "filesystem", "source")?.to_string(),
+            target: str_field(v, "filesystem", "target")?.to_string(),
+            readonly: v.get("readonly").and_then(Value::as_bool).unwrap_or(true),
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        Value::record([
+            ("source", Value::from(self.source.clone())),
+            ("target", Value::from(self.target.clone())),
+            ("readonly", Value::Bool(self.readonly)),
+        ])
+    }
+}
+
 /// The hypervisor-agnostic domain definition (registry type `DomainSpec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -200,11 +281,22 @@ pub struct DomainSpec {
     pub disks: Vec<DiskSpec>,
     pub devices: Vec<DeviceSpec>,
     pub graphics: Option<GraphicsSpec>,
+    pub boot: Option<BootSpec>,
+    pub filesystems: Vec<FilesystemSpec>,
 }
 
 impl DomainSpec {
     pub fn new(name: impl Into<String>, memory_mib: u64, vcpus: u64) -> Self {
-        DomainSpec { name: name.into(), memory_mib, vcpus, disks: Vec::new(), devices: Vec::new(), graphics: None }
+        DomainSpec {
+            name: name.into(),
+            memory_mib,
+            vcpus,
+            disks: Vec::new(),
+            devices: Vec::new(),
+            graphics: None,
+            boot: None,
+            filesystems: Vec::new(),
+        }
     }
 
     /// Disk target names, explicit or assigned in order per bus prefix (`vda`, `vdb`, `sda`…).
@@ -355,6 +447,11 @@ impl DomainSpec {
             disks: list_field(v, "disks").iter().map(DiskSpec::from_value).collect::<Result<_, _>>()?,
             devices: list_field(v, "devices").iter().map(DeviceSpec::from_value).collect::<Result<_, _>>()?,
             graphics,
+            boot: v.get("boot").filter(|b| !b.is_unit()).map(BootSpec::from_value).transpose()?,
+            filesystems: list_field(v, "filesystems")
+                .iter()
+                .map(FilesystemSpec::from_value)
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -369,6 +466,10 @@ impl DomainSpec {
         if let Some(g) = &self.graphics {
             v.set("graphics", Value::record([("adapter", g.adapter.as_str())]));
         }
+        if let Some(boot) = &self.boot {
+            v.set("boot", boot.to_value());
+        }
+        v.set("filesystems", Value::list(self.filesystems.iter().map(FilesystemSpec::to_value)));
         v
     }
 }

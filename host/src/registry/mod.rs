@@ -603,6 +603,9 @@ mod sdk_mirror_tests {
         spec.devices.push(stick);
         spec.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Virtio));
         check(&registry, "DomainSpec", spec.to_value());
+        spec.boot = Some(BootSpec::init(["/bin/sleep", "60"]));
+        spec.filesystems.push(FilesystemSpec::new("/srv/data", "/data"));
+        check(&registry, "DomainSpec", spec.to_value());
         let mut info = DomainInfo::new("vm1", DomainState::Paused);
         info.vcpus = 2;
         check(&registry, "DomainInfo", info.clone().into_value());
@@ -642,7 +645,14 @@ mod sdk_mirror_tests {
             |v: Value| -> Vec<String> { v.fields().unwrap_or_default().iter().map(|f| f.name.to_string()).collect() };
         let mut spec = DomainSpec::new("x", 64, 1);
         spec.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Vga));
+        let mut boot = BootSpec::init(["/bin/sh"]);
+        boot.kernel = Some("/boot/vmlinuz".into());
+        boot.initrd = Some("/boot/initrd.img".into());
+        boot.cmdline = Some("console=ttyS0".into());
+        assert_eq!(built(boot.clone().to_value()), fields("BootSpec"));
+        spec.boot = Some(boot);
         assert_eq!(built(spec.to_value()), fields("DomainSpec"));
+        assert_eq!(built(FilesystemSpec::new("/srv", "/data").to_value()), fields("FilesystemSpec"));
         let mut info = DomainInfo::new("x", DomainState::Running);
         info.hypervisor_version = Some("1.0".into());
         assert_eq!(built(info.into_value()), fields("DomainInfo"));

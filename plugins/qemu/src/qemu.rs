@@ -189,6 +189,16 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
         };
         args.json("-device", &qmp::device_add::new(driver, Some("video0".to_string()), None, std::iter::empty()))?;
     }
+    if let Some(boot) = &machine.boot {
+        // Plain file names and the guest's command line: none is parsed as QEMU options.
+        args.0.extend(["-kernel".into(), boot.kernel.clone().into_os_string()]);
+        if let Some(initrd) = &boot.initrd {
+            args.0.extend(["-initrd".into(), initrd.clone().into_os_string()]);
+        }
+        if let Some(cmdline) = &boot.cmdline {
+            args.add(&["-append", cmdline]);
+        }
+    }
     if mode == StartMode::Incoming {
         args.add(&["-incoming", "defer"]);
     }

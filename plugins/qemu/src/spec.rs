@@ -14,7 +14,9 @@ use std::{
 };
 
 use capvirt_plugin_api::{
-    types::{DeviceKind, DeviceSpec, DiskBus, DiskFormat, DiskSpec, DomainSpec, GraphicsAdapter, GraphicsSpec},
+    types::{
+        BootSpec, DeviceKind, DeviceSpec, DiskBus, DiskFormat, DiskSpec, DomainSpec, GraphicsAdapter, GraphicsSpec,
+    },
     PluginError,
 };
 use serde::{Deserialize, Serialize};
@@ -99,6 +101,20 @@ pub struct Machine {
     pub devices: Vec<Device>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graphics: Option<Adapter>,
+    /// Direct kernel boot; absent: the firmware boots the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<KernelBoot>,
+}
+
+/// A kernel (and initrd) QEMU loads itself, with the guest kernel's command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
 }
 
 impl From<DiskFormat> for Format {
@@ -186,6 +202,13 @@ impl Machine {
                 Adapter::Vga => GraphicsAdapter::Vga,
                 Adapter::Virtio => GraphicsAdapter::Virtio,
             })
+        });
+        spec.boot = self.boot.as_ref().map(|boot| {
+            let mut spec = BootSpec::default();
+            spec.kernel = Some(boot.kernel.display().to_string());
+            spec.initrd = boot.initrd.as_ref().map(|p| p.display().to_string());
+            spec.cmdline = boot.cmdline.clone();
+            spec
         });
         spec
     }
@@ -294,6 +317,46 @@ pub fn device(device: &DeviceSpec) -> Result<Device, PluginError> {
     Ok(Device { kind: device.kind.into(), id: device.id.clone(), path, format })
 }
 
+/// The direct kernel boot a `[boot]` table asks for (`None`: boot the disks).
+fn kernel_boot(boot: &BootSpec) -> Result<Option<KernelBoot>, PluginError> {
+    if !boot.init.is_empty() {
+        return Err(PluginError::invalid_argument(
+            "boot.init names a container's first process; a virtual machine boots its disks or boot.kernel".to_string(),
+        ));
+    }
+    let Some(kernel) = &boot.kernel else {
+        return match (&boot.initrd, &boot.cmdline) {
+            (None, None) => Ok(None),
+            _ => Err(PluginError::invalid_argument("boot.initrd and boot.cmdline need boot.kernel".to_string())),
+        };
+    };
+    if let Some(cmdline) = boot.cmdline.as_deref().filter(|c| c.chars().any(char::is_control)) {
+        return Err(PluginError::invalid_argument(format!("boot.cmdline {cmdline:?} has control characters")));
+    }
+    Ok(Some(KernelBoot {
+        kernel: check_boot_file(kernel, "boot.kernel")?,
+        initrd: boot.initrd.as_deref().map(|p| check_boot_file(p, "boot.initrd")).transpose()?,
+        cmdline: boot.cmdline.clone(),
+    }))
+}
+
+/// Resolves a kernel or initrd path: an existing regular file.
+fn check_boot_file(path: &str, what: &str) -> Result<PathBuf, PluginError> {
+    if path.is_empty() || path.chars().any(char::is_control) {
+        return Err(PluginError::invalid_argument(format!("{what}: path {path:?} is empty or has control characters")));
+    }
+    let resolved = std::fs::canonicalize(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PluginError::invalid_argument(format!("{what}: {path} does not exist")),
+        _ => PluginError::invalid_argument(format!("{what}: cannot access {path}: {e}")),
+    })?;
+    let meta = std::fs::metadata(&resolved)
+        .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot access {path}: {e}")))?;
+    if !meta.is_file() {
+        return Err(PluginError::invalid_argument(format!("{what}: {path} is not a regular file")));
+    }
+    Ok(resolved)
+}
+
 /// Validates a whole domain spec into the stored definition. Touches nothing on disk but
 /// reads the images' first bytes.
 pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, PluginError> {
@@ -360,8 +423,22 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
         GraphicsAdapter::Vga => Adapter::Vga,
         GraphicsAdapter::Virtio => Adapter::Virtio,
     });
-    let machine =
-        Machine { name: spec.name.clone(), memory_mib: spec.memory_mib, vcpus: spec.vcpus, disks, devices, graphics };
+    if !spec.filesystems.is_empty() {
+        return Err(PluginError::unsupported(
+            "the qemu driver does not share host directories (`filesystems`) with virtual machines yet; use a disk image"
+                .to_string(),
+        ));
+    }
+    let boot = spec.boot.as_ref().map(kernel_boot).transpose()?.flatten();
+    let machine = Machine {
+        name: spec.name.clone(),
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        disks,
+        devices,
+        graphics,
+        boot,
+    };
     if machine.usb_port_users() > usize::from(USB_PORTS) {
         return Err(PluginError::invalid_argument(format!(
             "USB disks and devices need {} ports; a domain has {USB_PORTS}",
@@ -428,6 +505,26 @@ mod tests {
     }
 
     #[test]
+    fn boot_tables_become_kernel_boots_or_are_refused() {
+        assert_eq!(kernel_boot(&BootSpec::default()).ok(), Some(None));
+        let refused = |boot: BootSpec| kernel_boot(&boot).err().map(|e| e.message.to_string()).unwrap_or_default();
+        assert!(refused(BootSpec::init(["/bin/sh"])).contains("container"));
+        let mut orphan = BootSpec::default();
+        orphan.cmdline = Some("quiet".into());
+        assert!(refused(orphan).contains("need boot.kernel"));
+        let mut missing = BootSpec::default();
+        missing.kernel = Some("/nonexistent/vmlinuz".into());
+        assert!(refused(missing).contains("does not exist"));
+        let mut directory = BootSpec::default();
+        directory.kernel = Some("/".into());
+        assert!(refused(directory).contains("not a regular file"));
+        let mut control = BootSpec::default();
+        control.kernel = Some("/bin/sh".into());
+        control.cmdline = Some("a\nb".into());
+        assert!(refused(control).contains("control characters"));
+    }
+
+    #[test]
     fn names_never_become_paths() {
         for bad in ["../x", "a/b", ".x", "a..b", ""] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
@@ -449,6 +546,11 @@ mod tests {
             }],
             devices: vec![Device { kind: Kind::UsbTablet, id: "tab".into(), path: None, format: None }],
             graphics: Some(Adapter::Vga),
+            boot: Some(KernelBoot {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: None,
+                cmdline: Some("console=ttyS0 quiet".into()),
+            }),
         };
         let text = toml::to_string(&machine).unwrap_or_else(|e| panic!("{e}"));
         let back: Machine = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
