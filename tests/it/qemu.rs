@@ -13,8 +13,10 @@ use capvirt_tests::qemu::{
     COMMAND_TIMEOUT,
 };
 
-/// Bound on a freshly booted guest's firmware reading its disk.
-const FIRMWARE_READ: Duration = Duration::from_secs(30);
+/// Bound on a freshly booted guest's firmware reading its disk (polled: it costs nothing when
+/// the read comes early). QEMU 10's SeaBIOS reads seconds later than 7.2's, and a loaded
+/// 2-core machine running TCG guests makes it later still.
+const FIRMWARE_READ: Duration = Duration::from_secs(120);
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -512,5 +514,88 @@ fn saved_and_migrated_state_moves_to_newer_qemus_only() {
     } else {
         assert_refused(&out, 4, "cannot run it");
         assert_eq!(sandbox.json_uri(&source, &["dominfo", "vm1"])["state"], "running");
+    }
+}
+
+/// Runs `qemu-img ARGS…`, which must succeed.
+fn qemu_img(args: &[&str]) {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(args);
+    let out = output_within(cmd, COMMAND_TIMEOUT);
+    assert!(out.status.success(), "qemu-img {args:?}: {}", stderr(&out));
+}
+
+#[test]
+fn images_that_name_other_files_are_refused_at_define_and_at_start() {
+    let sandbox = Sandbox::new();
+    let secret = sandbox.write("secret.raw", "host secret\n");
+    let evil = sandbox.path().join("evil.qcow2");
+    let (secret, evil) = (secret.display().to_string(), evil.display().to_string());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &secret, "-F", "raw", &evil, "8M"]);
+    let spec = sandbox.write("evil.toml", &spec_toml("evil", 64, std::path::Path::new(&evil), true));
+    assert_refused(&sandbox.run("r", &["define", spec.to_str().unwrap_or_default()]), 2, "has a backing file");
+
+    let data = sandbox.path().join("data.raw").display().to_string();
+    let external = sandbox.path().join("external.qcow2").display().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={data}"), &external, "8M"]);
+    let spec = sandbox.write("external.toml", &spec_toml("external", 64, std::path::Path::new(&external), true));
+    assert_refused(&sandbox.run("r", &["define", spec.to_str().unwrap_or_default()]), 2, "external file");
+    assert!(!sandbox.root("r").exists(), "a refused image wrote into the state root");
+
+    // An image swapped for a backed one after define is refused before QEMU opens it.
+    let disk = sandbox.boot_disk("swapped");
+    let spec = sandbox.write("swapped.toml", &spec_toml("swapped", 64, &disk, true));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+    fs::copy(&evil, &disk).unwrap_or_else(|e| panic!("copy: {e}"));
+    assert_refused(&sandbox.run("r", &["start", "swapped"]), 2, "has a backing file");
+    assert_eq!(sandbox.state("r", "swapped"), "shut off");
+    assert!(sandbox.processes().is_empty(), "a QEMU started: {:?}", sandbox.processes());
+}
+
+#[test]
+fn a_held_or_deleted_monitor_socket_never_blocks_the_domain_or_fails_the_listing() {
+    let sandbox = Sandbox::new();
+    for name in ["held", "other"] {
+        let disk = sandbox.boot_disk(name);
+        let spec = sandbox.write(&format!("{name}.toml"), &spec_toml(name, 64, &disk, true));
+        sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+        sandbox.ok("r", &["start", name]);
+    }
+    let run = sandbox.root("r").join("domains/held/run");
+    // A client outside capvirt takes channel 0 and never lets go.
+    let holder = std::os::unix::net::UnixStream::connect(run.join("qmp0.sock"))
+        .unwrap_or_else(|e| panic!("connect to qmp0.sock: {e}"));
+    let started = Instant::now();
+    assert_eq!(sandbox.state("r", "held"), "running");
+    sandbox.ok("r", &["suspend", "held"]);
+    assert_eq!(sandbox.state("r", "held"), "paused");
+    sandbox.ok("r", &["resume", "held"]);
+    assert!(started.elapsed() < Duration::from_secs(5), "a held channel slowed calls: {:?}", started.elapsed());
+    drop(holder);
+
+    // One channel's socket deleted: the domain keeps its state and the listing works for all.
+    fs::remove_file(run.join("qmp0.sock")).unwrap_or_else(|e| panic!("remove qmp0.sock: {e}"));
+    assert_eq!(
+        sandbox.json("r", &["list", "--all"]),
+        serde_json::json!([{"name": "held", "state": "running"}, {"name": "other", "state": "running"}])
+    );
+    assert_refused(&sandbox.run("r", &["start", "held"]), 6, "already running");
+    // Refusals name the state that caused them.
+    assert_refused(&sandbox.run("r", &["resume", "held"]), 6, "is not paused (state: running)");
+    sandbox.ok("r", &["destroy", "held"]);
+    sandbox.ok("r", &["destroy", "other"]);
+}
+
+#[test]
+fn restore_refuses_fifos_and_devices_without_waiting() {
+    let sandbox = Sandbox::new();
+    let fifo = sandbox.path().join("state.fifo");
+    let mut mkfifo = std::process::Command::new("mkfifo");
+    mkfifo.arg(&fifo);
+    assert!(output_within(mkfifo, COMMAND_TIMEOUT).status.success());
+    for path in [fifo.to_str().unwrap_or_default(), "/dev/zero"] {
+        let started = Instant::now();
+        assert_refused(&sandbox.run("r", &["restore", path]), 2, "not a regular file");
+        assert!(started.elapsed() < Duration::from_secs(10), "{path}: took {:?}", started.elapsed());
     }
 }

@@ -163,7 +163,8 @@ impl QemuDriver {
     pub(crate) fn take_monitor(&self, name: &str) -> Option<Monitor> {
         let cached = self.monitors.remove(name)?;
         let mutex = Arc::try_unwrap(cached).ok()?;
-        let monitor = mutex.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A poisoned channel may be mid-line: not worth keeping.
+        let monitor = mutex.into_inner().ok()?;
         (!monitor.qmp.is_broken()).then_some(monitor)
     }
 
@@ -212,7 +213,15 @@ impl QemuDriver {
         let mut retried = false;
         loop {
             let shared = self.monitor(op.domain)?;
-            let mut monitor = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut monitor = match shared.lock() {
+                Ok(monitor) => monitor,
+                // A holder panicked mid-exchange: the stream may be mid-line, so the channel is
+                // dropped and a fresh one opened.
+                Err(_) => {
+                    self.monitors.remove_if(op.domain, &shared);
+                    continue;
+                }
+            };
             let result = exchange(&mut monitor.qmp);
             let broken = monitor.qmp.is_broken();
             drop(monitor);
@@ -298,38 +307,34 @@ impl QemuDriver {
     }
 
     fn suspend(&self, name: &str) -> Result<Value, PluginError> {
-        let stopped = self.with_monitor(Op::new(name, "suspend (stop)"), |q| {
+        // QEMU answers `stop` on a stopped guest with success and no STOP event; the state
+        // that refused it is read in the same exchange, so the message cannot contradict it.
+        let refused = self.with_monitor(Op::new(name, "suspend (stop)"), |q| {
             q.execute(&qmp::stop {})?;
-            Ok(q.saw_event("STOP"))
+            if q.saw_event("STOP") {
+                return Ok(None);
+            }
+            q.execute_loose::<_, serde_json::Value>(&qmp::query_status {}).map(|status| Some(run_state(&status)))
         })?;
-        // QEMU answers `stop` on a stopped guest with success and no STOP event.
-        if stopped {
-            Ok(Value::Unit)
-        } else {
-            Err(self.wrong_state(name, "is not running"))
+        match refused {
+            None => Ok(Value::Unit),
+            Some(state) => Err(wrong_state(name, "is not running", state)),
         }
     }
 
     fn resume(&self, name: &str) -> Result<Value, PluginError> {
         let op = Op::new(name, "resume (cont)").refused_as(ErrorKind::InvalidState);
-        let resumed = self.with_monitor(op, |q| {
-            q.execute(&qmp::cont {})?;
-            Ok(q.saw_event("RESUME"))
-        })?;
         // QEMU answers `cont` on a running guest with success and no RESUME event.
-        if resumed {
-            Ok(Value::Unit)
-        } else {
-            Err(self.wrong_state(name, "is not paused"))
-        }
-    }
-
-    /// An invalid-state error naming the domain's actual state.
-    fn wrong_state(&self, name: &str, why: &str) -> PluginError {
-        let state = self.store.paths(name).and_then(|paths| self.observe(&paths)).map(|(s, _)| s.as_str());
-        match state {
-            Ok(state) => PluginError::invalid_state(format!("domain '{name}' {why} (state: {state})")),
-            Err(_) => PluginError::invalid_state(format!("domain '{name}' {why}")),
+        let refused = self.with_monitor(op, |q| {
+            q.execute(&qmp::cont {})?;
+            if q.saw_event("RESUME") {
+                return Ok(None);
+            }
+            q.execute_loose::<_, serde_json::Value>(&qmp::query_status {}).map(|status| Some(run_state(&status)))
+        })?;
+        match refused {
+            None => Ok(Value::Unit),
+            Some(state) => Err(wrong_state(name, "is not paused", state)),
         }
     }
 
@@ -347,8 +352,8 @@ impl QemuDriver {
         let mut info = DomainInfo::new(machine.name.clone(), state);
         info.hypervisor_version = hypervisor_version;
         info.vcpus = machine.vcpus;
-        info.memory_kib = machine.memory_mib * 1024;
-        info.max_memory_kib = machine.memory_mib * 1024;
+        info.memory_kib = machine.memory_mib.saturating_mul(1024);
+        info.max_memory_kib = machine.memory_mib.saturating_mul(1024);
         info.cpu_time_ns = pid.map(qemu::cpu_time_ns).unwrap_or(0);
         Ok(info.into_value())
     }
@@ -361,7 +366,9 @@ impl QemuDriver {
                 Ok(observed) => observed,
                 // Undefined meanwhile.
                 Err(e) if e.kind == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+                // One domain's trouble (its QEMU runs but its monitor fails) never fails the
+                // listing of the others: it is listed as blocked, and `domain.info` says why.
+                Err(_) => (DomainState::Blocked, None),
             };
             if all || state.is_active() {
                 domains.push(domain_summary(name, state));
@@ -409,8 +416,9 @@ impl QemuDriver {
         self.forget(name);
         qemu::launch(&self.store, &lock.paths, &Live::new(machine, accel), StartMode::Boot, &self.config.emulator)?;
         drop(lock);
-        // Open the channel now: it proves QEMU answers, and this connection's next call uses it.
-        self.monitor(name)?;
+        // Launching proved QEMU answers; a channel opened now serves this connection's next
+        // call, unless another call already stopped the domain (its own result says so).
+        let _ = self.monitor(name);
         Ok(Value::Unit)
     }
 
@@ -667,17 +675,28 @@ impl QemuDriver {
     }
 }
 
-/// Images can vanish between define and start.
+/// An invalid-state error naming the state that caused the refusal.
+fn wrong_state(name: &str, why: &str, state: DomainState) -> PluginError {
+    PluginError::invalid_state(format!("domain '{name}' {why} (state: {})", state.as_str()))
+}
+
+/// Images can vanish or change between define and start: each must still exist and pass the
+/// checks of define (format, no backing or external data file) right before QEMU opens it.
 pub(crate) fn check_images_exist(machine: &Machine) -> Result<(), PluginError> {
-    let images = machine
-        .disks
-        .iter()
-        .map(|d| (d.target.as_str(), &d.path))
-        .chain(machine.devices.iter().filter_map(|d| d.path.as_ref().map(|p| (d.id.as_str(), p))));
-    for (id, path) in images {
+    let images = machine.disks.iter().map(|d| (d.target.as_str(), &d.path, d.format)).chain(
+        machine.devices.iter().filter_map(|d| match (&d.path, d.format) {
+            (Some(path), Some(format)) => Some((d.id.as_str(), path, format)),
+            _ => None,
+        }),
+    );
+    for (id, path, format) in images {
         if !path.exists() {
             return Err(PluginError::not_found(format!("{id}: image {} no longer exists", path.display())));
         }
+        let text = path.to_str().ok_or_else(|| {
+            PluginError::invalid_argument(format!("{id}: image path {} is not valid UTF-8", path.display()))
+        })?;
+        spec::check_image(text, format, id)?;
     }
     Ok(())
 }

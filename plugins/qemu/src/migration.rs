@@ -422,10 +422,16 @@ fn write_header(file: &mut File, header: &SaveHeader) -> Result<(), PluginError>
 fn read_save(path: &Path) -> Result<(SaveHeader, File), PluginError> {
     let not_save =
         |why: &str| PluginError::invalid_argument(format!("{} is not a capvirt QEMU save file: {why}", path.display()));
-    let file = File::open(path).map_err(|e| match e.kind() {
+    // Non-blocking open: a FIFO or device must be refused, not waited on forever.
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => PluginError::not_found(format!("{} does not exist", path.display())),
         _ => PluginError::invalid_argument(format!("cannot open {}: {e}", path.display())),
     })?;
+    let metadata = file.metadata().map_err(|e| not_save(&e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(not_save("not a regular file"));
+    }
+    rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty()).map_err(|e| not_save(&e.to_string()))?;
     let mut reader = BufReader::new(file);
     let mut line = String::new();
     let mut read_line = |line: &mut String| {

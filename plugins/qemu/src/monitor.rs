@@ -51,10 +51,19 @@ impl std::fmt::Display for OpenError {
     }
 }
 
+/// Bound on the first greeting wait of a channel: a channel that a client outside capvirt
+/// holds accepts the connection into its backlog and never greets, so a short first wait lets
+/// the next channel serve the call; waits grow when every channel is slow.
+const FIRST_GREETING_WAIT: Duration = Duration::from_millis(300);
+
 /// Claims and connects a free channel of the domain's QEMU, waiting up to `wait` for one.
+/// A channel whose socket is gone, refused, held by a foreign client or silent is skipped;
+/// only when every socket is gone is QEMU taken for gone.
 pub fn open(paths: &DomainPaths, wait: Duration) -> Result<Monitor, OpenError> {
     let deadline = Instant::now() + wait;
+    let mut greeting_wait = FIRST_GREETING_WAIT;
     loop {
+        let (mut gone, mut silent) = (0, 0);
         for channel in 0..CHANNELS {
             let claim = match OpenOptions::new()
                 .read(true)
@@ -65,6 +74,7 @@ pub fn open(paths: &DomainPaths, wait: Duration) -> Result<Monitor, OpenError> {
                 .open(paths.monitor_lock(channel))
             {
                 Ok(file) => file,
+                // The run directory itself is gone.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(OpenError::Gone),
                 Err(e) => return Err(OpenError::Io(e)),
             };
@@ -73,8 +83,9 @@ pub fn open(paths: &DomainPaths, wait: Duration) -> Result<Monitor, OpenError> {
                 Err(std::fs::TryLockError::WouldBlock) => continue,
                 Err(std::fs::TryLockError::Error(e)) => return Err(OpenError::Io(e)),
             }
-            let connected =
-                with_socket_path(&paths.monitor_socket(channel), |path| Qmp::connect(path, HANDSHAKE_TIMEOUT));
+            let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+            let timeout = greeting_wait.min(remaining);
+            let connected = with_socket_path(&paths.monitor_socket(channel), |path| Qmp::connect(path, timeout));
             match connected {
                 Ok(qmp) => return Ok(Monitor { qmp, _claim: claim }),
                 // Held by a client outside capvirt: try the next channel.
@@ -82,14 +93,21 @@ pub fn open(paths: &DomainPaths, wait: Duration) -> Result<Monitor, OpenError> {
                 Err(QmpError::Io(e))
                     if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) =>
                 {
-                    return Err(OpenError::Gone)
+                    gone += 1
                 }
-                Err(QmpError::Closed) => return Err(OpenError::Gone),
+                Err(QmpError::Closed) => gone += 1,
+                Err(QmpError::Timeout) => silent += 1,
                 Err(e) => return Err(OpenError::Qmp(e)),
             }
         }
+        if gone == CHANNELS {
+            return Err(OpenError::Gone);
+        }
         if Instant::now() >= deadline {
-            return Err(OpenError::AllBusy);
+            return Err(if silent > 0 { OpenError::Qmp(QmpError::Timeout) } else { OpenError::AllBusy });
+        }
+        if silent > 0 {
+            greeting_wait = (greeting_wait * 4).min(HANDSHAKE_TIMEOUT);
         }
         thread::sleep(Duration::from_millis(20));
     }

@@ -100,7 +100,13 @@ pub fn blockdev(node: &str, path: &Path, format: Format, readonly: bool) -> Resu
     };
     let file = qmp::BlockdevRef::definition(Box::new(file));
     Ok(match format {
-        Format::Qcow2 => qmp::BlockdevOptions::qcow2 { base: base(node.to_string()), qcow2: file.into() },
+        Format::Qcow2 => {
+            let mut qcow2: qmp::BlockdevOptionsQcow2 = file.into();
+            // Never a backing file, whatever the image header says (images naming one are also
+            // refused at define and start): QEMU opens only the file named here.
+            qcow2.base.backing = Some(qmp::BlockdevRefOrNull::null(()));
+            qmp::BlockdevOptions::qcow2 { base: base(node.to_string()), qcow2 }
+        }
         Format::Raw => qmp::BlockdevOptions::raw { base: base(node.to_string()), raw: file.into() },
     })
 }
@@ -455,4 +461,21 @@ pub fn host_memory_kib() -> u64 {
                 .and_then(|n| n.parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qcow2_nodes_never_open_a_backing_file() {
+        let node = blockdev("capvirt-disk0", Path::new("/img/a,b.qcow2"), Format::Qcow2, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let json = serde_json::to_value(&node).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(json["driver"], "qcow2");
+        assert_eq!(json["backing"], serde_json::Value::Null);
+        assert!(json.as_object().is_some_and(|o| o.contains_key("backing")), "{json}");
+        // The path travels as a JSON string: the comma starts no new option.
+        assert_eq!(json["file"]["filename"], "/img/a,b.qcow2");
+    }
 }

@@ -104,6 +104,9 @@ pub struct Qmp {
     broken: bool,
 }
 
+/// Lines tolerated before the greeting.
+const MAX_LINES_BEFORE_GREETING: usize = 16;
+
 impl Qmp {
     /// Connects to a QMP server socket and negotiates capabilities, within `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
@@ -140,10 +143,23 @@ impl Qmp {
             socket_timeout: timeout,
             broken: false,
         };
-        let greeting = client.next_line(Instant::now() + timeout)?;
-        // Checks that the peer speaks QMP at all (the version is asked with query-version).
-        let _: qmp::QapiCapabilities = serde_json::from_slice(client.line(greeting))
-            .map_err(|e| client.fail(QmpError::Protocol(format!("bad QMP greeting: {e}"))))?;
+        // The greeting proves the peer speaks QMP (the version is asked with query-version).
+        // Lines before it are skipped: a previous client's unread output (an event, a late
+        // reply) can still be in flight when a channel changes hands.
+        let deadline = Instant::now() + timeout;
+        let mut skipped = 0;
+        loop {
+            let line = client.next_line(deadline)?;
+            match serde_json::from_slice::<qmp::QapiCapabilities>(client.line(line)) {
+                Ok(_) => break,
+                Err(_) if skipped < MAX_LINES_BEFORE_GREETING => skipped += 1,
+                Err(e) => {
+                    return Err(client.fail(QmpError::Protocol(format!(
+                        "no QMP greeting in the first {MAX_LINES_BEFORE_GREETING} lines: {e}"
+                    ))))
+                }
+            }
+        }
         client.execute_within(&qmp::qmp_capabilities { enable: None }, timeout)?;
         Ok(client)
     }
@@ -397,5 +413,143 @@ fn send_error(e: rustix::io::Errno, already_sent: usize) -> QmpError {
         rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET => QmpError::Closed,
         rustix::io::Errno::AGAIN => QmpError::Timeout,
         e => QmpError::Io(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        thread,
+    };
+
+    use super::*;
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
+
+    /// A scripted QMP peer on the other end of a socketpair: for each command line it reads, it
+    /// writes the next chunk of the script (raw bytes, so lines may be split or cut).
+    fn peer(before_greeting: &'static str, replies: Vec<&'static [u8]>) -> (UnixStream, thread::JoinHandle<()>) {
+        let (ours, theirs) = UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        let handle = thread::spawn(move || {
+            let mut writer = theirs.try_clone().unwrap_or_else(|e| panic!("clone: {e}"));
+            let mut reader = BufReader::new(theirs);
+            let _ = writer.write_all(before_greeting.as_bytes());
+            let _ = writer.write_all(GREETING.as_bytes());
+            let _ = writer.write_all(b"\n");
+            // qmp_capabilities.
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let _ = writer.write_all(b"{\"return\": {}}\n");
+            for reply in replies {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                for chunk in reply.chunks(7) {
+                    let _ = writer.write_all(chunk);
+                    let _ = writer.flush();
+                }
+            }
+        });
+        (ours, handle)
+    }
+
+    fn connect(stream: UnixStream) -> Qmp {
+        Qmp::handshake(stream, Duration::from_secs(5)).unwrap_or_else(|e| panic!("handshake: {e}"))
+    }
+
+    #[test]
+    fn lines_before_the_greeting_are_skipped() {
+        let (stream, peer) = peer("{\"event\": \"STOP\"}\n{\"return\": {}}\n", vec![]);
+        let qmp = connect(stream);
+        assert!(!qmp.is_broken());
+        drop(qmp);
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn a_peer_that_never_greets_is_refused() {
+        let junk: &'static str =
+            Box::leak("{\"event\": \"X\"}\n".repeat(MAX_LINES_BEFORE_GREETING + 1).into_boxed_str());
+        let (stream, peer) = peer(junk, vec![]);
+        match Qmp::handshake(stream, Duration::from_secs(5)) {
+            Err(QmpError::Protocol(why)) => assert!(why.contains("no QMP greeting"), "{why}"),
+            Err(e) => panic!("expected a protocol error, got {e}"),
+            Ok(_) => panic!("a peer without a greeting was accepted"),
+        }
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn replies_split_across_reads_and_events_between_them_are_read() {
+        let (stream, peer) = peer(
+            "",
+            vec![
+                b"{\"event\": \"STOP\", \"data\": {}}\n{\"return\": {}}\n",
+                b"{\"return\": {\"status\": \"paused\", \"running\": false}}\n",
+            ],
+        );
+        let mut qmp = connect(stream);
+        qmp.execute(&qmp::stop {}).unwrap_or_else(|e| panic!("stop: {e}"));
+        assert!(qmp.saw_event("STOP"), "the STOP event before the reply was kept");
+        let status: serde_json::Value =
+            qmp.execute_loose(&qmp::query_status {}).unwrap_or_else(|e| panic!("query-status: {e}"));
+        assert_eq!(status["status"], "paused");
+        assert!(!qmp.saw_event("STOP"), "events are per command");
+        drop(qmp);
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn command_errors_keep_the_channel_usable() {
+        let (stream, peer) = peer(
+            "",
+            vec![b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"no such device\"}}\n", b"{\"return\": {}}\n"],
+        );
+        let mut qmp = connect(stream);
+        match qmp.execute(&qmp::cont {}) {
+            Err(QmpError::Command(e)) => assert_eq!(e.desc, "no such device"),
+            other => panic!("expected a command error, got {other:?}"),
+        }
+        assert!(!qmp.is_broken());
+        qmp.execute(&qmp::cont {}).unwrap_or_else(|e| panic!("cont: {e}"));
+        drop(qmp);
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn eof_in_the_middle_of_a_reply_breaks_the_channel() {
+        let (stream, peer) = peer("", vec![b"{\"return\": {\"sta"]);
+        let mut qmp = connect(stream);
+        match qmp.execute_loose::<_, serde_json::Value>(&qmp::query_status {}) {
+            Err(QmpError::Closed) => {}
+            other => panic!("expected Closed, got {other:?}"),
+        }
+        assert!(qmp.is_broken());
+        assert!(matches!(qmp.execute(&qmp::stop {}), Err(QmpError::Closed)));
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn garbage_instead_of_a_reply_is_a_protocol_error() {
+        let (stream, peer) = peer("", vec![b"this is not json\n"]);
+        let mut qmp = connect(stream);
+        assert!(matches!(qmp.execute(&qmp::stop {}), Err(QmpError::Protocol(_))));
+        assert!(qmp.is_broken());
+        drop(qmp);
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_within_the_bound() {
+        let (ours, theirs) = UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        let started = Instant::now();
+        let result = Qmp::handshake(ours, Duration::from_millis(200));
+        assert!(matches!(result, Err(QmpError::Timeout)), "{:?}", result.err());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(theirs);
     }
 }

@@ -32,6 +32,8 @@ const MAX_NAME_LEN: usize = 64;
 /// The longest device id (registry `DeviceName`).
 const MAX_DEVICE_ID_LEN: usize = 32;
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+/// The qcow2 header fields read: up to `incompatible_features` (version 3).
+const QCOW2_HEADER_LEN: usize = 80;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -276,9 +278,12 @@ pub fn check_image(path: &str, format: Format, what: &str) -> Result<PathBuf, Pl
     if !(meta.is_file() || meta.file_type().is_block_device()) {
         return Err(PluginError::invalid_argument(format!("{what}: {path} is not a regular file or block device")));
     }
-    let is_qcow2 = read_magic(&resolved)
-        .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot read image {path}: {e}")))?
-        == Some(QCOW2_MAGIC);
+    let header = read_header(&resolved)
+        .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot read image {path}: {e}")))?;
+    let is_qcow2 = header.starts_with(&QCOW2_MAGIC);
+    if is_qcow2 {
+        check_qcow2_header(&header, path, what)?;
+    }
     match (format, is_qcow2) {
         (Format::Qcow2, false) => Err(PluginError::invalid_argument(format!(
             "{what}: {path} is not a qcow2 image (declare format = \"raw\" for a raw image)"
@@ -290,17 +295,36 @@ pub fn check_image(path: &str, format: Format, what: &str) -> Result<PathBuf, Pl
     }
 }
 
-fn read_magic(path: &Path) -> std::io::Result<Option<[u8; 4]>> {
-    let mut magic = [0u8; 4];
-    let mut file = File::open(path)?;
-    let mut filled = 0;
-    while filled < magic.len() {
-        match file.read(&mut magic[filled..])? {
-            0 => return Ok(None),
-            n => filled += n,
+/// The first [`QCOW2_HEADER_LEN`] bytes of an image (fewer for a shorter file).
+fn read_header(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut header = Vec::with_capacity(QCOW2_HEADER_LEN);
+    File::open(path)?.take(QCOW2_HEADER_LEN as u64).read_to_end(&mut header)?;
+    Ok(header)
+}
+
+/// QEMU must open exactly the files a spec names: a qcow2 image that names another file in
+/// its header (a backing file, or an external data file) would make QEMU open that file, which
+/// no spec declared (as root: any host file). Such images are refused; flatten them first.
+fn check_qcow2_header(header: &[u8], path: &str, what: &str) -> Result<(), PluginError> {
+    let be_u32 = |at: usize| header.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+    let be_u64 = |at: usize| header.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    let refuse = |why: &str| PluginError::invalid_argument(format!("{what}: qcow2 image {path} {why}"));
+    let (Some(version), Some(backing_offset)) = (be_u32(4), be_u64(8)) else {
+        return Err(refuse("has a truncated header"));
+    };
+    if backing_offset != 0 {
+        return Err(refuse(
+            "has a backing file; capvirt opens only the images a spec names (flatten it: qemu-img convert -O qcow2)",
+        ));
+    }
+    // Version 3 headers carry feature bits; bit 2 of the incompatible ones is an external data file.
+    if version >= 3 {
+        let incompatible = be_u64(72).ok_or_else(|| refuse("has a truncated header"))?;
+        if incompatible & (1 << 2) != 0 {
+            return Err(refuse("keeps its data in an external file; capvirt opens only the images a spec names"));
         }
     }
-    Ok(Some(magic))
+    Ok(())
 }
 
 /// Validates a device to attach (or listed in a spec): ids, backing image.

@@ -120,8 +120,8 @@ impl TestDriver {
         }
         let mut info = DomainInfo::new(domain.spec.name.clone(), domain.state);
         info.vcpus = domain.spec.vcpus;
-        info.memory_kib = domain.spec.memory_mib * 1024;
-        info.max_memory_kib = domain.spec.memory_mib * 1024;
+        info.memory_kib = domain.spec.memory_mib.saturating_mul(1024);
+        info.max_memory_kib = domain.spec.memory_mib.saturating_mul(1024);
         info.cpu_time_ns = domain.cpu_time_ns;
         if domain.state.is_active() {
             info.hypervisor_version = Some(env!("CARGO_PKG_VERSION").to_string());
@@ -275,11 +275,13 @@ impl TestDriver {
             return Err(PluginError::invalid_state(format!("{dest_uri} already has a domain named '{name}'")));
         }
         const STEPS: u64 = 4;
+        let total = domain.spec.memory_mib.saturating_mul(1 << 20);
         for step in 1..=STEPS {
             if ctx.is_cancelled() {
                 return Err(PluginError::invalid_state("migration cancelled"));
             }
-            ctx.progress(step * domain.spec.memory_mib * 1024 * 1024 / STEPS, domain.spec.memory_mib * 1024 * 1024);
+            let done = u128::from(total) * u128::from(step) / u128::from(STEPS);
+            ctx.progress(u64::try_from(done).unwrap_or(total), total);
         }
         let moved = domain.clone();
         domain.stop();
