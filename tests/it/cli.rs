@@ -140,6 +140,28 @@ fn define_refuses_bad_specs_with_the_field_named() {
     assert!(failed(&run, 2).contains("cannot read"));
     let run = sb.capvirt(&["define", &sb.write("garbage.toml", "this is = = not toml")]);
     assert!(failed(&run, 2).contains("not valid TOML"));
+    // The file's text never appears in the error, only where it is wrong.
+    let run = sb.capvirt(&["define", &sb.write("secret.toml", "password = \"hunter2\" = oops\n")]);
+    let message = failed(&run, 2);
+    assert!(message.contains("line 1, column") && !message.contains("hunter2"), "{message}");
+}
+
+#[test]
+fn argument_files_are_read_up_to_a_bound() {
+    let sb = Sandbox::new();
+    // A device would be read without end: it is cut at the bound and refused.
+    let run = sb.capvirt(&["define", "/dev/zero"]);
+    assert!(failed(&run, 2).contains("larger than the 1024 KiB allowed"));
+    let big = format!("name = \"x\"\nmemory_mib = 64\nvcpus = 1\n#{}\n", "x".repeat(1 << 20));
+    let run = sb.capvirt(&["define", &sb.write("big.toml", &big)]);
+    assert!(failed(&run, 2).contains("larger than"));
+    assert!(ok(&sb.capvirt(&["list", "--all"])).lines().all(|l| !l.contains(" x ")));
+    // Echoed arguments are cut short.
+    let long = "a".repeat(5000);
+    let run =
+        sb.capvirt(&["call", "domain.shutdown", "--arg", "domain=test", "--arg", &format!("timeout_secs={long}")]);
+    let message = failed(&run, 2);
+    assert!(message.contains("expected an unsigned integer") && message.len() < 300, "{message}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! Anything that does not parse is reported with the parameter's name and expected type;
 //! the registry validation then checks ranges, formats and enum values.
 
-use std::{fs, path::Path};
+use std::{fs::File, io::Read, path::Path};
 
 use capvirt_plugin_api::Value;
 
@@ -14,7 +14,9 @@ use crate::registry::{Ty, TypeBody, TypeTable};
 /// Scalars are written plainly (`42`, `true`, `running`); records and lists as TOML inline
 /// values (`{ kind = "usb-tablet", id = "t0" }`, `[1, 2]`) or `@FILE` to read a TOML file.
 pub fn parse_value(types: &TypeTable, ty: &Ty, name: &str, text: &str) -> Result<Value, CliError> {
-    let bad = |expected: &str| CliError::usage(format!("argument `{name}`: expected {expected}, got {text:?}"));
+    let bad = |expected: &str| {
+        CliError::usage(format!("argument `{name}`: expected {expected}, got {:?}", truncated(text, ECHO_LIMIT)))
+    };
     match types.base(ty) {
         Ty::Unit => Ok(Value::Unit),
         Ty::Bool => match text {
@@ -27,9 +29,7 @@ pub fn parse_value(types: &TypeTable, ty: &Ty, name: &str, text: &str) -> Result
         Ty::Float => text.parse::<f64>().map(Value::Float).map_err(|_| bad("a number")),
         Ty::Str => Ok(Value::string(text)),
         Ty::Bytes => match text.strip_prefix('@') {
-            Some(path) => fs::read(path)
-                .map(Value::from)
-                .map_err(|e| CliError::usage(format!("argument `{name}`: cannot read {path}: {e}"))),
+            Some(path) => read_capped(name, Path::new(path), MAX_BYTES_FILE).map(Value::from),
             None => Ok(Value::from(text.as_bytes().to_vec())),
         },
         Ty::Named(id) if matches!(types.get(*id).body, TypeBody::Enum { .. }) => Ok(Value::string(text)),
@@ -40,26 +40,65 @@ pub fn parse_value(types: &TypeTable, ty: &Ty, name: &str, text: &str) -> Result
     }
 }
 
+/// Largest TOML argument file (a domain or device spec is a few hundred bytes).
+pub const MAX_TOML_FILE: u64 = 1 << 20;
+/// Largest `@FILE` argument of a bytes parameter.
+pub const MAX_BYTES_FILE: u64 = 16 << 20;
+/// Most characters of an argument echoed back in an error.
+const ECHO_LIMIT: usize = 64;
+
 /// Reads a TOML file as a record value (`define FILE`, `attach-device D FILE`).
 pub fn read_toml_file(name: &str, path: &Path) -> Result<Value, CliError> {
-    let text = fs::read_to_string(path)
-        .map_err(|e| CliError::usage(format!("argument `{name}`: cannot read {}: {e}", path.display())))?;
+    let bytes = read_capped(name, path, MAX_TOML_FILE)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| CliError::usage(format!("argument `{name}`: {} is not UTF-8 text", path.display())))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
-        CliError::usage(format!(
-            "argument `{name}`: {} is not valid TOML: {}",
-            path.display(),
-            one_line(&e.to_string())
-        ))
+        CliError::usage(format!("argument `{name}`: {} is not valid TOML: {}", path.display(), toml_error(&text, &e)))
     })?;
     Ok(Value::from_toml(&toml::Value::Table(table)))
 }
 
+/// Reads at most `cap` bytes of `path` (a device such as `/dev/zero` is cut there, not read
+/// without end); a longer file is refused whole.
+fn read_capped(name: &str, path: &Path, cap: u64) -> Result<Vec<u8>, CliError> {
+    let cannot = |e: std::io::Error| CliError::usage(format!("argument `{name}`: cannot read {}: {e}", path.display()));
+    let mut bytes = Vec::new();
+    File::open(path).and_then(|file| file.take(cap + 1).read_to_end(&mut bytes)).map_err(cannot)?;
+    if bytes.len() as u64 > cap {
+        return Err(CliError::usage(format!(
+            "argument `{name}`: {} is larger than the {} KiB allowed for an argument file",
+            path.display(),
+            cap >> 10
+        )));
+    }
+    Ok(bytes)
+}
+
 fn parse_inline_toml(name: &str, text: &str) -> Result<Value, CliError> {
-    let doc: toml::Table = toml::from_str(&format!("value = {text}"))
-        .map_err(|e| CliError::usage(format!("argument `{name}`: not a TOML value: {}", one_line(&e.to_string()))))?;
+    let source = format!("value = {text}");
+    let doc: toml::Table = toml::from_str(&source)
+        .map_err(|e| CliError::usage(format!("argument `{name}`: not a TOML value: {}", toml_error(&source, &e))))?;
     Ok(doc.get("value").map(Value::from_toml).unwrap_or(Value::Unit))
 }
 
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// A TOML error as its position and message only: the offending text, which the parser's
+/// own rendering quotes, never reaches an error message.
+fn toml_error(source: &str, error: &toml::de::Error) -> String {
+    let message = error.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match error.span() {
+        Some(span) => {
+            let before = source.get(..span.start).unwrap_or(source);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", truncated(&message, 200))
+        }
+        None => truncated(&message, 200),
+    }
+}
+
+fn truncated(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
 }
