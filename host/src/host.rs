@@ -58,8 +58,17 @@ impl Host {
         Ok(Host::with_registry(config, Arc::new(registry)))
     }
 
-    /// A host enforcing an already built registry (`config.registry` is not consulted).
+    /// A host enforcing an already built registry (`config.registry` only says whether it is
+    /// the reviewed one: an unreviewed one keeps the reviewed `mutates` flags).
     pub fn with_registry(config: HostConfig, registry: Arc<Registry>) -> Host {
+        let registry = match config.registry {
+            RegistrySource::Embedded => registry,
+            RegistrySource::Dir(_) => {
+                let mut hardened = Registry::clone(&registry);
+                hardened.keep_reviewed_mutates(Registry::embedded().ok().as_ref());
+                Arc::new(hardened)
+            }
+        };
         let plugins = PluginSet::discover(&registry, &config.plugin_dirs);
         for warning in &plugins.warnings {
             tracing::warn!(target: "capvirt::plugins", "{warning}");

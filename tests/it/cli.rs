@@ -351,6 +351,16 @@ fn registry_override_warns_and_a_broken_registry_is_refused() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stderr.contains("warning: using registry from"), "{}", run.stderr);
 
+    // An unreviewed registry cannot turn a state change into a read: read-only connections and
+    // auditing keep following the reviewed registry's `mutates`.
+    let suspend = copy.join("capabilities/domain.suspend.toml");
+    let text = std::fs::read_to_string(&suspend).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&suspend, text.replace("mutates = true", "mutates = false")).unwrap_or_else(|e| panic!("{e}"));
+    let run = sb.capvirt(&["-r", "--registry", &copy.display().to_string(), "suspend", "test"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("`domain.suspend` changes state"), "{}", run.stderr);
+    assert_eq!(json(&sb.capvirt(&["-o", "json", "dominfo", "test"]))["state"], "running");
+
     std::fs::write(copy.join("capabilities/domain.info.toml"), "id = \"domain.info\"\n")
         .unwrap_or_else(|e| panic!("{e}"));
     let broken = sb.capvirt(&["--registry", &copy.display().to_string(), "list"]);

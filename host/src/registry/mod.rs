@@ -159,6 +159,17 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Makes every capability that `reviewed` marks as changing state (or does not know)
+    /// mutating here too; with no reviewed registry at hand, every capability. An unreviewed
+    /// registry (`--registry DIR`) may add or reshape capabilities for maintainers, but never
+    /// loosens read-only connections, access control or auditing, which all follow `mutates`.
+    pub fn keep_reviewed_mutates(&mut self, reviewed: Option<&Registry>) {
+        for capability in &mut self.capabilities {
+            let reviewed_mutates = reviewed.and_then(|r| r.lookup(capability.id())).is_none_or(Capability::mutates);
+            capability.doc.mutates |= reviewed_mutates;
+        }
+    }
+
     /// The reviewed registry compiled into this host. The build script already parsed the
     /// TOML (a file that does not parse fails the build); this only decodes and compiles it.
     pub fn embedded() -> Result<Registry, RegistryError> {
