@@ -1,15 +1,35 @@
 //! Opening plugin files. The only module that touches dynamic loading.
 //!
-//! Loading a shared object runs its initializers, so only files that look like ELF shared
-//! objects are handed to the dynamic loader; everything else is refused with a reason first.
+//! Loading a shared object runs its initializers, and the dynamic loader maps its segments
+//! without checking them against the file's size: a truncated file makes the first touch of a
+//! missing page kill the process with SIGBUS. So before a file reaches the dynamic loader it
+//! must pass, in order:
+//!
+//! 1. [`open_plugin_file`]: a regular file (not a directory, FIFO or device), owned by root or
+//!    the invoking user (real uid) and not writable by group or others, in a directory that
+//!    satisfies the same rule (OpenSSH's `StrictModes`);
+//! 2. [`check_elf_image`]: the whole ELF image, read with the `object` crate: class, byte order
+//!    and machine of this host, a shared object (`ET_DYN`), the program header table and every
+//!    segment's file range inside the file, a well-formed `PT_DYNAMIC`, and the section header
+//!    table and every section's file range inside the file.
+//!
 //! abi_stable then checks the plugin's ABI (version and the layout of every type reachable
 //! from the root module) before any plugin function is called. Libraries are never unloaded:
 //! references into them (manifest strings, vtables) stay valid for the process lifetime.
 
-use std::{fs::File, io::Read, path::Path};
+use std::{
+    fs::{self, File, Metadata},
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use capvirt_plugin_api::{Manifest, PluginModuleRef};
+use object::{
+    elf,
+    read::elf::{FileHeader, ProgramHeader, SectionHeader},
+    Endianness, ReadCache, ReadRef,
+};
 
 /// A plugin whose ABI checked out, with its self-reported manifest (not yet checked against
 /// the registry).
@@ -20,7 +40,8 @@ pub(crate) struct RawPlugin {
 
 /// Loads the plugin at `path`, or says why it is not a usable plugin.
 pub(crate) fn load(path: &Path) -> Result<RawPlugin, String> {
-    check_elf_shared_object(path)?;
+    let file = open_plugin_file(path)?;
+    check_elf_image(&ReadCache::new(&file))?;
     let header = lib_header_from_path(path).map_err(describe_library_error)?;
     let module = header.init_root_module::<PluginModuleRef>().map_err(describe_library_error)?;
     // The SDK wraps the manifest function in catch_unwind, so this call cannot unwind into us.
@@ -28,22 +49,219 @@ pub(crate) fn load(path: &Path) -> Result<RawPlugin, String> {
     Ok(RawPlugin { module, manifest })
 }
 
-fn check_elf_shared_object(path: &Path) -> Result<(), String> {
-    let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let mut header = [0u8; 18];
-    let read = file.read(&mut header).map_err(|e| format!("cannot read: {e}"))?;
-    if read == 0 {
+// ---------------------------------------------------------------------------------------------
+// File type, ownership and permissions
+
+/// Opens `path` if it is a regular file that only root or the invoking user can change.
+fn open_plugin_file(path: &Path) -> Result<File, String> {
+    // Checked before opening: opening a FIFO would block.
+    let before = fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
+    if before.is_dir() {
+        return Err("is a directory, not a plugin file".into());
+    }
+    if !before.is_file() {
+        return Err("not a regular file".into());
+    }
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    // The checks below are on the opened file itself (fstat), not on the name.
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    check_owner_and_mode(&meta, "file", path)?;
+    check_directory(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+    let is_link = fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false);
+    if is_link {
+        // A link's target lives in a directory of its own, which must be as safe.
+        let target = fs::canonicalize(path).map_err(|e| format!("cannot resolve link: {e}"))?;
+        if let Some(dir) = target.parent() {
+            check_directory(dir)?;
+        }
+    }
+    Ok(file)
+}
+
+fn check_directory(dir: &Path) -> Result<(), String> {
+    let meta = fs::metadata(dir).map_err(|e| format!("cannot inspect directory {}: {e}", dir.display()))?;
+    check_owner_and_mode(&meta, "directory", dir)
+}
+
+/// The `StrictModes` rule: owned by root or the real uid, not writable by group or others.
+fn check_owner_and_mode(meta: &Metadata, what: &str, path: &Path) -> Result<(), String> {
+    let me = rustix::process::getuid().as_raw();
+    ownership_problem(meta.uid(), meta.permissions().mode(), me)
+        .map_or(Ok(()), |problem| Err(format!("{what} {} {problem}", path.display())))
+}
+
+/// Why a file or directory with this owner and mode is unsafe for user `me`, if it is.
+fn ownership_problem(owner: u32, mode: u32, me: u32) -> Option<String> {
+    if owner != 0 && owner != me {
+        return Some(format!("is owned by uid {owner}, not by root or the invoking user (uid {me})"));
+    }
+    let writable_by = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "group",
+        (false, true) => "others",
+        (false, false) => return None,
+    };
+    Some(format!("is writable by {writable_by} (mode {:04o}; `chmod go-w` it)", mode & 0o7777))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ELF image
+
+/// `e_ident`: its length, and the offsets of the class and byte-order bytes.
+const IDENT_LEN: u64 = 16;
+const EI_CLASS: usize = 4;
+const EI_DATA: usize = 5;
+
+#[cfg(target_pointer_width = "64")]
+type HostElf = elf::FileHeader64<Endianness>;
+#[cfg(target_pointer_width = "64")]
+const HOST_CLASS: (u8, &str) = (elf::ELFCLASS64, "64-bit");
+#[cfg(target_pointer_width = "32")]
+type HostElf = elf::FileHeader32<Endianness>;
+#[cfg(target_pointer_width = "32")]
+const HOST_CLASS: (u8, &str) = (elf::ELFCLASS32, "32-bit");
+
+#[cfg(target_endian = "little")]
+const HOST_DATA: u8 = elf::ELFDATA2LSB;
+#[cfg(target_endian = "big")]
+const HOST_DATA: u8 = elf::ELFDATA2MSB;
+
+#[cfg(target_arch = "x86_64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_X86_64);
+#[cfg(target_arch = "aarch64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_AARCH64);
+#[cfg(target_arch = "riscv64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_RISCV);
+#[cfg(target_arch = "powerpc64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_PPC64);
+#[cfg(target_arch = "s390x")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_S390);
+/// On other architectures the machine is left to the dynamic loader.
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64",
+    target_arch = "powerpc64",
+    target_arch = "s390x"
+)))]
+const HOST_MACHINE: Option<u16> = None;
+
+fn machine_name(machine: u16) -> String {
+    match machine {
+        elf::EM_X86_64 => "x86-64".into(),
+        elf::EM_386 => "i386".into(),
+        elf::EM_AARCH64 => "aarch64".into(),
+        elf::EM_ARM => "arm".into(),
+        elf::EM_RISCV => "riscv".into(),
+        elf::EM_PPC64 => "ppc64".into(),
+        elf::EM_S390 => "s390".into(),
+        other => format!("machine {other}"),
+    }
+}
+
+fn segment_type_name(p_type: u32) -> String {
+    match p_type {
+        elf::PT_LOAD => "loadable segment".into(),
+        elf::PT_DYNAMIC => "dynamic segment".into(),
+        elf::PT_INTERP => "interpreter segment".into(),
+        elf::PT_NOTE => "note segment".into(),
+        elf::PT_TLS => "TLS segment".into(),
+        elf::PT_PHDR => "program header segment".into(),
+        other => format!("segment of type {other:#x}"),
+    }
+}
+
+/// An ELF word (u32 or u64 depending on the class) as u64.
+fn word(value: impl Into<u64>) -> u64 {
+    value.into()
+}
+
+/// `offset + size` when the range `[offset, offset + size)` lies inside a file of `len` bytes.
+fn range_end_within(offset: u64, size: u64, len: u64) -> Option<u64> {
+    offset.checked_add(size).filter(|end| *end <= len)
+}
+
+/// Checks that `data` is a complete ELF shared object this host's dynamic loader can map
+/// without reading past the end of the file. Errors say what is wrong in one line.
+pub(crate) fn check_elf_image<'d, R: ReadRef<'d>>(data: R) -> Result<(), String> {
+    let len = data.len().map_err(|()| "cannot read the file".to_string())?;
+    if len == 0 {
         return Err("empty file, not a shared library".into());
     }
-    if read < header.len() || &header[..4] != b"\x7fELF" {
-        return Err("not a shared library (no ELF header)".into());
+    let ident = data
+        .read_bytes_at(0, IDENT_LEN)
+        .ok()
+        .filter(|ident| ident.starts_with(&elf::ELFMAG))
+        .ok_or_else(|| "not a shared library (no ELF header)".to_string())?;
+    let (class, class_name) = HOST_CLASS;
+    if ident[EI_CLASS] != class {
+        return Err(format!("ELF class {} is not this host's {class_name}", ident[EI_CLASS]));
     }
-    // e_type at offset 16, little-endian on the platforms we build for: 3 = ET_DYN.
-    if u16::from_le_bytes([header[16], header[17]]) != 3 {
-        return Err("ELF file is not a shared object".into());
+    if ident[EI_DATA] != HOST_DATA {
+        return Err("ELF byte order is not this host's".into());
+    }
+    let header = HostElf::parse(data).map_err(|_| format!("truncated or unsupported ELF header ({len} bytes)"))?;
+    let endian = header.endian().map_err(|_| "unsupported ELF byte order".to_string())?;
+    let e_type = header.e_type(endian);
+    if e_type != elf::ET_DYN {
+        return Err(format!("ELF file is not a shared object (e_type {e_type})"));
+    }
+    let machine = header.e_machine(endian);
+    if let Some(host_machine) = HOST_MACHINE.filter(|m| *m != machine) {
+        return Err(format!("built for {}, this host is {}", machine_name(machine), machine_name(host_machine)));
+    }
+    let truncated = |what: String, offset: u64, size: u64| {
+        format!(
+            "{what} (bytes {offset}..{}) lies outside the file ({len} bytes): truncated or corrupt",
+            offset.saturating_add(size)
+        )
+    };
+
+    let segments = header
+        .program_headers(endian, data)
+        .map_err(|_| format!("program header table lies outside the file ({len} bytes): truncated or corrupt"))?;
+    if segments.is_empty() {
+        return Err("no program headers: not a loadable shared object".into());
+    }
+    let mut dynamic = false;
+    for (index, segment) in segments.iter().enumerate() {
+        let (offset, size) = segment.file_range(endian);
+        let p_type = segment.p_type(endian);
+        if range_end_within(offset, size, len).is_none() {
+            return Err(truncated(format!("{} {index}", segment_type_name(p_type)), offset, size));
+        }
+        if p_type == elf::PT_LOAD && size > word(segment.p_memsz(endian)) {
+            return Err(format!("loadable segment {index} is larger in the file than in memory: corrupt"));
+        }
+        if p_type == elf::PT_DYNAMIC {
+            segment
+                .dynamic(endian, data)
+                .map_err(|_| format!("dynamic segment {index} is malformed: truncated or corrupt"))?;
+            dynamic = true;
+        }
+    }
+    if !dynamic {
+        return Err("no dynamic segment (PT_DYNAMIC): not a shared library".into());
+    }
+
+    let sections = header
+        .section_headers(endian, data)
+        .map_err(|_| format!("section header table lies outside the file ({len} bytes): truncated or corrupt"))?;
+    for (index, section) in sections.iter().enumerate() {
+        if let Some((offset, size)) = section.file_range(endian) {
+            if range_end_within(offset, size, len).is_none() {
+                return Err(truncated(format!("section {index}"), offset, size));
+            }
+        }
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// abi_stable's verdicts
 
 fn describe_library_error(error: LibraryError) -> String {
     match error {
@@ -65,4 +283,112 @@ fn describe_library_error(error: LibraryError) -> String {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ELF shared object of this host: the test executable (a position-independent
+    /// executable is `ET_DYN` with a dynamic segment, like a plugin).
+    fn real_image() -> Vec<u8> {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        fs::read(&exe).unwrap_or_else(|e| panic!("read {}: {e}", exe.display()))
+    }
+
+    fn check(bytes: &[u8]) -> Result<(), String> {
+        check_elf_image(bytes)
+    }
+
+    /// Writes a little-endian u16 at `offset` of a copy of `image`.
+    fn patched(image: &[u8], offset: usize, value: u16) -> Vec<u8> {
+        let mut copy = image.to_vec();
+        copy[offset..offset + 2].copy_from_slice(&value.to_le_bytes());
+        copy
+    }
+
+    #[test]
+    fn a_complete_shared_object_passes() {
+        assert_eq!(check(&real_image()), Ok(()));
+    }
+
+    #[test]
+    fn truncated_images_are_refused_at_every_length() {
+        let image = real_image();
+        let len = image.len();
+        let mut lengths = vec![1, 4, 16, 63, 64, 65, 200, 1_000, 4_096, 20_000, 100_000, 400_000, 1_000_000];
+        lengths.extend([len / 2, len - 4096, len - 100, len - 8, len - 1]);
+        for cut in lengths.into_iter().filter(|cut| *cut < len) {
+            let err = check(&image[..cut]).expect_err("a truncated image must be refused");
+            assert!(
+                err.contains("truncated") || err.contains("outside the file") || err.contains("no ELF header"),
+                "cut at {cut}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_kinds_of_elf_files_are_refused_with_the_reason() {
+        let image = real_image();
+        assert_eq!(check(b""), Err("empty file, not a shared library".into()));
+        assert_eq!(check(b"#!/bin/sh\necho hi\n"), Err("not a shared library (no ELF header)".into()));
+        // e_type at 16: ET_EXEC.
+        let exec = patched(&image, 16, elf::ET_EXEC);
+        assert_eq!(check(&exec), Err("ELF file is not a shared object (e_type 2)".into()));
+        // e_machine at 18: aarch64 on x86-64 (or x86-64 elsewhere).
+        let other = if HOST_MACHINE == Some(elf::EM_X86_64) { elf::EM_AARCH64 } else { elf::EM_X86_64 };
+        let foreign = patched(&image, 18, other);
+        if let Some(host) = HOST_MACHINE {
+            let err = check(&foreign).expect_err("foreign machine");
+            assert_eq!(err, format!("built for {}, this host is {}", machine_name(other), machine_name(host)));
+        }
+        // The other class.
+        let mut class = image.clone();
+        class[EI_CLASS] = if HOST_CLASS.0 == elf::ELFCLASS64 { elf::ELFCLASS32 } else { elf::ELFCLASS64 };
+        assert!(check(&class).expect_err("class").contains("is not this host's"));
+    }
+
+    #[test]
+    fn segments_past_the_end_are_refused() {
+        let image = real_image();
+        let endian = Endianness::default();
+        let header = HostElf::parse(image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        let phoff = word(header.e_phoff(endian));
+        let segments = header.program_headers(endian, image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        let (index, _) = segments
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.p_type(endian) == elf::PT_LOAD)
+            .unwrap_or_else(|| panic!("no PT_LOAD"));
+        // p_filesz is at offset 32 of a 64-bit program header (16 of a 32-bit one).
+        let (entry, filesz_at, word) = if HOST_CLASS.0 == elf::ELFCLASS64 { (56, 32, 8) } else { (32, 16, 4) };
+        let at = usize::try_from(phoff).unwrap_or(usize::MAX) + index * entry + filesz_at;
+        let mut copy = image.clone();
+        copy[at..at + word].iter_mut().for_each(|b| *b = 0xff);
+        let err = check(&copy).expect_err("segment past the end");
+        assert!(err.starts_with(&format!("loadable segment {index} (bytes ")), "{err}");
+    }
+
+    #[test]
+    fn strict_modes() {
+        assert_eq!(ownership_problem(1000, 0o100755, 1000), None);
+        assert_eq!(ownership_problem(0, 0o100755, 1000), None);
+        assert_eq!(ownership_problem(0, 0o40755, 0), None);
+        assert_eq!(
+            ownership_problem(1001, 0o100644, 1000),
+            Some("is owned by uid 1001, not by root or the invoking user (uid 1000)".into())
+        );
+        assert_eq!(
+            ownership_problem(1000, 0o100664, 1000),
+            Some("is writable by group (mode 0664; `chmod go-w` it)".into())
+        );
+        assert_eq!(
+            ownership_problem(0, 0o41777, 1000),
+            Some("is writable by group and others (mode 1777; `chmod go-w` it)".into())
+        );
+        assert_eq!(
+            ownership_problem(1000, 0o100646, 1000),
+            Some("is writable by others (mode 0646; `chmod go-w` it)".into())
+        );
+    }
 }
