@@ -91,6 +91,15 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
+/// The SDK answers a `manifest()` that panicked with an empty name and the panic as the
+/// description (`plugin-api/src/export.rs`): report the panic, not the empty name.
+fn manifest_failure(info: &PluginInfo) -> Option<String> {
+    if !info.name.is_empty() {
+        return None;
+    }
+    info.description.strip_prefix("driver panicked: ").map(|panic| format!("manifest() panicked: {panic}"))
+}
+
 /// A file that was not loaded, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedPlugin {
@@ -98,6 +107,23 @@ pub struct RefusedPlugin {
     /// The plugin's name when its manifest could be read.
     pub name: Option<String>,
     pub reason: String,
+}
+
+/// A `.so` file in a plugin directory that is not named like a plugin, so never loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredFile {
+    pub path: PathBuf,
+    /// Why it was not loaded, with the name it would need.
+    pub hint: String,
+}
+
+/// The hint for a shared library named `file_name` that is not named like a plugin.
+pub fn misnamed_hint(file_name: &str) -> String {
+    let stem = file_name.strip_suffix(PLUGIN_SUFFIX).unwrap_or(file_name);
+    let stem = stem.strip_prefix("lib").unwrap_or(stem);
+    let name = stem.strip_prefix("capvirt_driver_").unwrap_or(stem);
+    let name = if name.is_empty() { "NAME" } else { name };
+    format!("not named {PLUGIN_PREFIX}*{PLUGIN_SUFFIX}, so not loaded: rename it to {PLUGIN_PREFIX}{name}{PLUGIN_SUFFIX} to load it")
 }
 
 /// What admission decided: callable flags by registry index, and ignored capabilities.
@@ -108,6 +134,8 @@ type Admission = (Vec<bool>, Vec<(String, String)>);
 pub struct PluginSet {
     pub loaded: Vec<Arc<LoadedPlugin>>,
     pub refused: Vec<RefusedPlugin>,
+    /// Shared libraries in plugin directories that are not named like plugins.
+    pub ignored: Vec<IgnoredFile>,
     /// Non-fatal findings (ignored capabilities, unreadable directories).
     pub warnings: Vec<String>,
 }
@@ -127,15 +155,15 @@ impl PluginSet {
                     continue;
                 }
             };
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(PLUGIN_PREFIX) && n.ends_with(PLUGIN_SUFFIX))
-                })
-                .collect();
+            let mut files = Vec::new();
+            for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+                if name.starts_with(PLUGIN_PREFIX) && name.ends_with(PLUGIN_SUFFIX) {
+                    files.push(path);
+                } else if name.ends_with(PLUGIN_SUFFIX) && !path.is_dir() {
+                    set.ignored.push(IgnoredFile { hint: misnamed_hint(name), path });
+                }
+            }
             files.sort();
             for path in files {
                 let file_name = path.file_name().map(|n| n.to_os_string());
@@ -158,6 +186,10 @@ impl PluginSet {
             }
         };
         let info = PluginInfo::from_manifest(&raw.manifest);
+        if let Some(reason) = manifest_failure(&info) {
+            self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason });
+            return;
+        }
         match self.admit(registry, &info) {
             Ok((callable, ignored)) => {
                 for (id, why) in &ignored {
@@ -246,5 +278,14 @@ mod tests {
         assert_eq!(search_path(&[], Some("/b:/c"), Some(exe)), vec![PathBuf::from("/b"), PathBuf::from("/c")]);
         assert_eq!(search_path(&[], Some(""), Some(exe)), vec![exe.to_path_buf(), PathBuf::from(SYSTEM_PLUGIN_DIR)]);
         assert_eq!(search_path(&[], None, None), vec![PathBuf::from(SYSTEM_PLUGIN_DIR)]);
+    }
+
+    #[test]
+    fn misnamed_libraries_get_the_name_they_need() {
+        let hint = |f: &str| misnamed_hint(f).rsplit(' ').nth(3).map(String::from);
+        assert_eq!(hint("libfoo.so").as_deref(), Some("libcapvirt_driver_foo.so"));
+        assert_eq!(hint("capvirt_driver_foo.so").as_deref(), Some("libcapvirt_driver_foo.so"));
+        assert_eq!(hint("mydriver.so").as_deref(), Some("libcapvirt_driver_mydriver.so"));
+        assert_eq!(hint("lib.so").as_deref(), Some("libcapvirt_driver_NAME.so"));
     }
 }

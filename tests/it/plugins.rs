@@ -16,8 +16,10 @@ fn foreign_shared_library() -> PathBuf {
         .unwrap_or_else(|| panic!("no libm.so.6 found to use as a foreign shared library"))
 }
 
+/// The JSON listing of a run of `capvirt plugins` in which some plugin was refused (exit 1).
 fn plugins_json(run: &Run) -> Vec<serde_json::Value> {
-    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("refused (reason"), "{}", run.stderr);
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
 }
 
@@ -51,7 +53,8 @@ fn bad_files_are_refused_and_the_good_plugin_still_loads() {
         .contains("not a shared library"));
 
     let table = sb.capvirt(&["plugins"]);
-    assert_eq!(table.code, 0);
+    assert_eq!(table.code, 1, "{}", table.stderr);
+    assert_eq!(table.stderr, "error: 3 plugins were refused (reasons above)\n");
     assert!(table.stdout.contains("refused: empty file"), "{}", table.stdout);
     let list = sb.capvirt(&["list"]);
     assert_eq!(list.code, 0, "{}", list.stderr);
@@ -227,7 +230,8 @@ fn truncated_copies_of_a_real_plugin_are_refused_and_never_crash_the_host() {
     }
     let sb = Sandbox::with_plugins(dir.path().to_path_buf());
     let (run, listed) = listing(&sb, &[]);
-    assert_ne!(run.code, 135, "SIGBUS: {}", run.stderr);
+    assert_eq!(run.code, 1, "not 135 (SIGBUS): {}", run.stderr);
+    assert_eq!(run.stderr, format!("error: {} plugins were refused (reasons above)\n", cuts.len()));
     assert_eq!(entry(&listed, "libcapvirt_driver_test.so")["status"], "loaded", "{listed:?}");
     for cut in &cuts {
         let cut_entry = entry(&listed, &format!("libcapvirt_driver_cut{cut}.so"));
@@ -274,4 +278,56 @@ fn plugins_that_group_or_others_can_write_are_refused() {
         "{other}"
     );
     assert_test_plugin_serves(&sb, &dirs);
+}
+
+#[test]
+fn plugins_exits_zero_only_when_nothing_was_refused() {
+    let sb = Sandbox::new();
+    let run = sb.capvirt(&["plugins"]);
+    assert_eq!((run.code, run.stderr.as_str()), (0, ""), "{}", run.stdout);
+    assert!(run.stdout.contains("loaded (18 capabilities)"), "{}", run.stdout);
+}
+
+#[test]
+fn misnamed_shared_libraries_get_a_rename_hint() {
+    let test = &artifacts().test_plugin;
+    let dir = plugin_dir(&[("libcapvirt_driver_test.so", test), ("libfoo.so", test), ("capvirt_driver_bar.so", test)]);
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let (run, listed) = listing(&sb, &[]);
+    assert_eq!(run.code, 0, "misnamed files are not refusals: {}", run.stderr);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let foo = entry(&listed, "/libfoo.so");
+    assert_eq!(foo["status"], "ignored");
+    assert_eq!(
+        reason(foo),
+        "not named libcapvirt_driver_*.so, so not loaded: rename it to libcapvirt_driver_foo.so to load it"
+    );
+    assert!(reason(entry(&listed, "/capvirt_driver_bar.so")).contains("rename it to libcapvirt_driver_bar.so"));
+    let table = sb.capvirt(&["plugins"]);
+    assert!(table.stdout.contains("ignored: not named libcapvirt_driver_*.so"), "{}", table.stdout);
+}
+
+#[test]
+fn a_missing_plugin_dir_is_a_usage_error_naming_it() {
+    let sb = Sandbox::new();
+    let missing = sb.path("no-such-dir");
+    let missing = missing.display().to_string();
+    for command in [&["plugins"][..], &["list"][..]] {
+        let mut args = vec!["--plugin-dir", missing.as_str()];
+        args.extend(command);
+        let run = sb.capvirt(&args);
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(run.stderr.contains(&format!("plugin directory {missing} does not exist")), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn a_panicking_manifest_is_refused_with_its_panic_message() {
+    let sb = fixture_sandbox();
+    let listed =
+        plugins_json(&sb.capvirt_env(&["-o", "json", "plugins"], &[("CAPVIRT_FIXTURE_MODE", "manifest-panic")]));
+    let fixture = entry(&listed, "libcapvirt_driver_fixture.so");
+    assert_eq!(fixture["status"], "refused");
+    assert!(reason(fixture).starts_with("manifest() panicked: fixture cannot describe itself"), "{fixture}");
+    assert_eq!(sb.capvirt_env(&["list"], &[("CAPVIRT_FIXTURE_MODE", "manifest-panic")]).code, 0);
 }

@@ -1,4 +1,8 @@
-//! `capvirt plugins`: loaded and refused plugins, with the reason for each refusal.
+//! `capvirt plugins`: loaded and refused plugins, with the reason for each refusal, and shared
+//! libraries in plugin directories that are not named like plugins. Exits 1 when any plugin
+//! was refused, so scripts and package post-install checks notice.
+
+use std::path::Path;
 
 use clap::{ArgMatches, Command};
 
@@ -6,6 +10,17 @@ use crate::cli::{context::Context, output, CliError, OutputFormat};
 
 pub fn cli() -> Command {
     Command::new("plugins").about("List loaded and refused driver plugins")
+}
+
+/// `--plugin-dir` values: an existing directory (a typo must not silently load nothing).
+pub fn existing_plugin_dir(value: &str) -> Result<String, String> {
+    let path = Path::new(value);
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(value.to_string()),
+        Ok(_) => Err(format!("plugin directory {value} is not a directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!("plugin directory {value} does not exist")),
+        Err(e) => Err(format!("plugin directory {value}: {e}")),
+    }
 }
 
 pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
@@ -36,7 +51,12 @@ pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
                 .iter()
                 .map(|r| serde_json::json!({"status": "refused", "name": r.name, "path": r.path.display().to_string(), "reason": r.reason}))
                 .collect();
-            output::print(&output::json_value(&serde_json::Value::Array(loaded.into_iter().chain(refused).collect())));
+            let ignored = set.ignored.iter().map(
+                |i| serde_json::json!({"status": "ignored", "name": null, "path": i.path.display().to_string(), "reason": i.hint}),
+            );
+            output::print(&output::json_value(&serde_json::Value::Array(
+                loaded.into_iter().chain(refused).chain(ignored).collect(),
+            )));
         }
         OutputFormat::Table => {
             let header: Vec<String> = ["Plugin", "Version", "Schemes", "Status", "Path"].map(String::from).to_vec();
@@ -62,12 +82,19 @@ pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
                     r.path.display().to_string(),
                 ]
             }));
+            cells.extend(set.ignored.iter().map(|i| {
+                vec!["-".into(), "-".into(), "-".into(), format!("ignored: {}", i.hint), i.path.display().to_string()]
+            }));
             let mut text = output::table(&header, &cells);
-            if set.loaded.is_empty() && set.refused.is_empty() {
+            if set.loaded.is_empty() && set.refused.is_empty() && set.ignored.is_empty() {
                 text.push_str("No plugins found (searched --plugin-dir, $CAPVIRT_PLUGIN_DIR or the executable's directory and /usr/lib/capvirt/plugins).\n");
             }
             output::print(&text);
         }
     }
-    Ok(())
+    match set.refused.len() {
+        0 => Ok(()),
+        1 => Err(CliError::other("1 plugin was refused (reason above)")),
+        n => Err(CliError::other(format!("{n} plugins were refused (reasons above)"))),
+    }
 }
