@@ -13,12 +13,16 @@
 //!    segment's file range inside the file, a well-formed `PT_DYNAMIC`, and the section header
 //!    table and every section's file range inside the file.
 //!
+//! 3. when the host config pins the file, its SHA-256 ([`sha256_of`]): a changed file is refused
+//!    before any of its code runs.
+//!
 //! abi_stable then checks the plugin's ABI (version and the layout of every type reachable
 //! from the root module) before any plugin function is called. Libraries are never unloaded:
 //! references into them (manifest strings, vtables) stay valid for the process lifetime.
 
 use std::{
     fs::{self, File, Metadata},
+    io::{self, Read, Seek, SeekFrom},
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::Path,
 };
@@ -30,6 +34,7 @@ use object::{
     read::elf::{FileHeader, ProgramHeader, SectionHeader},
     Endianness, ReadCache, ReadRef,
 };
+use sha2::{Digest, Sha256};
 
 /// A plugin whose ABI checked out, with its self-reported manifest (not yet checked against
 /// the registry).
@@ -38,15 +43,52 @@ pub(crate) struct RawPlugin {
     pub manifest: Manifest,
 }
 
-/// Loads the plugin at `path`, or says why it is not a usable plugin.
-pub(crate) fn load(path: &Path) -> Result<RawPlugin, String> {
+/// Why a file was not loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub reason: String,
+    /// Refused only because its SHA-256 differs from its pin (`capvirt plugins --pin` may re-pin it).
+    pub pin_mismatch: bool,
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Refusal { reason, pin_mismatch: false }
+    }
+}
+
+/// Loads the plugin at `path`, or says why it is not a usable plugin. With a `pin`
+/// (`sha256:<hex>`), the file must have that SHA-256.
+pub(crate) fn load(path: &Path, pin: Option<&str>) -> Result<RawPlugin, Refusal> {
     let file = open_plugin_file(path)?;
     check_elf_image(&ReadCache::new(&file))?;
+    if let Some(pin) = pin {
+        let actual = sha256_of(&file).map_err(|e| format!("cannot read: {e}"))?;
+        if actual != pin {
+            let reason = format!("its SHA-256 changed since it was pinned (pinned {pin}, now {actual})");
+            return Err(Refusal { reason, pin_mismatch: true });
+        }
+    }
     let header = lib_header_from_path(path).map_err(describe_library_error)?;
     let module = header.init_root_module::<PluginModuleRef>().map_err(describe_library_error)?;
     // The SDK wraps the manifest function in catch_unwind, so this call cannot unwind into us.
     let manifest = (module.manifest())();
     Ok(RawPlugin { module, manifest })
+}
+
+/// `sha256:<lowercase hex>` of a whole file, read from its start.
+pub(crate) fn sha256_of(mut file: &File) -> io::Result<String> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(format!("sha256:{}", hasher.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -509,6 +551,30 @@ mod tests {
                  capvirt-plugin-api {ABI_VERSION}"
             )
         );
+    }
+
+    #[test]
+    fn sha256_of_a_file() {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        let file = File::open(&exe).unwrap_or_else(|e| panic!("{e}"));
+        let digest = sha256_of(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sha256_of(&file).ok(), Some(digest.clone()), "reads from the start every time");
+        let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{digest}");
+        let empty = tempfile_in_target(b"");
+        assert_eq!(
+            sha256_of(&File::open(&empty).unwrap_or_else(|e| panic!("{e}"))).ok().as_deref(),
+            Some("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        );
+        let _ = fs::remove_file(empty);
+    }
+
+    /// A file with `bytes` next to the test executable (the host crate has no tempfile dependency).
+    fn tempfile_in_target(bytes: &[u8]) -> std::path::PathBuf {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        let path = exe.with_extension(format!("sha-test-{}", std::process::id()));
+        fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
+        path
     }
 
     #[test]

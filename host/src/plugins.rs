@@ -4,7 +4,7 @@
 //! reason, and `capvirt plugins` shows both.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -22,6 +22,9 @@ pub const PLUGIN_PREFIX: &str = "libcapvirt_driver_";
 pub const PLUGIN_SUFFIX: &str = ".so";
 /// Searched after the executable's directory when no directory is given explicitly.
 pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/capvirt/plugins";
+
+/// SHA-256 pins of plugin files: canonical path → `sha256:<hex>` (`[pins]` in the host config).
+pub type Pins = BTreeMap<PathBuf, String>;
 
 /// The directories to search, in order: explicit ones (`--plugin-dir`, else
 /// `CAPVIRT_PLUGIN_DIR`, colon-separated) replace the defaults, which are the directory of
@@ -107,6 +110,8 @@ pub struct RefusedPlugin {
     /// The plugin's name when its manifest could be read.
     pub name: Option<String>,
     pub reason: String,
+    /// Refused only because the file no longer matches its SHA-256 pin.
+    pub pin_mismatch: bool,
 }
 
 /// A `.so` file in a plugin directory that is not named like a plugin, so never loaded.
@@ -138,13 +143,20 @@ pub struct PluginSet {
     pub ignored: Vec<IgnoredFile>,
     /// Non-fatal findings (ignored capabilities, unreadable directories).
     pub warnings: Vec<String>,
+    /// Pins checked when loading files.
+    pins: Pins,
 }
 
 impl PluginSet {
     /// Loads every `libcapvirt_driver_*.so` in `dirs`, in order. A file name seen in an earlier
     /// directory shadows later ones.
     pub fn discover(registry: &Registry, dirs: &[PathBuf]) -> PluginSet {
-        let mut set = PluginSet::default();
+        PluginSet::discover_pinned(registry, dirs, &Pins::new())
+    }
+
+    /// [`PluginSet::discover`], refusing every pinned file whose SHA-256 differs from its pin.
+    pub fn discover_pinned(registry: &Registry, dirs: &[PathBuf], pins: &Pins) -> PluginSet {
+        let mut set = PluginSet { pins: pins.clone(), ..PluginSet::default() };
         let mut seen_names = HashSet::new();
         for dir in dirs {
             let entries = match fs::read_dir(dir) {
@@ -178,16 +190,25 @@ impl PluginSet {
 
     /// Loads one file (also used for plugins named directly).
     pub fn load_file(&mut self, registry: &Registry, path: &Path) {
-        let raw = match loader::load(path) {
+        let pin = match self.pins.is_empty() {
+            true => None,
+            false => fs::canonicalize(path).ok().and_then(|canonical| self.pins.get(&canonical).cloned()),
+        };
+        let raw = match loader::load(path, pin.as_deref()) {
             Ok(raw) => raw,
-            Err(reason) => {
-                self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason });
+            Err(refusal) => {
+                self.refused.push(RefusedPlugin {
+                    path: path.to_path_buf(),
+                    name: None,
+                    reason: refusal.reason,
+                    pin_mismatch: refusal.pin_mismatch,
+                });
                 return;
             }
         };
         let info = PluginInfo::from_manifest(&raw.manifest);
         if let Some(reason) = manifest_failure(&info) {
-            self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason });
+            self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason, pin_mismatch: false });
             return;
         }
         match self.admit(registry, &info) {
@@ -204,7 +225,12 @@ impl PluginSet {
                 }));
             }
             Err(reason) => {
-                self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: Some(info.name.clone()), reason });
+                self.refused.push(RefusedPlugin {
+                    path: path.to_path_buf(),
+                    name: Some(info.name.clone()),
+                    reason,
+                    pin_mismatch: false,
+                });
             }
         }
     }
@@ -259,6 +285,22 @@ impl PluginSet {
             callable[cap.index.0] = true;
         }
         Ok((callable, ignored))
+    }
+
+    /// The files `capvirt plugins --pin` records, with their SHA-256 (canonical path →
+    /// `sha256:<hex>`): every loaded plugin, and every file refused only for a changed pin.
+    pub fn pins_to_record(&self) -> Result<Pins, String> {
+        let loaded = self.loaded.iter().map(|p| p.path.as_path());
+        let repinned = self.refused.iter().filter(|r| r.pin_mismatch).map(|r| r.path.as_path());
+        loaded
+            .chain(repinned)
+            .map(|path| {
+                let fail = |e: std::io::Error| format!("cannot pin {}: {e}", path.display());
+                let canonical = fs::canonicalize(path).map_err(fail)?;
+                let digest = fs::File::open(&canonical).and_then(|f| loader::sha256_of(&f)).map_err(fail)?;
+                Ok((canonical, digest))
+            })
+            .collect()
     }
 
     /// The plugin serving `scheme`.

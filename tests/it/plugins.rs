@@ -331,3 +331,39 @@ fn a_panicking_manifest_is_refused_with_its_panic_message() {
     assert!(reason(fixture).starts_with("manifest() panicked: fixture cannot describe itself"), "{fixture}");
     assert_eq!(sb.capvirt_env(&["list"], &[("CAPVIRT_FIXTURE_MODE", "manifest-panic")]).code, 0);
 }
+
+#[test]
+fn a_pinned_plugin_that_changed_is_refused_until_pinned_again() {
+    let sb = fixture_sandbox();
+    let config = sb.path("capvirt/config.toml");
+    let pin = sb.capvirt(&["plugins", "--pin"]);
+    assert_eq!(pin.code, 0, "{}", pin.stderr);
+    assert!(
+        pin.stdout.contains(&format!("Pinned the SHA-256 of 2 plugin file(s) in {}.", config.display())),
+        "{}",
+        pin.stdout
+    );
+    let text = fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+    let fixture = fs::canonicalize(sb.plugins.join("libcapvirt_driver_fixture.so")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(text.contains(&format!("\"{}\" = \"sha256:", fixture.display())), "{text}");
+    assert_eq!(sb.capvirt(&["plugins"]).code, 0);
+
+    // Still a valid shared object, but not the file that was pinned.
+    let mut changed = fs::read(&fixture).unwrap_or_else(|e| panic!("{e}"));
+    changed.extend_from_slice(b"tampered");
+    fs::write(&fixture, &changed).unwrap_or_else(|e| panic!("{e}"));
+    let (run, listed) = listing(&sb, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let refused = entry(&listed, "libcapvirt_driver_fixture.so");
+    assert_eq!(refused["status"], "refused");
+    assert!(reason(refused).starts_with("its SHA-256 changed since it was pinned (pinned sha256:"), "{refused}");
+    assert_eq!(entry(&listed, "libcapvirt_driver_test.so")["status"], "loaded");
+    assert_eq!(sb.capvirt(&["-c", "fixture:///x", "list"]).code, 4);
+    assert_test_plugin_serves(&sb, std::slice::from_ref(&sb.plugins));
+
+    // Re-pinning accepts the file as it is now.
+    assert_eq!(sb.capvirt(&["plugins", "--pin"]).code, 1, "this run still refused it");
+    let (run, listed) = listing(&sb, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(entry(&listed, "libcapvirt_driver_fixture.so")["status"], "loaded", "{listed:?}");
+}
