@@ -261,6 +261,9 @@ fn plugins_that_group_or_others_can_write_are_refused() {
     // A directory others can write: everything in it is refused, even a good plugin.
     let open_dir = plugin_dir(&[("libcapvirt_driver_other.so", test)]);
     set_mode(open_dir.path(), 0o777);
+    // A link to a file in that directory is refused too: whoever can write there can swap it.
+    let target = open_dir.path().join("libcapvirt_driver_other.so");
+    std::os::unix::fs::symlink(&target, dir.path().join("libcapvirt_driver_link.so")).unwrap_or_else(|e| panic!("{e}"));
     let sb = Sandbox::with_plugins(dir.path().to_path_buf());
     let dirs = [dir.path().to_path_buf(), open_dir.path().to_path_buf()];
     let (_, listed) =
@@ -276,6 +279,13 @@ fn plugins_that_group_or_others_can_write_are_refused() {
         reason(other),
         format!("directory {} is writable by group and others (mode 0777; `chmod go-w` it)", dirs[1].display()),
         "{other}"
+    );
+    let link = entry(&listed, "libcapvirt_driver_link.so");
+    let real_dir = fs::canonicalize(open_dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        reason(link),
+        format!("directory {} is writable by group and others (mode 0777; `chmod go-w` it)", real_dir.display()),
+        "{link}"
     );
     assert_test_plugin_serves(&sb, &dirs);
 }
