@@ -31,7 +31,7 @@ use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use capvirt_plugin_api::{Manifest, PluginModuleRef, ABI_VERSION};
 use object::{
     elf,
-    read::elf::{FileHeader, ProgramHeader, SectionHeader},
+    read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym},
     Endianness, ReadCache, ReadRef,
 };
 use sha2::{Digest, Sha256};
@@ -300,6 +300,32 @@ pub(crate) fn check_elf_image<'d, R: ReadRef<'d>>(data: R) -> Result<(), String>
         }
     }
     Ok(())
+}
+
+/// Whether the regular file at `path` is an ELF shared object of this host that exports
+/// abi_stable's root-module loader, i.e. a plugin in all but its name. Read with `object`,
+/// nothing is loaded; `None` when it cannot tell (unreadable, no section headers).
+pub(crate) fn exports_root_module(path: &Path) -> Option<bool> {
+    // Checked before opening: opening a FIFO would block.
+    if !fs::metadata(path).ok()?.is_file() {
+        return Some(false);
+    }
+    let file = File::open(path).ok()?;
+    let data = &ReadCache::new(&file);
+    if check_elf_image(data).is_err() {
+        return Some(false);
+    }
+    let header = HostElf::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let sections = header.sections(endian, data).ok()?;
+    if sections.is_empty() {
+        return None;
+    }
+    let symbols = sections.symbols(endian, data, elf::SHT_DYNSYM).ok()?;
+    let wanted = abi_stable::library::ROOT_MODULE_LOADER_NAME.as_bytes();
+    Some(symbols.iter().any(|symbol| {
+        !symbol.is_undefined(endian) && symbol.name(endian, symbols.strings()).is_ok_and(|name| name == wanted)
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -575,6 +601,15 @@ mod tests {
         let path = exe.with_extension(format!("sha-test-{}", std::process::id()));
         fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
         path
+    }
+
+    #[test]
+    fn only_libraries_exporting_the_root_module_look_like_plugins() {
+        // The test executable is a valid shared object but exports no root module.
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(exports_root_module(&exe), Some(false));
+        assert_eq!(exports_root_module(Path::new("/nonexistent/libx.so")), None);
+        assert_eq!(exports_root_module(Path::new("/")), Some(false));
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub struct RefusedPlugin {
     pub pin_mismatch: bool,
 }
 
-/// A `.so` file in a plugin directory that is not named like a plugin, so never loaded.
+/// A plugin file (it exports the plugin root module) in a plugin directory that is not named
+/// like a plugin, so never loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IgnoredFile {
     pub path: PathBuf,
@@ -172,7 +173,8 @@ impl PluginSet {
                 let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
                 if name.starts_with(PLUGIN_PREFIX) && name.ends_with(PLUGIN_SUFFIX) {
                     files.push(path);
-                } else if name.ends_with(PLUGIN_SUFFIX) && !path.is_dir() {
+                } else if name.ends_with(PLUGIN_SUFFIX) && loader::exports_root_module(&path) != Some(false) {
+                    // A plugin in all but its name (other libraries are none of our business).
                     set.ignored.push(IgnoredFile { hint: misnamed_hint(name), path });
                 }
             }

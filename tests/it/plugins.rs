@@ -301,11 +301,18 @@ fn plugins_exits_zero_only_when_nothing_was_refused() {
 #[test]
 fn misnamed_shared_libraries_get_a_rename_hint() {
     let test = &artifacts().test_plugin;
-    let dir = plugin_dir(&[("libcapvirt_driver_test.so", test), ("libfoo.so", test), ("capvirt_driver_bar.so", test)]);
+    let libm = foreign_shared_library();
+    let dir = plugin_dir(&[
+        ("libcapvirt_driver_test.so", test),
+        ("libfoo.so", test),
+        ("capvirt_driver_bar.so", test),
+        // Not a plugin at all: no advice to rename it.
+        ("libm.so", &libm),
+    ]);
     let sb = Sandbox::with_plugins(dir.path().to_path_buf());
     let (run, listed) = listing(&sb, &[]);
     assert_eq!(run.code, 0, "misnamed files are not refusals: {}", run.stderr);
-    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.len(), 3, "libm.so is not listed: {listed:?}");
     let foo = entry(&listed, "/libfoo.so");
     assert_eq!(foo["status"], "ignored");
     assert_eq!(
