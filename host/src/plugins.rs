@@ -140,7 +140,7 @@ type Admission = (Vec<bool>, Vec<(String, String)>);
 pub struct PluginSet {
     pub loaded: Vec<Arc<LoadedPlugin>>,
     pub refused: Vec<RefusedPlugin>,
-    /// Shared libraries in plugin directories that are not named like plugins.
+    /// Plugin files in plugin directories that are not named like plugins.
     pub ignored: Vec<IgnoredFile>,
     /// Non-fatal findings (ignored capabilities, unreadable directories).
     pub warnings: Vec<String>,
@@ -192,9 +192,11 @@ impl PluginSet {
 
     /// Loads one file (also used for plugins named directly).
     pub fn load_file(&mut self, registry: &Registry, path: &Path) {
-        let pin = match self.pins.is_empty() {
-            true => None,
-            false => fs::canonicalize(path).ok().and_then(|canonical| self.pins.get(&canonical).cloned()),
+        // Pins are keyed by canonical path; resolving it costs a few syscalls, so only with pins.
+        let pin = if self.pins.is_empty() {
+            None
+        } else {
+            fs::canonicalize(path).ok().and_then(|canonical| self.pins.get(&canonical).cloned())
         };
         let raw = match loader::load(path, pin.as_deref()) {
             Ok(raw) => raw,
