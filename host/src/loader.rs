@@ -541,12 +541,35 @@ mod tests {
             .find(|(_, s)| s.p_type(endian) == elf::PT_LOAD)
             .unwrap_or_else(|| panic!("no PT_LOAD"));
         // p_filesz is at offset 32 of a 64-bit program header (16 of a 32-bit one).
-        let (entry, filesz_at, word) = if HOST_CLASS.0 == elf::ELFCLASS64 { (56, 32, 8) } else { (32, 16, 4) };
+        let (entry, filesz_at, width) = if HOST_CLASS.0 == elf::ELFCLASS64 { (56, 32, 8) } else { (32, 16, 4) };
         let at = usize::try_from(phoff).unwrap_or(usize::MAX) + index * entry + filesz_at;
         let mut copy = image.clone();
-        copy[at..at + word].iter_mut().for_each(|b| *b = 0xff);
+        copy[at..at + width].iter_mut().for_each(|b| *b = 0xff);
         let err = check(&copy).expect_err("segment past the end");
         assert!(err.starts_with(&format!("loadable segment {index} (bytes ")), "{err}");
+    }
+
+    #[test]
+    fn no_dynamic_segment_or_a_section_table_past_the_end_is_refused() {
+        let image = real_image();
+        let endian = Endianness::default();
+        let header = HostElf::parse(image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        let phoff = usize::try_from(word(header.e_phoff(endian))).unwrap_or(usize::MAX);
+        let entry = usize::from(header.e_phentsize(endian));
+        let segments = header.program_headers(endian, image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        // p_type (the first 4 bytes of a program header) of PT_DYNAMIC becomes PT_NULL.
+        let mut copy = image.clone();
+        for (index, _) in segments.iter().enumerate().filter(|(_, s)| s.p_type(endian) == elf::PT_DYNAMIC) {
+            copy[phoff + index * entry..][..4].copy_from_slice(&elf::PT_NULL.to_le_bytes());
+        }
+        assert_eq!(check(&copy), Err("no dynamic segment (PT_DYNAMIC): not a shared library".into()));
+        // e_shoff: just before the end of the file.
+        let (at, width) = if HOST_CLASS.0 == elf::ELFCLASS64 { (40, 8) } else { (32, 4) };
+        let mut copy = image.clone();
+        let near_end = (image.len() as u64 - 10).to_le_bytes();
+        copy[at..at + width].copy_from_slice(&near_end[..width]);
+        let err = check(&copy).expect_err("section table past the end");
+        assert!(err.starts_with("section header table lies outside the file"), "{err}");
     }
 
     #[test]
