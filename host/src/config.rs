@@ -1,15 +1,21 @@
 //! The host configuration file: settings an administrator makes once per user instead of on
-//! every command line. Today it holds the experimental capabilities enabled on this host:
+//! every command line: the experimental capabilities enabled on this host, and optional SHA-256
+//! pins of plugin files (written by `capvirt plugins --pin`; a pinned file that changed is
+//! refused):
 //!
 //! ```toml
 //! # ~/.config/capvirt/config.toml
 //! enable = ["domain.snapshot-create"]
+//!
+//! [pins]
+//! "/usr/lib/capvirt/plugins/libcapvirt_driver_qemu.so" = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 //! ```
 //!
 //! Found at `$CAPVIRT_CONFIG` when set (the file must then exist), else
 //! `$XDG_CONFIG_HOME/capvirt/config.toml` (`~/.config/…`), which may be absent.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -23,6 +29,17 @@ pub struct HostFileConfig {
     /// Experimental capabilities callable on this host, as with `--enable ID`.
     #[serde(default)]
     pub enable: Vec<String>,
+    /// SHA-256 pins of plugin files: canonical path → `sha256:<64 lowercase hex digits>`.
+    #[serde(default)]
+    pub pins: BTreeMap<PathBuf, String>,
+}
+
+/// Why a pin value is not `sha256:<64 lowercase hex digits>`, if it is not.
+fn pin_problem(value: &str) -> Option<String> {
+    let well_formed = value
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    (!well_formed).then(|| format!("pin {value:?} is not sha256:<64 lowercase hex digits>"))
 }
 
 /// A config file that exists but cannot be used.
@@ -62,10 +79,35 @@ pub fn locate_from_env() -> Option<ConfigLocation> {
 impl HostFileConfig {
     /// Parses a config file's text.
     pub fn parse(path: &Path, text: &str) -> Result<HostFileConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message: crate::maint::one_line(&e.to_string()),
-        })
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
+        let config: HostFileConfig =
+            toml::from_str(text).map_err(|e| invalid(crate::maint::one_line(&e.to_string())))?;
+        for (file, value) in &config.pins {
+            let problem = pin_problem(value);
+            if let Some(problem) = problem {
+                return Err(invalid(format!("[pins] {}: {problem}", file.display())));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Records `pins` in the config at `location` (created if absent), keeping everything
+    /// else in the file (comments included) and replacing older pins of the same files.
+    /// Written atomically: readers see the old file or the new one.
+    pub fn write_pins(location: &ConfigLocation, pins: &BTreeMap<PathBuf, String>) -> Result<(), ConfigError> {
+        let path = &location.path;
+        let read_error = |source: io::Error| ConfigError::Read { path: path.clone(), source };
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(read_error(e)),
+        };
+        let text = with_pins(&text, pins).map_err(|message| ConfigError::Invalid { path: path.clone(), message })?;
+        HostFileConfig::parse(path, &text)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(read_error)?;
+        }
+        capvirt_plugin_api::fs::write_atomic(path, text.as_bytes()).map_err(read_error)
     }
 
     /// Reads the config at `location`; an absent default file is an empty config.
@@ -77,6 +119,22 @@ impl HostFileConfig {
             Err(source) => Err(ConfigError::Read { path: location.path.clone(), source }),
         }
     }
+}
+
+/// `text` (a config file) with `pins` set in its `[pins]` table.
+fn with_pins(text: &str, pins: &BTreeMap<PathBuf, String>) -> Result<String, String> {
+    let mut doc: toml_edit::DocumentMut =
+        text.parse().map_err(|e: toml_edit::TomlError| crate::maint::one_line(&e.to_string()))?;
+    let table = doc
+        .entry("pins")
+        .or_insert_with(toml_edit::table)
+        .as_table_mut()
+        .ok_or_else(|| "`pins` is not a table".to_string())?;
+    for (file, digest) in pins {
+        let key = file.to_str().ok_or_else(|| format!("cannot pin {}: the path is not UTF-8", file.display()))?;
+        table.insert(key, toml_edit::value(digest.as_str()));
+    }
+    Ok(doc.to_string())
 }
 
 #[cfg(test)]
@@ -98,10 +156,32 @@ mod tests {
     fn parsing_refuses_unknown_keys_and_wrong_types() {
         let path = Path::new("c.toml");
         let ok = HostFileConfig::parse(path, "enable = [\"a.b\"]\n").map_err(|e| e.to_string());
-        assert_eq!(ok, Ok(HostFileConfig { enable: vec!["a.b".into()] }));
+        assert_eq!(ok, Ok(HostFileConfig { enable: vec!["a.b".into()], pins: BTreeMap::new() }));
         let unknown = HostFileConfig::parse(path, "enabled = []\n").map(|_| ()).map_err(|e| e.to_string());
         assert!(unknown.is_err_and(|e| e.contains("c.toml") && e.contains("enabled")));
         assert!(HostFileConfig::parse(path, "enable = \"a.b\"\n").is_err());
+    }
+
+    #[test]
+    fn pins_are_sha256_digests_and_are_written_keeping_the_rest_of_the_file() {
+        let path = Path::new("c.toml");
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let pins = BTreeMap::from([(PathBuf::from("/p/libcapvirt_driver_x.so"), digest.clone())]);
+        let original = "# my host\nenable = [\"a.b\"] # experimental\n";
+        let text = with_pins(original, &pins).unwrap_or_else(|e| panic!("{e}"));
+        assert!(text.starts_with(original), "{text}");
+        let parsed = HostFileConfig::parse(path, &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed, HostFileConfig { enable: vec!["a.b".into()], pins: pins.clone() });
+        // Re-pinning replaces the old digest.
+        let newer =
+            BTreeMap::from([(PathBuf::from("/p/libcapvirt_driver_x.so"), format!("sha256:{}", "cd".repeat(32)))]);
+        let again = HostFileConfig::parse(path, &with_pins(&text, &newer).unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(again.map(|c| c.pins).ok(), Some(newer));
+        for bad in ["md5:00", "sha256:AB", "sha256:abc", "ab"] {
+            let text = format!("[pins]\n\"/p/x.so\" = \"{bad}\"\n");
+            let err = HostFileConfig::parse(path, &text).map(|_| ()).map_err(|e| e.to_string());
+            assert!(err.is_err_and(|e| e.contains("/p/x.so") && e.contains("sha256:<64")), "{bad}");
+        }
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct HostConfig {
     pub policy: Policy,
     /// Check every driver result against its declared type (conformance checks, tests).
     pub check_results: bool,
+    /// SHA-256 pins of plugin files; a pinned file that changed is refused.
+    pub pins: crate::plugins::Pins,
 }
 
 /// A configured host.
@@ -61,7 +63,7 @@ impl Host {
     /// A host enforcing an already built registry (`config.registry` only says whether it is
     /// the reviewed one: an unreviewed one keeps the reviewed `mutates` flags).
     pub fn with_registry(config: HostConfig, registry: Arc<Registry>) -> Host {
-        let registry = match config.registry {
+        let registry = match &config.registry {
             RegistrySource::Embedded => registry,
             RegistrySource::Dir(_) => {
                 let mut hardened = Registry::clone(&registry);
@@ -69,7 +71,7 @@ impl Host {
                 Arc::new(hardened)
             }
         };
-        let plugins = PluginSet::discover(&registry, &config.plugin_dirs);
+        let plugins = PluginSet::discover_pinned(&registry, &config.plugin_dirs, &config.pins);
         for warning in &plugins.warnings {
             tracing::warn!(target: "capvirt::plugins", "{warning}");
         }

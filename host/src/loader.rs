@@ -1,15 +1,40 @@
 //! Opening plugin files. The only module that touches dynamic loading.
 //!
-//! Loading a shared object runs its initializers, so only files that look like ELF shared
-//! objects are handed to the dynamic loader; everything else is refused with a reason first.
+//! Loading a shared object runs its initializers, and the dynamic loader maps its segments
+//! without checking them against the file's size: a truncated file makes the first touch of a
+//! missing page kill the process with SIGBUS. So before a file reaches the dynamic loader it
+//! must pass, in order:
+//!
+//! 1. [`open_plugin_file`]: a regular file (not a directory, FIFO or device), owned by root or
+//!    the invoking user (real uid) and not writable by group or others, in a directory that
+//!    satisfies the same rule (OpenSSH's `StrictModes`);
+//! 2. [`check_elf_image`]: the whole ELF image, read with the `object` crate: class, byte order
+//!    and machine of this host, a shared object (`ET_DYN`), the program header table and every
+//!    segment's file range inside the file, a well-formed `PT_DYNAMIC`, and the section header
+//!    table and every section's file range inside the file.
+//!
+//! 3. when the host config pins the file, its SHA-256 ([`sha256_of`]): a changed file is refused
+//!    before any of its code runs.
+//!
 //! abi_stable then checks the plugin's ABI (version and the layout of every type reachable
 //! from the root module) before any plugin function is called. Libraries are never unloaded:
 //! references into them (manifest strings, vtables) stay valid for the process lifetime.
 
-use std::{fs::File, io::Read, path::Path};
+use std::{
+    fs::{self, File, Metadata},
+    io::{self, Read, Seek, SeekFrom},
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
-use capvirt_plugin_api::{Manifest, PluginModuleRef};
+use capvirt_plugin_api::{Manifest, PluginModuleRef, ABI_VERSION};
+use object::{
+    elf,
+    read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym},
+    Endianness, ReadCache, ReadRef,
+};
+use sha2::{Digest, Sha256};
 
 /// A plugin whose ABI checked out, with its self-reported manifest (not yet checked against
 /// the registry).
@@ -18,9 +43,32 @@ pub(crate) struct RawPlugin {
     pub manifest: Manifest,
 }
 
-/// Loads the plugin at `path`, or says why it is not a usable plugin.
-pub(crate) fn load(path: &Path) -> Result<RawPlugin, String> {
-    check_elf_shared_object(path)?;
+/// Why a file was not loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub reason: String,
+    /// Refused only because its SHA-256 differs from its pin (`capvirt plugins --pin` may re-pin it).
+    pub pin_mismatch: bool,
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Refusal { reason, pin_mismatch: false }
+    }
+}
+
+/// Loads the plugin at `path`, or says why it is not a usable plugin. With a `pin`
+/// (`sha256:<hex>`), the file must have that SHA-256.
+pub(crate) fn load(path: &Path, pin: Option<&str>) -> Result<RawPlugin, Refusal> {
+    let file = open_plugin_file(path)?;
+    check_elf_image(&ReadCache::new(&file))?;
+    if let Some(pin) = pin {
+        let actual = sha256_of(&file).map_err(|e| format!("cannot read: {e}"))?;
+        if actual != pin {
+            let reason = format!("its SHA-256 changed since it was pinned (pinned {pin}, now {actual})");
+            return Err(Refusal { reason, pin_mismatch: true });
+        }
+    }
     let header = lib_header_from_path(path).map_err(describe_library_error)?;
     let module = header.init_root_module::<PluginModuleRef>().map_err(describe_library_error)?;
     // The SDK wraps the manifest function in catch_unwind, so this call cannot unwind into us.
@@ -28,36 +76,272 @@ pub(crate) fn load(path: &Path) -> Result<RawPlugin, String> {
     Ok(RawPlugin { module, manifest })
 }
 
-fn check_elf_shared_object(path: &Path) -> Result<(), String> {
-    let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let mut header = [0u8; 18];
-    let read = file.read(&mut header).map_err(|e| format!("cannot read: {e}"))?;
-    if read == 0 {
+/// `sha256:<lowercase hex>` of a whole file, read from its start.
+pub(crate) fn sha256_of(mut file: &File) -> io::Result<String> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(format!("sha256:{}", hasher.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// File type, ownership and permissions
+
+/// Opens `path` if it is a regular file that only root or the invoking user can change.
+fn open_plugin_file(path: &Path) -> Result<File, String> {
+    // Checked before opening: opening a FIFO would block.
+    let before = fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
+    if before.is_dir() {
+        return Err("is a directory, not a plugin file".into());
+    }
+    if !before.is_file() {
+        return Err("not a regular file".into());
+    }
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    // The checks below are on the opened file itself (fstat), not on the name.
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    check_owner_and_mode(&meta, "file", path)?;
+    check_directory(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+    let is_link = fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false);
+    if is_link {
+        // A link's target lives in a directory of its own, which must be as safe.
+        let target = fs::canonicalize(path).map_err(|e| format!("cannot resolve link: {e}"))?;
+        if let Some(dir) = target.parent() {
+            check_directory(dir)?;
+        }
+    }
+    Ok(file)
+}
+
+fn check_directory(dir: &Path) -> Result<(), String> {
+    let meta = fs::metadata(dir).map_err(|e| format!("cannot inspect directory {}: {e}", dir.display()))?;
+    check_owner_and_mode(&meta, "directory", dir)
+}
+
+/// The `StrictModes` rule: owned by root or the real uid, not writable by group or others.
+fn check_owner_and_mode(meta: &Metadata, what: &str, path: &Path) -> Result<(), String> {
+    let me = rustix::process::getuid().as_raw();
+    ownership_problem(meta.uid(), meta.permissions().mode(), me)
+        .map_or(Ok(()), |problem| Err(format!("{what} {} {problem}", path.display())))
+}
+
+/// Why a file or directory with this owner and mode is unsafe for user `me`, if it is.
+fn ownership_problem(owner: u32, mode: u32, me: u32) -> Option<String> {
+    if owner != 0 && owner != me {
+        return Some(format!("is owned by uid {owner}, not by root or the invoking user (uid {me})"));
+    }
+    let writable_by = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "group",
+        (false, true) => "others",
+        (false, false) => return None,
+    };
+    Some(format!("is writable by {writable_by} (mode {:04o}; `chmod go-w` it)", mode & 0o7777))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ELF image
+
+/// `e_ident`: its length, and the offsets of the class and byte-order bytes.
+const IDENT_LEN: u64 = 16;
+const EI_CLASS: usize = 4;
+const EI_DATA: usize = 5;
+
+#[cfg(target_pointer_width = "64")]
+type HostElf = elf::FileHeader64<Endianness>;
+#[cfg(target_pointer_width = "64")]
+const HOST_CLASS: (u8, &str) = (elf::ELFCLASS64, "64-bit");
+#[cfg(target_pointer_width = "32")]
+type HostElf = elf::FileHeader32<Endianness>;
+#[cfg(target_pointer_width = "32")]
+const HOST_CLASS: (u8, &str) = (elf::ELFCLASS32, "32-bit");
+
+#[cfg(target_endian = "little")]
+const HOST_DATA: u8 = elf::ELFDATA2LSB;
+#[cfg(target_endian = "big")]
+const HOST_DATA: u8 = elf::ELFDATA2MSB;
+
+#[cfg(target_arch = "x86_64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_X86_64);
+#[cfg(target_arch = "aarch64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_AARCH64);
+#[cfg(target_arch = "riscv64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_RISCV);
+#[cfg(target_arch = "powerpc64")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_PPC64);
+#[cfg(target_arch = "s390x")]
+const HOST_MACHINE: Option<u16> = Some(elf::EM_S390);
+/// On other architectures the machine is left to the dynamic loader.
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64",
+    target_arch = "powerpc64",
+    target_arch = "s390x"
+)))]
+const HOST_MACHINE: Option<u16> = None;
+
+fn machine_name(machine: u16) -> String {
+    match machine {
+        elf::EM_X86_64 => "x86-64".into(),
+        elf::EM_386 => "i386".into(),
+        elf::EM_AARCH64 => "aarch64".into(),
+        elf::EM_ARM => "arm".into(),
+        elf::EM_RISCV => "riscv".into(),
+        elf::EM_PPC64 => "ppc64".into(),
+        elf::EM_S390 => "s390".into(),
+        other => format!("machine {other}"),
+    }
+}
+
+fn segment_type_name(p_type: u32) -> String {
+    match p_type {
+        elf::PT_LOAD => "loadable segment".into(),
+        elf::PT_DYNAMIC => "dynamic segment".into(),
+        elf::PT_INTERP => "interpreter segment".into(),
+        elf::PT_NOTE => "note segment".into(),
+        elf::PT_TLS => "TLS segment".into(),
+        elf::PT_PHDR => "program header segment".into(),
+        other => format!("segment of type {other:#x}"),
+    }
+}
+
+/// An ELF word (u32 or u64 depending on the class) as u64.
+fn word(value: impl Into<u64>) -> u64 {
+    value.into()
+}
+
+/// `offset + size` when the range `[offset, offset + size)` lies inside a file of `len` bytes.
+fn range_end_within(offset: u64, size: u64, len: u64) -> Option<u64> {
+    offset.checked_add(size).filter(|end| *end <= len)
+}
+
+/// Checks that `data` is a complete ELF shared object this host's dynamic loader can map
+/// without reading past the end of the file. Errors say what is wrong in one line.
+pub(crate) fn check_elf_image<'d, R: ReadRef<'d>>(data: R) -> Result<(), String> {
+    let len = data.len().map_err(|()| "cannot read the file".to_string())?;
+    if len == 0 {
         return Err("empty file, not a shared library".into());
     }
-    if read < header.len() || &header[..4] != b"\x7fELF" {
-        return Err("not a shared library (no ELF header)".into());
+    let ident = data
+        .read_bytes_at(0, IDENT_LEN)
+        .ok()
+        .filter(|ident| ident.starts_with(&elf::ELFMAG))
+        .ok_or_else(|| "not a shared library (no ELF header)".to_string())?;
+    let (class, class_name) = HOST_CLASS;
+    if ident[EI_CLASS] != class {
+        return Err(format!("ELF class {} is not this host's {class_name}", ident[EI_CLASS]));
     }
-    // e_type at offset 16, little-endian on the platforms we build for: 3 = ET_DYN.
-    if u16::from_le_bytes([header[16], header[17]]) != 3 {
-        return Err("ELF file is not a shared object".into());
+    if ident[EI_DATA] != HOST_DATA {
+        return Err("ELF byte order is not this host's".into());
+    }
+    let header = HostElf::parse(data).map_err(|_| format!("truncated or unsupported ELF header ({len} bytes)"))?;
+    let endian = header.endian().map_err(|_| "unsupported ELF byte order".to_string())?;
+    let e_type = header.e_type(endian);
+    if e_type != elf::ET_DYN {
+        return Err(format!("ELF file is not a shared object (e_type {e_type})"));
+    }
+    let machine = header.e_machine(endian);
+    if let Some(host_machine) = HOST_MACHINE.filter(|m| *m != machine) {
+        return Err(format!("built for {}, this host is {}", machine_name(machine), machine_name(host_machine)));
+    }
+    let truncated = |what: String, offset: u64, size: u64| {
+        format!(
+            "{what} (bytes {offset}..{}) lies outside the file ({len} bytes): truncated or corrupt",
+            offset.saturating_add(size)
+        )
+    };
+
+    let segments = header
+        .program_headers(endian, data)
+        .map_err(|_| format!("program header table lies outside the file ({len} bytes): truncated or corrupt"))?;
+    if segments.is_empty() {
+        return Err("no program headers: not a loadable shared object".into());
+    }
+    let mut dynamic = false;
+    for (index, segment) in segments.iter().enumerate() {
+        let (offset, size) = segment.file_range(endian);
+        let p_type = segment.p_type(endian);
+        if range_end_within(offset, size, len).is_none() {
+            return Err(truncated(format!("{} {index}", segment_type_name(p_type)), offset, size));
+        }
+        if p_type == elf::PT_LOAD && size > word(segment.p_memsz(endian)) {
+            return Err(format!("loadable segment {index} is larger in the file than in memory: corrupt"));
+        }
+        if p_type == elf::PT_DYNAMIC {
+            segment
+                .dynamic(endian, data)
+                .map_err(|_| format!("dynamic segment {index} is malformed: truncated or corrupt"))?;
+            dynamic = true;
+        }
+    }
+    if !dynamic {
+        return Err("no dynamic segment (PT_DYNAMIC): not a shared library".into());
+    }
+
+    let sections = header
+        .section_headers(endian, data)
+        .map_err(|_| format!("section header table lies outside the file ({len} bytes): truncated or corrupt"))?;
+    for (index, section) in sections.iter().enumerate() {
+        if let Some((offset, size)) = section.file_range(endian) {
+            if range_end_within(offset, size, len).is_none() {
+                return Err(truncated(format!("section {index}"), offset, size));
+            }
+        }
     }
     Ok(())
 }
+
+/// Whether the regular file at `path` is an ELF shared object of this host that exports
+/// abi_stable's root-module loader, i.e. a plugin in all but its name. Read with `object`,
+/// nothing is loaded; `None` when it cannot tell (unreadable, no section headers).
+pub(crate) fn exports_root_module(path: &Path) -> Option<bool> {
+    // Checked before opening: opening a FIFO would block.
+    if !fs::metadata(path).ok()?.is_file() {
+        return Some(false);
+    }
+    let file = File::open(path).ok()?;
+    let data = &ReadCache::new(&file);
+    if check_elf_image(data).is_err() {
+        return Some(false);
+    }
+    let header = HostElf::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let sections = header.sections(endian, data).ok()?;
+    if sections.is_empty() {
+        return None;
+    }
+    let symbols = sections.symbols(endian, data, elf::SHT_DYNSYM).ok()?;
+    let wanted = abi_stable::library::ROOT_MODULE_LOADER_NAME.as_bytes();
+    Some(symbols.iter().any(|symbol| {
+        !symbol.is_undefined(endian) && symbol.name(endian, symbols.strings()).is_ok_and(|name| name == wanted)
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// abi_stable's verdicts
 
 fn describe_library_error(error: LibraryError) -> String {
     match error {
         LibraryError::GetSymbolError { .. } => {
             format!("not a capvirt plugin: it does not export {} root module", PluginModuleRef::NAME)
         }
-        LibraryError::AbiInstability(details) => {
-            let first = details.to_string().lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
-            format!(
-                "incompatible plugin ABI (built against a different capvirt-plugin-api major or abi_stable): {first}"
-            )
-        }
+        LibraryError::AbiInstability(details) => describe_abi_report(&details.to_string()),
         LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => {
-            format!("plugin ABI version {actual_version} is incompatible with this host's {expected_version}")
+            format!(
+                "plugin built against capvirt-plugin-api {actual_version}, incompatible with this host's \
+                 {expected_version}: rebuild it against capvirt-plugin-api {ABI_VERSION}"
+            )
         }
         other => one_line(&other.to_string()),
     }
@@ -65,4 +349,312 @@ fn describe_library_error(error: LibraryError) -> String {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// One line out of abi_stable's layout report (hundreds of lines: both root-module layouts,
+/// then, per checked type, an error count, the path of fields that led to it, the expected and
+/// found layouts and `Error:`/`Expected:`/`Found:` blocks). abi_stable hands the report over
+/// only as text, so this reads that text: the type and field that differ, each error with its
+/// expected and found values, the fields or variants only one side has, and the
+/// capvirt-plugin-api version the plugin was built against.
+fn describe_abi_report<'a>(report: &'a str) -> String {
+    // Each side's capvirt-plugin-api version, from the root module layouts at the top.
+    let (this, other) = report.split_once("To <other>:").unwrap_or(("", ""));
+    let version = |layout: &'a str| -> Option<&'a str> {
+        layout.split("package:'capvirt-plugin-api' version:'").nth(1).and_then(|rest| rest.split('\'').next())
+    };
+    let host = version(this).unwrap_or(ABI_VERSION);
+    let rebuild = |built: Option<&str>| match built {
+        Some(v) if v != host => {
+            format!("the plugin was built against capvirt-plugin-api {v}; rebuild it against {host}")
+        }
+        Some(v) => format!(
+            "the plugin was built against a modified capvirt-plugin-api {v}; rebuild it against the released {host}"
+        ),
+        None => format!("rebuild the plugin against capvirt-plugin-api {host}"),
+    };
+    let built = version(other);
+    let Some(block) = first_failing_block(report) else {
+        return format!("incompatible plugin ABI (abi_stable's layout check failed); {}", rebuild(built));
+    };
+    let (trace, rest) = block.split_once("Layout of expected type:").unwrap_or((block, ""));
+    let frames: Vec<(&str, &str)> = trace
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter_map(|w| Some((w[0].strip_prefix("field_name:")?, w[1].strip_prefix("type:")?)))
+        .collect();
+    let location = match frames.as_slice() {
+        [.., (function, _), ("__returns", returned)] => {
+            let owner = frames.iter().rev().nth(2).map_or("", |(_, t)| *t);
+            format!("{returned} (returned by {owner}.{function})")
+        }
+        [.., (_, parent), (field, ty)] => format!("{ty} (field {parent}.{field})"),
+        [(_, ty)] => (*ty).to_string(),
+        [] => "the root module".to_string(),
+    };
+    let (expected_layout, errors) = rest.split_once("Layout of found type:").unwrap_or(("", rest));
+    let (found_layout, errors) = errors.split_once("\nError:").map_or(("", errors), |(l, e)| (l, e));
+    let mut causes = Vec::new();
+    for error in format!("Error:{errors}").split("\nError:").map(|e| e.trim_start_matches("Error:")) {
+        let (kind, rest) = error.split_once("\nExpected:").unwrap_or((error, ""));
+        let (expected, found) = rest.split_once("\nFound:").unwrap_or((rest, ""));
+        let (found, extra) = found.split_once("\nExtra:").unwrap_or((found, ""));
+        let kind = if kind.trim().is_empty() { one_line(extra) } else { one_line(kind) };
+        if kind.is_empty() {
+            continue;
+        }
+        let value = |text: &str| {
+            let text = one_line(text);
+            if text.chars().count() > 80 {
+                format!("{}…", text.chars().take(80).collect::<String>())
+            } else {
+                text
+            }
+        };
+        if expected.trim().is_empty() {
+            causes.push(kind);
+        } else {
+            causes.push(format!("{kind}, expected {}, found {}", value(expected), value(found)));
+        }
+    }
+    let members = |layout: &str| -> Vec<String> {
+        let variants = layout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("variants:\""))
+            .map(|v| v.trim_end_matches('"').split(';').filter(|s| !s.is_empty()).map(String::from).collect());
+        variants.unwrap_or_else(|| {
+            // Direct fields only: nested layouts are indented further.
+            let depth = layout.lines().find(|l| l.trim_start().starts_with("field_name:")).map(indent);
+            layout
+                .lines()
+                .filter(|l| Some(indent(l)) == depth)
+                .filter_map(|l| l.trim().strip_prefix("field_name:"))
+                .map(String::from)
+                .collect()
+        })
+    };
+    let (expected_members, found_members) = (members(expected_layout), members(found_layout));
+    let only = |a: &[String], b: &[String]| a.iter().filter(|m| !b.contains(m)).cloned().collect::<Vec<_>>().join(", ");
+    let (added, missing) = (only(&found_members, &expected_members), only(&expected_members, &found_members));
+    if !added.is_empty() {
+        causes.push(format!("only in the plugin: {added}"));
+    }
+    if !missing.is_empty() {
+        causes.push(format!("missing in the plugin: {missing}"));
+    }
+    format!("incompatible plugin ABI at {location}: {}; {}", causes.join("; "), rebuild(built))
+}
+
+/// The part of the report about the first type with errors (`N error(s)` with N > 0).
+fn first_failing_block(report: &str) -> Option<&str> {
+    let mut blocks = report.split("error(s)").skip(1);
+    let mut counts = report
+        .split("error(s)")
+        .map(|before| before.rsplit('\n').next().and_then(|line| line.trim().parse::<usize>().ok()).unwrap_or(0));
+    loop {
+        let (count, block) = (counts.next()?, blocks.next()?);
+        if count > 0 {
+            return Some(block);
+        }
+    }
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ELF shared object of this host: the test executable (a position-independent
+    /// executable is `ET_DYN` with a dynamic segment, like a plugin).
+    fn real_image() -> Vec<u8> {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        fs::read(&exe).unwrap_or_else(|e| panic!("read {}: {e}", exe.display()))
+    }
+
+    fn check(bytes: &[u8]) -> Result<(), String> {
+        check_elf_image(bytes)
+    }
+
+    /// Writes a little-endian u16 at `offset` of a copy of `image`.
+    fn patched(image: &[u8], offset: usize, value: u16) -> Vec<u8> {
+        let mut copy = image.to_vec();
+        copy[offset..offset + 2].copy_from_slice(&value.to_le_bytes());
+        copy
+    }
+
+    #[test]
+    fn a_complete_shared_object_passes() {
+        assert_eq!(check(&real_image()), Ok(()));
+    }
+
+    #[test]
+    fn truncated_images_are_refused_at_every_length() {
+        let image = real_image();
+        let len = image.len();
+        let mut lengths = vec![1, 4, 16, 63, 64, 65, 200, 1_000, 4_096, 20_000, 100_000, 400_000, 1_000_000];
+        lengths.extend([len / 2, len - 4096, len - 100, len - 8, len - 1]);
+        for cut in lengths.into_iter().filter(|cut| *cut < len) {
+            let err = check(&image[..cut]).expect_err("a truncated image must be refused");
+            assert!(
+                err.contains("truncated") || err.contains("outside the file") || err.contains("no ELF header"),
+                "cut at {cut}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_kinds_of_elf_files_are_refused_with_the_reason() {
+        let image = real_image();
+        assert_eq!(check(b""), Err("empty file, not a shared library".into()));
+        assert_eq!(check(b"#!/bin/sh\necho hi\n"), Err("not a shared library (no ELF header)".into()));
+        // e_type at 16: ET_EXEC.
+        let exec = patched(&image, 16, elf::ET_EXEC);
+        assert_eq!(check(&exec), Err("ELF file is not a shared object (e_type 2)".into()));
+        // e_machine at 18: aarch64 on x86-64 (or x86-64 elsewhere).
+        let other = if HOST_MACHINE == Some(elf::EM_X86_64) { elf::EM_AARCH64 } else { elf::EM_X86_64 };
+        let foreign = patched(&image, 18, other);
+        if let Some(host) = HOST_MACHINE {
+            let err = check(&foreign).expect_err("foreign machine");
+            assert_eq!(err, format!("built for {}, this host is {}", machine_name(other), machine_name(host)));
+        }
+        // The other class.
+        let mut class = image.clone();
+        class[EI_CLASS] = if HOST_CLASS.0 == elf::ELFCLASS64 { elf::ELFCLASS32 } else { elf::ELFCLASS64 };
+        assert!(check(&class).expect_err("class").contains("is not this host's"));
+    }
+
+    #[test]
+    fn segments_past_the_end_are_refused() {
+        let image = real_image();
+        let endian = Endianness::default();
+        let header = HostElf::parse(image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        let phoff = word(header.e_phoff(endian));
+        let segments = header.program_headers(endian, image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        let (index, _) = segments
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.p_type(endian) == elf::PT_LOAD)
+            .unwrap_or_else(|| panic!("no PT_LOAD"));
+        // p_filesz is at offset 32 of a 64-bit program header (16 of a 32-bit one).
+        let (entry, filesz_at, width) = if HOST_CLASS.0 == elf::ELFCLASS64 { (56, 32, 8) } else { (32, 16, 4) };
+        let at = usize::try_from(phoff).unwrap_or(usize::MAX) + index * entry + filesz_at;
+        let mut copy = image.clone();
+        copy[at..at + width].iter_mut().for_each(|b| *b = 0xff);
+        let err = check(&copy).expect_err("segment past the end");
+        assert!(err.starts_with(&format!("loadable segment {index} (bytes ")), "{err}");
+    }
+
+    #[test]
+    fn no_dynamic_segment_or_a_section_table_past_the_end_is_refused() {
+        let image = real_image();
+        let endian = Endianness::default();
+        let header = HostElf::parse(image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        let phoff = usize::try_from(word(header.e_phoff(endian))).unwrap_or(usize::MAX);
+        let entry = usize::from(header.e_phentsize(endian));
+        let segments = header.program_headers(endian, image.as_slice()).unwrap_or_else(|e| panic!("{e}"));
+        // p_type (the first 4 bytes of a program header) of PT_DYNAMIC becomes PT_NULL.
+        let mut copy = image.clone();
+        for (index, _) in segments.iter().enumerate().filter(|(_, s)| s.p_type(endian) == elf::PT_DYNAMIC) {
+            copy[phoff + index * entry..][..4].copy_from_slice(&elf::PT_NULL.to_le_bytes());
+        }
+        assert_eq!(check(&copy), Err("no dynamic segment (PT_DYNAMIC): not a shared library".into()));
+        // e_shoff: just before the end of the file.
+        let (at, width) = if HOST_CLASS.0 == elf::ELFCLASS64 { (40, 8) } else { (32, 4) };
+        let mut copy = image.clone();
+        let near_end = (image.len() as u64 - 10).to_le_bytes();
+        copy[at..at + width].copy_from_slice(&near_end[..width]);
+        let err = check(&copy).expect_err("section table past the end");
+        assert!(err.starts_with("section header table lies outside the file"), "{err}");
+    }
+
+    #[test]
+    fn an_abi_refusal_names_the_real_cause_in_one_line() {
+        let variant = describe_abi_report(include_str!("testdata/abi-report-new-variant.txt"));
+        assert_eq!(
+            variant,
+            format!(
+                "incompatible plugin ABI at ErrorKind (field PluginError.kind): too many variants, expected 7, found 8; \
+                 only in the plugin: Busy; the plugin was built against capvirt-plugin-api 1.1.0; rebuild it against \
+                 1.0.0"
+            )
+        );
+        let field = describe_abi_report(include_str!("testdata/abi-report-new-field.txt"));
+        assert_eq!(
+            field,
+            format!(
+                "incompatible plugin ABI at Manifest (returned by PluginModule.manifest): incompatible type size, \
+                 expected 272, found 280; too many fields, expected 8, found 9; only in the plugin: priority; the \
+                 plugin was built against capvirt-plugin-api 1.1.0; rebuild it against 1.0.0"
+            )
+        );
+        assert!(!field.contains('\n') && !variant.contains('\n'));
+        assert_eq!(
+            describe_abi_report("something else entirely"),
+            format!(
+                "incompatible plugin ABI (abi_stable's layout check failed); rebuild the plugin against \
+                 capvirt-plugin-api {ABI_VERSION}"
+            )
+        );
+    }
+
+    #[test]
+    fn sha256_of_a_file() {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        let file = File::open(&exe).unwrap_or_else(|e| panic!("{e}"));
+        let digest = sha256_of(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sha256_of(&file).ok(), Some(digest.clone()), "reads from the start every time");
+        let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{digest}");
+        let empty = tempfile_in_target(b"");
+        assert_eq!(
+            sha256_of(&File::open(&empty).unwrap_or_else(|e| panic!("{e}"))).ok().as_deref(),
+            Some("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        );
+        let _ = fs::remove_file(empty);
+    }
+
+    /// A file with `bytes` next to the test executable (the host crate has no tempfile dependency).
+    fn tempfile_in_target(bytes: &[u8]) -> std::path::PathBuf {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        let path = exe.with_extension(format!("sha-test-{}", std::process::id()));
+        fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
+        path
+    }
+
+    #[test]
+    fn only_libraries_exporting_the_root_module_look_like_plugins() {
+        // The test executable is a valid shared object but exports no root module.
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(exports_root_module(&exe), Some(false));
+        assert_eq!(exports_root_module(Path::new("/nonexistent/libx.so")), None);
+        assert_eq!(exports_root_module(Path::new("/")), Some(false));
+    }
+
+    #[test]
+    fn strict_modes() {
+        assert_eq!(ownership_problem(1000, 0o100755, 1000), None);
+        assert_eq!(ownership_problem(0, 0o100755, 1000), None);
+        assert_eq!(ownership_problem(0, 0o40755, 0), None);
+        assert_eq!(
+            ownership_problem(1001, 0o100644, 1000),
+            Some("is owned by uid 1001, not by root or the invoking user (uid 1000)".into())
+        );
+        assert_eq!(
+            ownership_problem(1000, 0o100664, 1000),
+            Some("is writable by group (mode 0664; `chmod go-w` it)".into())
+        );
+        assert_eq!(
+            ownership_problem(0, 0o41777, 1000),
+            Some("is writable by group and others (mode 1777; `chmod go-w` it)".into())
+        );
+        assert_eq!(
+            ownership_problem(1000, 0o100646, 1000),
+            Some("is writable by others (mode 0646; `chmod go-w` it)".into())
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! reason, and `capvirt plugins` shows both.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -22,6 +22,9 @@ pub const PLUGIN_PREFIX: &str = "libcapvirt_driver_";
 pub const PLUGIN_SUFFIX: &str = ".so";
 /// Searched after the executable's directory when no directory is given explicitly.
 pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/capvirt/plugins";
+
+/// SHA-256 pins of plugin files: canonical path → `sha256:<hex>` (`[pins]` in the host config).
+pub type Pins = BTreeMap<PathBuf, String>;
 
 /// The directories to search, in order: explicit ones (`--plugin-dir`, else
 /// `CAPVIRT_PLUGIN_DIR`, colon-separated) replace the defaults, which are the directory of
@@ -91,6 +94,15 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
+/// The SDK answers a `manifest()` that panicked with an empty name and the panic as the
+/// description (`plugin-api/src/export.rs`): report the panic, not the empty name.
+fn manifest_failure(info: &PluginInfo) -> Option<String> {
+    if !info.name.is_empty() {
+        return None;
+    }
+    info.description.strip_prefix("driver panicked: ").map(|panic| format!("manifest() panicked: {panic}"))
+}
+
 /// A file that was not loaded, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefusedPlugin {
@@ -98,6 +110,26 @@ pub struct RefusedPlugin {
     /// The plugin's name when its manifest could be read.
     pub name: Option<String>,
     pub reason: String,
+    /// Refused only because the file no longer matches its SHA-256 pin.
+    pub pin_mismatch: bool,
+}
+
+/// A plugin file (it exports the plugin root module) in a plugin directory that is not named
+/// like a plugin, so never loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredFile {
+    pub path: PathBuf,
+    /// Why it was not loaded, with the name it would need.
+    pub hint: String,
+}
+
+/// The hint for a shared library named `file_name` that is not named like a plugin.
+pub fn misnamed_hint(file_name: &str) -> String {
+    let stem = file_name.strip_suffix(PLUGIN_SUFFIX).unwrap_or(file_name);
+    let stem = stem.strip_prefix("lib").unwrap_or(stem);
+    let name = stem.strip_prefix("capvirt_driver_").unwrap_or(stem);
+    let name = if name.is_empty() { "NAME" } else { name };
+    format!("not named {PLUGIN_PREFIX}*{PLUGIN_SUFFIX}, so not loaded: rename it to {PLUGIN_PREFIX}{name}{PLUGIN_SUFFIX} to load it")
 }
 
 /// What admission decided: callable flags by registry index, and ignored capabilities.
@@ -108,15 +140,24 @@ type Admission = (Vec<bool>, Vec<(String, String)>);
 pub struct PluginSet {
     pub loaded: Vec<Arc<LoadedPlugin>>,
     pub refused: Vec<RefusedPlugin>,
+    /// Plugin files in plugin directories that are not named like plugins.
+    pub ignored: Vec<IgnoredFile>,
     /// Non-fatal findings (ignored capabilities, unreadable directories).
     pub warnings: Vec<String>,
+    /// Pins checked when loading files.
+    pins: Pins,
 }
 
 impl PluginSet {
     /// Loads every `libcapvirt_driver_*.so` in `dirs`, in order. A file name seen in an earlier
     /// directory shadows later ones.
     pub fn discover(registry: &Registry, dirs: &[PathBuf]) -> PluginSet {
-        let mut set = PluginSet::default();
+        PluginSet::discover_pinned(registry, dirs, &Pins::new())
+    }
+
+    /// [`PluginSet::discover`], refusing every pinned file whose SHA-256 differs from its pin.
+    pub fn discover_pinned(registry: &Registry, dirs: &[PathBuf], pins: &Pins) -> PluginSet {
+        let mut set = PluginSet { pins: pins.clone(), ..PluginSet::default() };
         let mut seen_names = HashSet::new();
         for dir in dirs {
             let entries = match fs::read_dir(dir) {
@@ -127,15 +168,16 @@ impl PluginSet {
                     continue;
                 }
             };
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(PLUGIN_PREFIX) && n.ends_with(PLUGIN_SUFFIX))
-                })
-                .collect();
+            let mut files = Vec::new();
+            for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+                if name.starts_with(PLUGIN_PREFIX) && name.ends_with(PLUGIN_SUFFIX) {
+                    files.push(path);
+                } else if name.ends_with(PLUGIN_SUFFIX) && loader::exports_root_module(&path) != Some(false) {
+                    // A plugin in all but its name (other libraries are none of our business).
+                    set.ignored.push(IgnoredFile { hint: misnamed_hint(name), path });
+                }
+            }
             files.sort();
             for path in files {
                 let file_name = path.file_name().map(|n| n.to_os_string());
@@ -150,14 +192,29 @@ impl PluginSet {
 
     /// Loads one file (also used for plugins named directly).
     pub fn load_file(&mut self, registry: &Registry, path: &Path) {
-        let raw = match loader::load(path) {
+        // Pins are keyed by canonical path; resolving it costs a few syscalls, so only with pins.
+        let pin = if self.pins.is_empty() {
+            None
+        } else {
+            fs::canonicalize(path).ok().and_then(|canonical| self.pins.get(&canonical).cloned())
+        };
+        let raw = match loader::load(path, pin.as_deref()) {
             Ok(raw) => raw,
-            Err(reason) => {
-                self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason });
+            Err(refusal) => {
+                self.refused.push(RefusedPlugin {
+                    path: path.to_path_buf(),
+                    name: None,
+                    reason: refusal.reason,
+                    pin_mismatch: refusal.pin_mismatch,
+                });
                 return;
             }
         };
         let info = PluginInfo::from_manifest(&raw.manifest);
+        if let Some(reason) = manifest_failure(&info) {
+            self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason, pin_mismatch: false });
+            return;
+        }
         match self.admit(registry, &info) {
             Ok((callable, ignored)) => {
                 for (id, why) in &ignored {
@@ -172,7 +229,12 @@ impl PluginSet {
                 }));
             }
             Err(reason) => {
-                self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: Some(info.name.clone()), reason });
+                self.refused.push(RefusedPlugin {
+                    path: path.to_path_buf(),
+                    name: Some(info.name.clone()),
+                    reason,
+                    pin_mismatch: false,
+                });
             }
         }
     }
@@ -229,6 +291,22 @@ impl PluginSet {
         Ok((callable, ignored))
     }
 
+    /// The files `capvirt plugins --pin` records, with their SHA-256 (canonical path →
+    /// `sha256:<hex>`): every loaded plugin, and every file refused only for a changed pin.
+    pub fn pins_to_record(&self) -> Result<Pins, String> {
+        let loaded = self.loaded.iter().map(|p| p.path.as_path());
+        let repinned = self.refused.iter().filter(|r| r.pin_mismatch).map(|r| r.path.as_path());
+        loaded
+            .chain(repinned)
+            .map(|path| {
+                let fail = |e: std::io::Error| format!("cannot pin {}: {e}", path.display());
+                let canonical = fs::canonicalize(path).map_err(fail)?;
+                let digest = fs::File::open(&canonical).and_then(|f| loader::sha256_of(&f)).map_err(fail)?;
+                Ok((canonical, digest))
+            })
+            .collect()
+    }
+
     /// The plugin serving `scheme`.
     pub fn for_scheme(&self, scheme: &str) -> Option<&Arc<LoadedPlugin>> {
         self.loaded.iter().find(|p| p.info.schemes.iter().any(|s| s == scheme))
@@ -246,5 +324,14 @@ mod tests {
         assert_eq!(search_path(&[], Some("/b:/c"), Some(exe)), vec![PathBuf::from("/b"), PathBuf::from("/c")]);
         assert_eq!(search_path(&[], Some(""), Some(exe)), vec![exe.to_path_buf(), PathBuf::from(SYSTEM_PLUGIN_DIR)]);
         assert_eq!(search_path(&[], None, None), vec![PathBuf::from(SYSTEM_PLUGIN_DIR)]);
+    }
+
+    #[test]
+    fn misnamed_libraries_get_the_name_they_need() {
+        let hint = |f: &str| misnamed_hint(f).rsplit(' ').nth(3).map(String::from);
+        assert_eq!(hint("libfoo.so").as_deref(), Some("libcapvirt_driver_foo.so"));
+        assert_eq!(hint("capvirt_driver_foo.so").as_deref(), Some("libcapvirt_driver_foo.so"));
+        assert_eq!(hint("mydriver.so").as_deref(), Some("libcapvirt_driver_mydriver.so"));
+        assert_eq!(hint("lib.so").as_deref(), Some("libcapvirt_driver_NAME.so"));
     }
 }

@@ -5,7 +5,7 @@
 use std::{fs, path::PathBuf};
 
 use capvirt_host::{CallError, ErrorKind, Host, HostConfig, Value};
-use capvirt_tests::{artifacts, plugin_dir, Run, Sandbox};
+use capvirt_tests::{artifacts, plugin_dir, set_mode, Run, Sandbox};
 
 /// Some real shared library that is not a capvirt plugin.
 fn foreign_shared_library() -> PathBuf {
@@ -16,8 +16,10 @@ fn foreign_shared_library() -> PathBuf {
         .unwrap_or_else(|| panic!("no libm.so.6 found to use as a foreign shared library"))
 }
 
+/// The JSON listing of a run of `capvirt plugins` in which some plugin was refused (exit 1).
 fn plugins_json(run: &Run) -> Vec<serde_json::Value> {
-    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("refused (reason"), "{}", run.stderr);
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
 }
 
@@ -26,10 +28,9 @@ fn bad_files_are_refused_and_the_good_plugin_still_loads() {
     let libm = foreign_shared_library();
     let dir =
         plugin_dir(&[("libcapvirt_driver_test.so", &artifacts().test_plugin), ("libcapvirt_driver_libm.so", &libm)]);
-    fs::write(dir.path().join("libcapvirt_driver_empty.so"), b"").unwrap_or_else(|e| panic!("{e}"));
-    fs::write(dir.path().join("libcapvirt_driver_text.so"), b"#!/bin/sh\necho not a library\n")
-        .unwrap_or_else(|e| panic!("{e}"));
-    fs::write(dir.path().join("README.txt"), b"ignored: not named like a plugin").unwrap_or_else(|e| panic!("{e}"));
+    install(dir.path(), "libcapvirt_driver_empty.so", b"");
+    install(dir.path(), "libcapvirt_driver_text.so", b"#!/bin/sh\necho not a library\n");
+    install(dir.path(), "README.txt", b"ignored: not named like a plugin");
     let sb = Sandbox::with_plugins(dir.path().to_path_buf());
 
     let listed = plugins_json(&sb.capvirt(&["-o", "json", "plugins"]));
@@ -52,7 +53,8 @@ fn bad_files_are_refused_and_the_good_plugin_still_loads() {
         .contains("not a shared library"));
 
     let table = sb.capvirt(&["plugins"]);
-    assert_eq!(table.code, 0);
+    assert_eq!(table.code, 1, "{}", table.stderr);
+    assert_eq!(table.stderr, "error: 3 plugins were refused (reasons above)\n");
     assert!(table.stdout.contains("refused: empty file"), "{}", table.stdout);
     let list = sb.capvirt(&["list"]);
     assert_eq!(list.code, 0, "{}", list.stderr);
@@ -173,4 +175,212 @@ fn plugin_dir_option_overrides_the_environment() {
     assert!(without.stderr.contains("no plugins found"), "{}", without.stderr);
     let dir = capvirt_tests::test_plugin_dir().display().to_string();
     assert_eq!(sb.capvirt(&["--plugin-dir", &dir, "list"]).code, 0);
+}
+
+/// Writes `bytes` as `name` in `dir` with mode 0644 (group and others cannot write).
+fn install(dir: &std::path::Path, name: &str, bytes: &[u8]) {
+    let path = dir.join(name);
+    fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    set_mode(&path, 0o644);
+}
+
+/// The entry of `listed` whose path ends with `file`.
+fn entry<'a>(listed: &'a [serde_json::Value], file: &str) -> &'a serde_json::Value {
+    listed
+        .iter()
+        .find(|p| p["path"].as_str().is_some_and(|path| path.ends_with(file)))
+        .unwrap_or_else(|| panic!("{file} not listed: {listed:?}"))
+}
+
+fn reason(entry: &serde_json::Value) -> &str {
+    entry["reason"].as_str().unwrap_or_default()
+}
+
+/// `capvirt -o json plugins`, whatever its exit code.
+fn listing(sb: &Sandbox, extra: &[&str]) -> (Run, Vec<serde_json::Value>) {
+    let mut args = extra.to_vec();
+    args.extend(["-o", "json", "plugins"]);
+    let run = sb.capvirt(&args);
+    let listed = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {} {}", run.stdout, run.stderr));
+    (run, listed)
+}
+
+/// The good plugin beside refused files keeps serving calls, through the CLI and the library.
+fn assert_test_plugin_serves(sb: &Sandbox, dirs: &[PathBuf]) {
+    let list = sb.capvirt(&["list"]);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(list.stdout.contains("test"), "{}", list.stdout);
+    let dominfo = sb.capvirt(&["dominfo", "test"]);
+    assert_eq!(dominfo.code, 0, "{}", dominfo.stderr);
+    let host =
+        Host::new(HostConfig { plugin_dirs: dirs.to_vec(), ..Default::default() }).unwrap_or_else(|e| panic!("{e}"));
+    let conn = host.connect("test:///default", false).unwrap_or_else(|e| panic!("{e}"));
+    assert!(conn.call("domain.info", Value::record([("domain", "test")])).is_ok());
+}
+
+#[test]
+fn truncated_copies_of_a_real_plugin_are_refused_and_never_crash_the_host() {
+    let real = fs::read(&artifacts().test_plugin).unwrap_or_else(|e| panic!("{e}"));
+    let len = real.len();
+    let dir = plugin_dir(&[("libcapvirt_driver_test.so", &artifacts().test_plugin)]);
+    let mut cuts = vec![1_000, 20_000, 100_000, 400_000, 1_000_000, len / 2, len - 4096, len - 8, len - 1];
+    cuts.retain(|cut| *cut < len);
+    for cut in &cuts {
+        install(dir.path(), &format!("libcapvirt_driver_cut{cut}.so"), &real[..*cut]);
+    }
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let (run, listed) = listing(&sb, &[]);
+    assert_eq!(run.code, 1, "not 135 (SIGBUS): {}", run.stderr);
+    assert_eq!(run.stderr, format!("error: {} plugins were refused (reasons above)\n", cuts.len()));
+    assert_eq!(entry(&listed, "libcapvirt_driver_test.so")["status"], "loaded", "{listed:?}");
+    for cut in &cuts {
+        let cut_entry = entry(&listed, &format!("libcapvirt_driver_cut{cut}.so"));
+        assert_eq!(cut_entry["status"], "refused", "{cut_entry}");
+        assert!(reason(cut_entry).contains("truncated or corrupt"), "cut at {cut} of {len}: {cut_entry}");
+    }
+    assert_test_plugin_serves(&sb, &[dir.path().to_path_buf()]);
+}
+
+#[test]
+fn a_directory_named_like_a_plugin_is_refused() {
+    let dir = plugin_dir(&[("libcapvirt_driver_test.so", &artifacts().test_plugin)]);
+    fs::create_dir(dir.path().join("libcapvirt_driver_x.so")).unwrap_or_else(|e| panic!("{e}"));
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let (_, listed) = listing(&sb, &[]);
+    let x = entry(&listed, "libcapvirt_driver_x.so");
+    assert_eq!(x["status"], "refused");
+    assert_eq!(reason(x), "is a directory, not a plugin file", "{x}");
+    assert_test_plugin_serves(&sb, &[dir.path().to_path_buf()]);
+}
+
+#[test]
+fn plugins_that_group_or_others_can_write_are_refused() {
+    let test = &artifacts().test_plugin;
+    let dir = plugin_dir(&[("libcapvirt_driver_test.so", test), ("libcapvirt_driver_gw.so", test)]);
+    set_mode(&dir.path().join("libcapvirt_driver_gw.so"), 0o775);
+    // A directory others can write: everything in it is refused, even a good plugin.
+    let open_dir = plugin_dir(&[("libcapvirt_driver_other.so", test)]);
+    set_mode(open_dir.path(), 0o777);
+    // A link to a file in that directory is refused too: whoever can write there can swap it.
+    let target = open_dir.path().join("libcapvirt_driver_other.so");
+    std::os::unix::fs::symlink(&target, dir.path().join("libcapvirt_driver_link.so")).unwrap_or_else(|e| panic!("{e}"));
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let dirs = [dir.path().to_path_buf(), open_dir.path().to_path_buf()];
+    let (_, listed) =
+        listing(&sb, &["--plugin-dir", &dirs[0].display().to_string(), "--plugin-dir", &dirs[1].display().to_string()]);
+    assert_eq!(entry(&listed, "libcapvirt_driver_test.so")["status"], "loaded", "{listed:?}");
+    let gw = entry(&listed, "libcapvirt_driver_gw.so");
+    assert_eq!(gw["status"], "refused");
+    assert!(reason(gw).starts_with("file "), "{gw}");
+    assert!(reason(gw).ends_with("libcapvirt_driver_gw.so is writable by group (mode 0775; `chmod go-w` it)"), "{gw}");
+    let other = entry(&listed, "libcapvirt_driver_other.so");
+    assert_eq!(other["status"], "refused");
+    assert_eq!(
+        reason(other),
+        format!("directory {} is writable by group and others (mode 0777; `chmod go-w` it)", dirs[1].display()),
+        "{other}"
+    );
+    let link = entry(&listed, "libcapvirt_driver_link.so");
+    let real_dir = fs::canonicalize(open_dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        reason(link),
+        format!("directory {} is writable by group and others (mode 0777; `chmod go-w` it)", real_dir.display()),
+        "{link}"
+    );
+    assert_test_plugin_serves(&sb, &dirs);
+}
+
+#[test]
+fn plugins_exits_zero_only_when_nothing_was_refused() {
+    let sb = Sandbox::new();
+    let run = sb.capvirt(&["plugins"]);
+    assert_eq!((run.code, run.stderr.as_str()), (0, ""), "{}", run.stdout);
+    assert!(run.stdout.contains("loaded (18 capabilities)"), "{}", run.stdout);
+}
+
+#[test]
+fn misnamed_shared_libraries_get_a_rename_hint() {
+    let test = &artifacts().test_plugin;
+    let libm = foreign_shared_library();
+    let dir = plugin_dir(&[
+        ("libcapvirt_driver_test.so", test),
+        ("libfoo.so", test),
+        ("capvirt_driver_bar.so", test),
+        // Not a plugin at all: no advice to rename it.
+        ("libm.so", &libm),
+    ]);
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let (run, listed) = listing(&sb, &[]);
+    assert_eq!(run.code, 0, "misnamed files are not refusals: {}", run.stderr);
+    assert_eq!(listed.len(), 3, "libm.so is not listed: {listed:?}");
+    let foo = entry(&listed, "/libfoo.so");
+    assert_eq!(foo["status"], "ignored");
+    assert_eq!(
+        reason(foo),
+        "not named libcapvirt_driver_*.so, so not loaded: rename it to libcapvirt_driver_foo.so to load it"
+    );
+    assert!(reason(entry(&listed, "/capvirt_driver_bar.so")).contains("rename it to libcapvirt_driver_bar.so"));
+    let table = sb.capvirt(&["plugins"]);
+    assert!(table.stdout.contains("ignored: not named libcapvirt_driver_*.so"), "{}", table.stdout);
+}
+
+#[test]
+fn a_missing_plugin_dir_is_a_usage_error_naming_it() {
+    let sb = Sandbox::new();
+    let missing = sb.path("no-such-dir");
+    let missing = missing.display().to_string();
+    for command in [&["plugins"][..], &["list"][..]] {
+        let mut args = vec!["--plugin-dir", missing.as_str()];
+        args.extend(command);
+        let run = sb.capvirt(&args);
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        assert!(run.stderr.contains(&format!("plugin directory {missing} does not exist")), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn a_panicking_manifest_is_refused_with_its_panic_message() {
+    let sb = fixture_sandbox();
+    let listed =
+        plugins_json(&sb.capvirt_env(&["-o", "json", "plugins"], &[("CAPVIRT_FIXTURE_MODE", "manifest-panic")]));
+    let fixture = entry(&listed, "libcapvirt_driver_fixture.so");
+    assert_eq!(fixture["status"], "refused");
+    assert!(reason(fixture).starts_with("manifest() panicked: fixture cannot describe itself"), "{fixture}");
+    assert_eq!(sb.capvirt_env(&["list"], &[("CAPVIRT_FIXTURE_MODE", "manifest-panic")]).code, 0);
+}
+
+#[test]
+fn a_pinned_plugin_that_changed_is_refused_until_pinned_again() {
+    let sb = fixture_sandbox();
+    let config = sb.path("capvirt/config.toml");
+    let pin = sb.capvirt(&["plugins", "--pin"]);
+    assert_eq!(pin.code, 0, "{}", pin.stderr);
+    assert!(
+        pin.stdout.contains(&format!("Pinned the SHA-256 of 2 plugin file(s) in {}.", config.display())),
+        "{}",
+        pin.stdout
+    );
+    let text = fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+    let fixture = fs::canonicalize(sb.plugins.join("libcapvirt_driver_fixture.so")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(text.contains(&format!("\"{}\" = \"sha256:", fixture.display())), "{text}");
+    assert_eq!(sb.capvirt(&["plugins"]).code, 0);
+
+    // Still a valid shared object, but not the file that was pinned.
+    let mut changed = fs::read(&fixture).unwrap_or_else(|e| panic!("{e}"));
+    changed.extend_from_slice(b"tampered");
+    fs::write(&fixture, &changed).unwrap_or_else(|e| panic!("{e}"));
+    let (run, listed) = listing(&sb, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let refused = entry(&listed, "libcapvirt_driver_fixture.so");
+    assert_eq!(refused["status"], "refused");
+    assert!(reason(refused).starts_with("its SHA-256 changed since it was pinned (pinned sha256:"), "{refused}");
+    assert_eq!(entry(&listed, "libcapvirt_driver_test.so")["status"], "loaded");
+    assert_eq!(sb.capvirt(&["-c", "fixture:///x", "list"]).code, 4);
+    assert_test_plugin_serves(&sb, std::slice::from_ref(&sb.plugins));
+
+    // Re-pinning accepts the file as it is now.
+    assert_eq!(sb.capvirt(&["plugins", "--pin"]).code, 1, "this run still refused it");
+    let (run, listed) = listing(&sb, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(entry(&listed, "libcapvirt_driver_fixture.so")["status"], "loaded", "{listed:?}");
 }

@@ -96,12 +96,26 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A fresh directory holding copies of `plugins`, each under its `(file name, source)`.
+///
+/// The host refuses plugin files and directories that group or others can write (like
+/// OpenSSH's `StrictModes`), so modes are set explicitly instead of depending on the umask
+/// (`fs::copy` keeps the source's mode): the directory 0700, each plugin 0755.
 pub fn plugin_dir(plugins: &[(&str, &Path)]) -> TempDir {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    set_mode(dir.path(), 0o700);
     for (name, source) in plugins {
-        fs::copy(source, dir.path().join(name)).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+        let target = dir.path().join(name);
+        fs::copy(source, &target).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+        set_mode(&target, 0o755);
     }
     dir
+}
+
+/// Sets the permission bits of `path`.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
 /// A directory with only the test driver, shared by the tests of one process.

@@ -106,7 +106,8 @@ impl Context {
                 enabled.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
             }
             let file_config = crate::config::HostFileConfig::load(crate::config::locate_from_env().as_ref());
-            enabled.extend(file_config.map_err(|e| CliError::usage(e.to_string()))?.enable);
+            let file_config = file_config.map_err(|e| CliError::usage(e.to_string()))?;
+            enabled.extend(file_config.enable);
             let config = HostConfig {
                 registry: match &self.globals.registry_dir {
                     Some(dir) => RegistrySource::Dir(dir.clone()),
@@ -115,6 +116,7 @@ impl Context {
                 plugin_dirs,
                 policy: Policy { enabled },
                 check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").is_some_and(|v| v == "1"),
+                pins: file_config.pins,
             };
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
         }

@@ -82,6 +82,7 @@ pub fn command(registry: &Registry) -> Command {
             Arg::new("plugin-dir")
                 .long("plugin-dir")
                 .value_name("DIR")
+                .value_parser(commands::plugins::existing_plugin_dir)
                 .action(ArgAction::Append)
                 .global(true)
                 .help("Load plugins from DIR (repeatable) [default: $CAPVIRT_PLUGIN_DIR, else the executable's directory, then /usr/lib/capvirt/plugins]"),

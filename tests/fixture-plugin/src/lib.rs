@@ -6,7 +6,8 @@
 //! - `rejected`: declares the rejected `domain.monitor-command` (must be refused);
 //! - `unknown`: declares a capability the registry does not know (must be ignored);
 //! - `major`: built against registry 2.0.0 (must be refused);
-//! - `connect-panic`: panics while connecting.
+//! - `connect-panic`: panics while connecting;
+//! - `manifest-panic`: panics while describing itself (must be refused with the panic message).
 
 use capvirt_plugin_api::prelude::*;
 
@@ -24,6 +25,7 @@ impl Plugin for Fixture {
                 .description("Misbehaving plugin for tests.")
         };
         match mode().as_str() {
+            "manifest-panic" => panic!("fixture cannot describe itself"),
             "rejected" => base("1.0.0").capabilities(["domain.list", "domain.monitor-command"]),
             "unknown" => base("1.0.0").capabilities(["domain.list", "domain.teleport"]),
             "major" => base("2.0.0").capabilities(["domain.list"]),

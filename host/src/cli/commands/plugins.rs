@@ -1,17 +1,39 @@
-//! `capvirt plugins`: loaded and refused plugins, with the reason for each refusal.
+//! `capvirt plugins`: loaded and refused plugins, with the reason for each refusal, and shared
+//! libraries in plugin directories that are not named like plugins. Exits 1 when any plugin
+//! was refused, so scripts and package post-install checks notice. `--pin` records the SHA-256
+//! of every loaded plugin in the host config, after which a changed file is refused.
 
-use clap::{ArgMatches, Command};
+use std::path::Path;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use crate::cli::{context::Context, output, CliError, OutputFormat};
 
 pub fn cli() -> Command {
-    Command::new("plugins").about("List loaded and refused driver plugins")
+    Command::new("plugins").about("List loaded and refused driver plugins").arg(
+        Arg::new("pin").long("pin").action(ArgAction::SetTrue).help(
+            "Record the SHA-256 of every loaded plugin (and of pinned files that changed) in the host config; \
+             a pinned file that changes is then refused",
+        ),
+    )
 }
 
-pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
+/// `--plugin-dir` values: an existing directory (a typo must not silently load nothing).
+pub fn existing_plugin_dir(value: &str) -> Result<String, String> {
+    let path = Path::new(value);
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(value.to_string()),
+        Ok(_) => Err(format!("plugin directory {value} is not a directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!("plugin directory {value} does not exist")),
+        Err(e) => Err(format!("plugin directory {value}: {e}")),
+    }
+}
+
+pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let format = ctx.output();
     let host = ctx.host()?;
     let set = host.plugins();
+    let pinned = if m.get_flag("pin") { Some(pin(set)?) } else { None };
     match format {
         OutputFormat::Json => {
             let loaded: Vec<serde_json::Value> = set
@@ -36,7 +58,12 @@ pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
                 .iter()
                 .map(|r| serde_json::json!({"status": "refused", "name": r.name, "path": r.path.display().to_string(), "reason": r.reason}))
                 .collect();
-            output::print(&output::json_value(&serde_json::Value::Array(loaded.into_iter().chain(refused).collect())));
+            let ignored = set.ignored.iter().map(
+                |i| serde_json::json!({"status": "ignored", "name": null, "path": i.path.display().to_string(), "reason": i.hint}),
+            );
+            output::print(&output::json_value(&serde_json::Value::Array(
+                loaded.into_iter().chain(refused).chain(ignored).collect(),
+            )));
         }
         OutputFormat::Table => {
             let header: Vec<String> = ["Plugin", "Version", "Schemes", "Status", "Path"].map(String::from).to_vec();
@@ -62,12 +89,31 @@ pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
                     r.path.display().to_string(),
                 ]
             }));
+            cells.extend(set.ignored.iter().map(|i| {
+                vec!["-".into(), "-".into(), "-".into(), format!("ignored: {}", i.hint), i.path.display().to_string()]
+            }));
             let mut text = output::table(&header, &cells);
-            if set.loaded.is_empty() && set.refused.is_empty() {
+            if set.loaded.is_empty() && set.refused.is_empty() && set.ignored.is_empty() {
                 text.push_str("No plugins found (searched --plugin-dir, $CAPVIRT_PLUGIN_DIR or the executable's directory and /usr/lib/capvirt/plugins).\n");
+            }
+            if let Some((count, config)) = &pinned {
+                text.push_str(&format!("Pinned the SHA-256 of {count} plugin file(s) in {}.\n", config.display()));
             }
             output::print(&text);
         }
     }
-    Ok(())
+    match set.refused.len() {
+        0 => Ok(()),
+        1 => Err(CliError::other("1 plugin was refused (reason above)")),
+        n => Err(CliError::other(format!("{n} plugins were refused (reasons above)"))),
+    }
+}
+
+/// Writes the pins of `set` into the host config; returns how many and where.
+fn pin(set: &crate::plugins::PluginSet) -> Result<(usize, std::path::PathBuf), CliError> {
+    let location = crate::config::locate_from_env()
+        .ok_or_else(|| CliError::usage("no host config location to write pins to (set CAPVIRT_CONFIG or HOME)"))?;
+    let pins = set.pins_to_record().map_err(CliError::other)?;
+    crate::config::HostFileConfig::write_pins(&location, &pins).map_err(|e| CliError::other(e.to_string()))?;
+    Ok((pins.len(), location.path))
 }
