@@ -30,16 +30,29 @@ pub enum RegistrySource {
 }
 
 /// How to set a host up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HostConfig {
     pub registry: RegistrySource,
     /// Directories searched for plugins, in order (see [`crate::plugins::search_path`]).
     pub plugin_dirs: Vec<PathBuf>,
     pub policy: Policy,
-    /// Check every driver result against its declared type (conformance checks, tests).
+    /// Check every driver result against its declared type (on by default: a driver bug
+    /// becomes a `malformed result` error naming the field instead of reaching users).
     pub check_results: bool,
     /// SHA-256 pins of plugin files; a pinned file that changed is refused.
     pub pins: crate::plugins::Pins,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            registry: RegistrySource::default(),
+            plugin_dirs: Vec::new(),
+            policy: Policy::default(),
+            pins: Default::default(),
+            check_results: true,
+        }
+    }
 }
 
 /// A configured host.

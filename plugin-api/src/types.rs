@@ -5,7 +5,9 @@
 //! The registry stays the owner of the shapes; a host test checks that these mirrors match it.
 //! Structs are `#[non_exhaustive]` because registry minors may add optional fields.
 
-use crate::{PluginError, Value};
+use abi_stable::std_types::RVec;
+
+use crate::{Field, PluginError, Text, Value};
 
 /// Lifecycle state of a domain (registry type `DomainState`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -485,8 +487,9 @@ pub struct DomainInfo {
     pub max_memory_kib: u64,
     pub cpu_time_ns: u64,
     pub persistent: bool,
-    /// The version of the hypervisor running the domain, when it runs and the driver knows.
-    pub hypervisor_version: Option<String>,
+    /// The version of the hypervisor running the domain, when it runs and the driver knows
+    /// (`Text`: a `&'static str` version is borrowed, not copied).
+    pub hypervisor_version: Option<Text>,
 }
 
 impl DomainInfo {
@@ -504,19 +507,19 @@ impl DomainInfo {
     }
 
     pub fn into_value(self) -> Value {
-        let mut record = Value::record([
-            ("name", Value::from(self.name)),
-            ("state", Value::from(self.state.as_str())),
-            ("vcpus", Value::UInt(self.vcpus)),
-            ("memory_kib", Value::UInt(self.memory_kib)),
-            ("max_memory_kib", Value::UInt(self.max_memory_kib)),
-            ("cpu_time_ns", Value::UInt(self.cpu_time_ns)),
-            ("persistent", Value::Bool(self.persistent)),
-        ]);
+        // Sized once: `domain.info` is the hottest call there is.
+        let mut fields = RVec::with_capacity(8);
+        fields.push(Field::new("name", self.name));
+        fields.push(Field::new("state", self.state.as_str()));
+        fields.push(Field::new("vcpus", Value::UInt(self.vcpus)));
+        fields.push(Field::new("memory_kib", Value::UInt(self.memory_kib)));
+        fields.push(Field::new("max_memory_kib", Value::UInt(self.max_memory_kib)));
+        fields.push(Field::new("cpu_time_ns", Value::UInt(self.cpu_time_ns)));
+        fields.push(Field::new("persistent", Value::Bool(self.persistent)));
         if let Some(version) = self.hypervisor_version {
-            record.set("hypervisor_version", version);
+            fields.push(Field::new("hypervisor_version", Value::Str(version)));
         }
-        record
+        Value::Record(fields)
     }
 }
 

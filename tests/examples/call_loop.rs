@@ -8,6 +8,8 @@
 //! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.11k target/release/examples/call_loop info 11000
 //! # instructions per call = (total(11k) - total(1k)) / 10000
 //! ```
+//!
+//! A third argument `unchecked` turns off checking results against their declared types.
 
 use std::hint::black_box;
 
@@ -17,9 +19,12 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let what = args.next().unwrap_or_else(|| "info".into());
     let count: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
+    // `unchecked`: without checking results against their declared types (the default checks).
+    let check_results = args.next().as_deref() != Some("unchecked");
     let plugin_dir = capvirt_tests::test_plugin_dir();
-    let host = Host::new(HostConfig { plugin_dirs: vec![plugin_dir.to_path_buf()], ..Default::default() })
-        .unwrap_or_else(|e| panic!("host: {e}"));
+    let host =
+        Host::new(HostConfig { plugin_dirs: vec![plugin_dir.to_path_buf()], check_results, ..Default::default() })
+            .unwrap_or_else(|e| panic!("host: {e}"));
     let conn = host.connect("test:///default", false).unwrap_or_else(|e| panic!("connect: {e}"));
     for _ in 0..count {
         match what.as_str() {

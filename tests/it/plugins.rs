@@ -142,7 +142,7 @@ fn a_panicking_method_is_reported_and_the_host_keeps_working() {
 }
 
 #[test]
-fn malformed_results_are_caught_when_checking_is_on() {
+fn malformed_results_are_caught_by_default() {
     let dir = plugin_dir(&[("libcapvirt_driver_fixture.so", &artifacts().fixture_plugin)]);
     let host = Host::new(HostConfig {
         plugin_dirs: vec![dir.path().to_path_buf()],
@@ -153,6 +153,13 @@ fn malformed_results_are_caught_when_checking_is_on() {
     let conn = host.connect("fixture:///x", false).unwrap_or_else(|e| panic!("{e}"));
     let err = conn.call("host.info", Value::Unit).expect_err("malformed");
     assert!(matches!(err, CallError::MalformedResult { .. }), "{err}");
+    // The library and the CLI check by default.
+    assert!(HostConfig::default().check_results);
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let run = sb.capvirt(&["-c", "fixture:///x", "nodeinfo"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("returned a malformed result for `host.info`"), "{}", run.stderr);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
 }
 
 #[test]

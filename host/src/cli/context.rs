@@ -115,7 +115,8 @@ impl Context {
                 },
                 plugin_dirs,
                 policy: Policy { enabled },
-                check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").is_some_and(|v| v == "1"),
+                // On unless turned off (`CAPVIRT_CHECK_RESULTS=0`).
+                check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").map_or(true, |v| v != "0"),
                 pins: file_config.pins,
             };
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));

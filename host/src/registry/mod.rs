@@ -15,7 +15,7 @@ use rustc_hash::FxHashMap;
 use capvirt_plugin_api::Value;
 
 pub use model::{CapabilityFile, CliHint, RegistryFile, Stage, TypesFile};
-pub use types::{Bounds, FieldDef, Ty, TypeBody, TypeDef, TypeId, TypeTable, ValidationError};
+pub use types::{Bounds, FieldDef, Ty, TypeBody, TypeDef, TypeId, TypeTable, ValidationError, ValuePath};
 
 /// Index of a capability in its [`Registry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -301,14 +301,12 @@ impl Registry {
 
     /// Validates a capability's argument record in place (see [`TypeTable::validate_record`]).
     pub fn validate_args(&self, capability: &Capability, args: &mut Value) -> Result<(), ValidationError> {
-        let mut path = String::new();
-        self.types.validate_record("argument record", &capability.params, args, &mut path)
+        self.types.validate_record("argument record", &capability.params, args, &ValuePath::root(""))
     }
 
     /// Validates a driver's result against the declared result type.
     pub fn validate_result(&self, capability: &Capability, result: &mut Value) -> Result<(), ValidationError> {
-        let mut path = String::from("result");
-        self.types.validate(&capability.result, Bounds::default(), result, &mut path)
+        self.types.validate(&capability.result, Bounds::default(), result, &ValuePath::root("result"))
     }
 }
 
@@ -389,8 +387,8 @@ fn compile_types(file: &TypesFile, push: &mut impl FnMut(&str, String)) -> TypeT
             for field in fields {
                 if let Some(default) = &field.default {
                     let mut value = default.clone();
-                    let mut path = format!("{}.{}", def.name, field.name);
-                    if let Err(e) = table.validate(&field.ty, field.bounds, &mut value, &mut path) {
+                    let path = format!("{}.{}", def.name, field.name);
+                    if let Err(e) = table.validate(&field.ty, field.bounds, &mut value, &ValuePath::root(&path)) {
                         push("types.toml", format!("default of {e}"));
                     }
                 }
@@ -457,8 +455,7 @@ fn check_capability(
     for param in params {
         if let Some(default) = &param.default {
             let mut value = default.clone();
-            let mut path = param.name.clone();
-            if let Err(e) = types.validate(&param.ty, param.bounds, &mut value, &mut path) {
+            if let Err(e) = types.validate(&param.ty, param.bounds, &mut value, &ValuePath::root(&param.name)) {
                 push(format!("default of {e}"));
             }
         }
@@ -589,8 +586,10 @@ mod sdk_mirror_tests {
 
     fn check(registry: &Registry, type_name: &str, mut value: Value) {
         let ty = registry.types.parse_expr(type_name).unwrap_or_else(|e| panic!("{e}"));
-        let mut path = type_name.to_string();
-        registry.types.validate(&ty, Bounds::default(), &mut value, &mut path).unwrap_or_else(|e| panic!("{e}"));
+        registry
+            .types
+            .validate(&ty, Bounds::default(), &mut value, &ValuePath::root(type_name))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn enum_values(registry: &Registry, name: &str) -> Vec<String> {

@@ -92,6 +92,67 @@ pub struct TypeTable {
     pub(crate) defs: Vec<TypeDef>,
 }
 
+/// Where validation is inside a value (`spec.disks[0].format`), kept on the stack as a chain
+/// of segments and rendered only when an error needs it: checking a value allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct ValuePath<'a> {
+    segment: Segment<'a>,
+    parent: Option<&'a ValuePath<'a>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Segment<'a> {
+    /// The value as a whole, named (`result`) or not (a call's argument record).
+    Root(&'a str),
+    Field(&'a str),
+    Index(usize),
+}
+
+impl<'a> ValuePath<'a> {
+    /// The top of a value; `""` for a call's argument record (whose fields are arguments).
+    pub const fn root(name: &'a str) -> Self {
+        ValuePath { segment: Segment::Root(name), parent: None }
+    }
+
+    fn field(&'a self, name: &'a str) -> ValuePath<'a> {
+        ValuePath { segment: Segment::Field(name), parent: Some(self) }
+    }
+
+    fn index(&'a self, index: usize) -> ValuePath<'a> {
+        ValuePath { segment: Segment::Index(index), parent: Some(self) }
+    }
+
+    /// Whether this is the unnamed top of an argument record.
+    fn is_arguments(&self) -> bool {
+        matches!(self.segment, Segment::Root(""))
+    }
+
+    fn render(&self) -> String {
+        let mut chain = vec![self.segment];
+        let mut at = self.parent;
+        while let Some(node) = at {
+            chain.push(node.segment);
+            at = node.parent;
+        }
+        let mut out = String::new();
+        for segment in chain.into_iter().rev() {
+            match segment {
+                Segment::Root(name) => out.push_str(name),
+                Segment::Field(name) => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(name);
+                }
+                Segment::Index(i) => {
+                    let _ = write!(out, "[{i}]");
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Why a value does not fit its declared type. `path` names the offending part
 /// (`spec.disks[0].format`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +209,7 @@ impl TypeTable {
         ty: &Ty,
         bounds: Bounds,
         value: &mut Value,
-        path: &mut String,
+        path: &ValuePath<'_>,
     ) -> Result<(), ValidationError> {
         match (ty, &mut *value) {
             (Ty::Unit, Value::Unit) => Ok(()),
@@ -180,11 +241,8 @@ impl TypeTable {
             (Ty::Str, Value::Str(_)) => Ok(()),
             (Ty::Bytes, Value::Bytes(_)) => Ok(()),
             (Ty::List(item), Value::List(items)) => {
-                let base = path.len();
                 for (i, item_value) in items.iter_mut().enumerate() {
-                    let _ = write!(path, "[{i}]");
-                    self.validate(item, Bounds::default(), item_value, path)?;
-                    path.truncate(base);
+                    self.validate(item, Bounds::default(), item_value, &path.index(i))?;
                 }
                 Ok(())
             }
@@ -198,7 +256,7 @@ impl TypeTable {
         id: TypeId,
         bounds: Bounds,
         value: &mut Value,
-        path: &mut String,
+        path: &ValuePath<'_>,
     ) -> Result<(), ValidationError> {
         let def = self.get(id);
         match &def.body {
@@ -241,13 +299,16 @@ impl TypeTable {
         what: &str,
         fields: &[FieldDef],
         value: &mut Value,
-        path: &mut String,
+        path: &ValuePath<'_>,
     ) -> Result<(), ValidationError> {
         let Value::Record(given) = value else {
             return Err(error(path, format!("expected {what} (a record), got {}", value.kind_name())));
         };
+        if self.validate_fields_in_order(fields, given, path)? {
+            return Ok(());
+        }
         // At the top level the record's fields are a call's arguments.
-        let noun = if path.is_empty() { "argument" } else { "field" };
+        let noun = if path.is_arguments() { "argument" } else { "field" };
         // Every given field must be declared and appear once.
         for (i, field) in given.iter().enumerate() {
             if !fields.iter().any(|f| f.name == field.name) {
@@ -259,20 +320,14 @@ impl TypeTable {
                 return Err(error(path, format!("{noun} `{}` given twice", field.name)));
             }
         }
-        let base = path.len();
         for decl in fields {
             let position = given.iter().position(|f| f.name.as_str() == decl.name);
             match position {
                 Some(i) if !given[i].value.is_unit() || decl.ty == Ty::Unit => {
-                    push_field(path, &decl.name);
-                    self.validate(&decl.ty, decl.bounds, &mut given[i].value, path)?;
-                    path.truncate(base);
+                    self.validate(&decl.ty, decl.bounds, &mut given[i].value, &path.field(&decl.name))?;
                 }
                 _ if decl.required => {
-                    push_field(path, &decl.name);
-                    let err = error(path, format!("missing required {noun} ({})", decl.ty_text));
-                    path.truncate(base);
-                    return Err(err);
+                    return Err(error(&path.field(&decl.name), format!("missing required {noun} ({})", decl.ty_text)));
                 }
                 Some(i) => {
                     if let Some(default) = &decl.default {
@@ -287,6 +342,35 @@ impl TypeTable {
             }
         }
         Ok(())
+    }
+
+    /// The common case, checked in one pass: the given fields are a subsequence of the declared
+    /// ones, in declaration order (as every typed builder writes them), with every required field
+    /// present and set. Returns `Ok(false)` when the record is not of that shape, leaving it to
+    /// the general check (which words the precise error); a field that is there but invalid is
+    /// reported at once.
+    fn validate_fields_in_order(
+        &self,
+        fields: &[FieldDef],
+        given: &mut [Field],
+        path: &ValuePath<'_>,
+    ) -> Result<bool, ValidationError> {
+        let mut next = 0;
+        for decl in fields {
+            match given.get_mut(next) {
+                Some(field) if field.name.as_str() == decl.name => {
+                    if field.value.is_unit() && decl.ty != Ty::Unit {
+                        return Ok(false);
+                    }
+                    self.validate(&decl.ty, decl.bounds, &mut field.value, &path.field(&decl.name))?;
+                    next += 1;
+                }
+                // Absent optional fields without a default need nothing; defaults need a push.
+                _ if !decl.required && decl.default.is_none() => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(next == given.len())
     }
 
     /// A short human description of a type, for messages and help.
@@ -351,18 +435,11 @@ impl TypeTable {
     }
 }
 
-fn push_field(path: &mut String, name: &str) {
-    if !path.is_empty() {
-        path.push('.');
-    }
-    path.push_str(name);
+fn error(path: &ValuePath<'_>, message: String) -> ValidationError {
+    ValidationError { path: path.render(), message }
 }
 
-fn error(path: &str, message: String) -> ValidationError {
-    ValidationError { path: path.to_string(), message }
-}
-
-fn check_int_bounds(n: i128, bounds: Bounds, path: &str) -> Result<(), ValidationError> {
+fn check_int_bounds(n: i128, bounds: Bounds, path: &ValuePath<'_>) -> Result<(), ValidationError> {
     if let Some(min) = bounds.min {
         if n < i128::from(min) {
             return Err(error(path, format!("{n} is below the minimum {min}")));

@@ -8,6 +8,7 @@ use std::{
 use capvirt_plugin_api::{
     prelude::*,
     types::{domain_summary, png_image, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+    Text,
 };
 use qapi::qmp;
 
@@ -350,7 +351,7 @@ impl QemuDriver {
             None => (definition, None),
         };
         let mut info = DomainInfo::new(machine.name.clone(), state);
-        info.hypervisor_version = hypervisor_version;
+        info.hypervisor_version = hypervisor_version.map(Text::from);
         info.vcpus = machine.vcpus;
         info.memory_kib = machine.memory_mib.saturating_mul(1024);
         info.max_memory_kib = machine.memory_mib.saturating_mul(1024);

@@ -8,6 +8,7 @@ use std::{
 use capvirt_plugin_api::{
     prelude::*,
     types::{domain_summary, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+    Text,
 };
 
 use crate::{
@@ -124,7 +125,7 @@ impl TestDriver {
         info.max_memory_kib = domain.spec.memory_mib.saturating_mul(1024);
         info.cpu_time_ns = domain.cpu_time_ns;
         if domain.state.is_active() {
-            info.hypervisor_version = Some(env!("CARGO_PKG_VERSION").to_string());
+            info.hypervisor_version = Some(Text::from(env!("CARGO_PKG_VERSION")));
         }
         Ok(info.into_value())
     }
