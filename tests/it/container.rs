@@ -94,7 +94,8 @@ fn cli_drives_a_container_through_its_whole_life() {
     assert!(wait_until(WORKLOAD, || out.join("ready").exists()));
     let tree = sandbox.tree("a", "c1");
     assert!(tree.len() >= 3, "bwrap, its PID 1 and init: {tree:?}");
-    let cgroups = capvirt_cgroups(tree[0]);
+    let ns_init = sandbox.recorded_pid("a", "c1", "ns_init").unwrap_or_else(|| panic!("no ns_init recorded"));
+    let cgroups = capvirt_cgroups(ns_init);
     assert!(cgroups.len() >= 4, "memory, cpu, cpuacct, freezer, pids: {cgroups:?}");
     sandbox.ok("a", &["destroy", "c1"]);
     let left: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();

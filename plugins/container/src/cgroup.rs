@@ -149,7 +149,7 @@ impl Cgroups {
                         SETTLE.as_secs()
                     )))
                 }
-                _ => thread::sleep(Duration::from_millis(2)),
+                _ => thread::sleep(Duration::from_micros(500)),
             }
         }
     }
@@ -183,7 +183,7 @@ impl Cgroups {
                     Err(e) if Instant::now() >= deadline => {
                         return Err(PluginError::driver_failure(format!("cannot remove cgroup {}: {e}", dir.display())))
                     }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
                 }
             }
             // Busy or absent parents are another container's or another root's: leave them.

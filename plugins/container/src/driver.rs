@@ -306,7 +306,7 @@ impl ContainerDriver {
                 .init
                 .ok_or_else(|| PluginError::driver_failure(format!("domain '{name}' has no recorded init process")))?;
             // Marks the end as asked for: the tree is "shut off" however init reacts to SIGTERM.
-            store::write_toml(&lock.paths.shutdown, &init)?;
+            store::write_runtime(&lock.paths.shutdown, &init)?;
             if init.alive() {
                 sandbox::signal(init.pid, Signal::TERM);
             }
@@ -376,7 +376,7 @@ impl ContainerDriver {
             return cgroups.freeze().map(|()| Value::Unit);
         }
         // No freezer (not root): stop every process; the marker records the state.
-        store::write_toml(&lock.paths.stopped, &runtime.ns_init)?;
+        store::write_runtime(&lock.paths.stopped, &runtime.ns_init)?;
         for pid in sandbox::tree(&runtime, &cgroups) {
             sandbox::signal(pid, Signal::STOP);
         }

@@ -5,7 +5,7 @@
 //! 1. spawn bwrap with `--info-fd` (it reports the PID of the namespace's PID 1),
 //!    `--block-fd` (that PID 1 waits for a byte before it runs anything) and
 //!    `--json-status-fd` (a file in the runtime directory; bwrap appends the exit code);
-//! 2. record both PIDs, move both processes into the cgroups;
+//! 2. record both PIDs, move the namespace's PID 1 into the cgroups;
 //! 3. write the byte: bwrap sets up the mounts and executes init, which inherits the cgroups.
 //!
 //! `--die-with-parent` is deliberately absent: a container outlives the `capvirt` process
@@ -237,18 +237,20 @@ pub fn launch(
         };
         // Recorded before anything runs: a capvirt killed from here on leaves a tree that
         // the next call still finds (and can destroy).
-        store::write_toml(&paths.runtime, &runtime)?;
+        store::write_runtime(&paths.runtime, &runtime)?;
+        // Only the namespace's PID 1 moves: everything of the container descends from it.
+        // bwrap's outer process merely waits for it and reports its exit, and each move costs
+        // the kernel an RCU grace period per controller (milliseconds on a busy host).
         // A bwrap that fails its set-up (a mount point it cannot create) ends here: its own
         // message says more than the failed move.
-        let attached = cgroups.attach(controllers, monitor.pid).and_then(|()| cgroups.attach(controllers, ns_init.pid));
-        if let Err(e) = attached {
+        if let Err(e) = cgroups.attach(controllers, ns_init.pid) {
             return Err(if ns_init.alive() { e } else { exited_early(paths) });
         }
         let mut block = fs::File::from(block_write);
         block.write_all(b"x").map_err(|e| PluginError::driver_failure(format!("cannot release bwrap: {e}")))?;
         drop(block);
         runtime.init = Some(wait_for_init(&bwrap.path, &runtime, paths)?);
-        store::write_toml(&paths.runtime, &runtime)?;
+        store::write_runtime(&paths.runtime, &runtime)?;
         Ok(runtime)
     })();
     match started {
@@ -325,7 +327,7 @@ fn wait_for_init(bwrap: &Path, runtime: &Runtime, paths: &DomainPaths) -> Result
             )));
         }
         thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(10));
+        pause = (pause * 2).min(Duration::from_millis(1));
     }
 }
 
@@ -408,7 +410,7 @@ pub fn wait_ended(runtime: &Runtime, timeout: Duration) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        thread::sleep(Duration::from_millis(2));
+        thread::sleep(Duration::from_millis(1));
     }
 }
 

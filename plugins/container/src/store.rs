@@ -283,6 +283,21 @@ pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), PluginErro
     capvirt_plugin_api::fs::write_atomic(path, text.as_bytes()).map_err(|e| io_failure(path, "write", &e))
 }
 
+/// Writes a runtime record atomically but without fsync: it describes processes, which a
+/// host crash ends anyway, so durability buys nothing and two fsyncs would double the time a
+/// start takes on a busy disk. Readers still see the old or the new file, never a part.
+pub fn write_runtime<T: Serialize>(path: &Path, value: &T) -> Result<(), PluginError> {
+    let text =
+        toml::to_string(value).map_err(|e| PluginError::internal(format!("cannot encode {}: {e}", path.display())))?;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let written = fs::write(&tmp, text.as_bytes()).and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_failure(path, "write", &e));
+    }
+    Ok(())
+}
+
 /// Removes a container's runtime directory (after its tree is gone).
 pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
     match fs::remove_dir_all(&paths.run) {
