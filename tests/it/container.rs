@@ -348,3 +348,105 @@ fn json_shapes_match_the_test_driver_and_fresh_processes_find_running_containers
     ok(&uri, &["destroy", "test"]);
     assert!(Path::new(&sandbox.root("r")).exists());
 }
+
+#[test]
+fn without_root_limits_are_not_enforced_and_info_says_so() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    // As root, run capvirt as `nobody` (setpriv, from util-linux): no cgroup is writable then,
+    // and bwrap needs a user namespace. Not root: this user is already unprivileged.
+    let as_nobody = rustix::process::geteuid().is_root();
+    let chmod = |path: &Path, mode: u32| {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()))
+    };
+    let home = sandbox.dir("home");
+    let plugins = plugin_dir(&[("libcapvirt_driver_container.so", &artifacts().container_plugin)]);
+    if as_nobody {
+        chmod(sandbox.path(), 0o711);
+        chmod(plugins.path(), 0o755);
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap_or_else(|e| panic!("chown: {e}"));
+    }
+    let spec = home.join("c.toml");
+    fs::write(&spec, spec_toml("plain", &["/bin/sleep", "1000"], "")).unwrap_or_else(|e| panic!("{e}"));
+    chmod(&spec, 0o644);
+    // The state root is `home` itself, where the sandbox guard looks for runtime records.
+    let uri = format!("container:///session?root={}", home.display());
+    let run = |args: &[&str]| {
+        let mut cmd = if as_nobody {
+            let mut cmd = std::process::Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&artifacts().capvirt);
+            cmd
+        } else {
+            std::process::Command::new(&artifacts().capvirt)
+        };
+        cmd.env("CAPVIRT_PLUGIN_DIR", plugins.path())
+            .env("CAPVIRT_AUDIT_LOG", home.join("audit.jsonl"))
+            .env("XDG_STATE_HOME", &home)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("CAPVIRT_CHECK_RESULTS", "1")
+            .env_remove("CAPVIRT_CONFIG")
+            .env_remove("CAPVIRT_DEFAULT_URI")
+            .env_remove("CAPVIRT_ENABLE")
+            .args(["-c", &uri, "--output", "json"])
+            .args(args);
+        let out = capvirt_tests::output_within(cmd, Duration::from_secs(60));
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let info = || serde_json::from_str::<serde_json::Value>(&run(&["dominfo", "plain"])).unwrap_or_default();
+    run(&["define", &spec.display().to_string()]);
+    run(&["start", "plain"]);
+    let running = info();
+    assert_eq!(running["state"], "running", "{running}");
+    // No memory cgroup could take the limit: the maximum says "none enforced".
+    assert_eq!(running["max_memory_kib"], 0, "{running}");
+    assert!(running["memory_kib"].as_u64() > Some(0), "RSS of the tree: {running}");
+    let state_dir = home.join("domains/plain/run/runtime.toml");
+    let runtime = fs::read_to_string(&state_dir).unwrap_or_default();
+    assert!(runtime.contains("controllers = []"), "{runtime}");
+
+    // Suspend without a freezer: every process of the tree is stopped (state T).
+    run(&["suspend", "plain"]);
+    assert_eq!(info()["state"], "paused");
+    let tree = sandbox.tree("home", "plain");
+    assert!(!tree.is_empty(), "no tree recorded");
+    for pid in &tree {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or_default();
+        assert_eq!(state, "T", "process {pid} is not stopped: {stat}");
+    }
+    run(&["resume", "plain"]);
+    assert_eq!(info()["state"], "running");
+    run(&["destroy", "plain"]);
+    assert!(tree.iter().all(|p| !alive(*p)), "processes left after destroy");
+    run(&["undefine", "plain"]);
+}
+
+#[test]
+fn shutdown_is_bounded_and_racing_starts_run_one_tree() {
+    let sandbox = Sandbox::new();
+    let stubborn = "trap '' TERM; while :; do sleep 0.05; done";
+    let spec = sandbox.write("s.toml", &spec_toml("stubborn", &["/bin/sh", "-c", stubborn], ""));
+    sandbox.ok("r", &["define", &spec]);
+    // Racing starts are serialized by the domain lock: one tree, the others told it runs.
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = sandbox.capvirt_uri(&sandbox.uri("r"));
+            cmd.args(["start", "stubborn"]);
+            std::thread::spawn(move || capvirt_tests::output_within(cmd, Duration::from_secs(60)))
+        })
+        .collect();
+    let codes: Vec<_> =
+        racers.into_iter().map(|r| r.join().unwrap_or_else(|_| panic!("thread panicked")).status.code()).collect();
+    assert_eq!(codes.iter().filter(|c| **c == Some(0)).count(), 1, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == Some(6)).count(), 3, "{codes:?}");
+
+    // init ignores SIGTERM: the bounded wait ends in the timeout error, the container runs on.
+    let started = Instant::now();
+    assert_refused(&sandbox.run("r", &["shutdown", "stubborn", "--timeout-secs", "1"]), 1, "did not stop within 1 s");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert_eq!(sandbox.state("r", "stubborn"), "running");
+    sandbox.ok("r", &["destroy", "stubborn"]);
+    assert_eq!(sandbox.state("r", "stubborn"), "shut off");
+}

@@ -298,7 +298,7 @@ impl ContainerDriver {
     }
 
     fn shutdown(&self, name: &str, timeout: Duration) -> Result<Value, PluginError> {
-        let (paths, _) = self.store.require(name)?;
+        self.store.require(name)?;
         let runtime = {
             let lock = self.store.lock(name, false)?;
             let runtime = self.require_state(&lock.paths, &[DomainState::Running])?;
@@ -324,7 +324,7 @@ impl ContainerDriver {
             }
             return Ok(Value::Unit);
         }
-        let _ = std::fs::remove_file(&paths.shutdown);
+        // The shutdown marker stays: if init ends later, that is the stop that was asked for.
         Err(PluginError::timeout(format!(
             "domain '{name}' did not stop within {} s of SIGTERM to its init (pid {}); it is still running — use destroy to force it off",
             timeout.as_secs(),
