@@ -97,6 +97,16 @@ fn cli_drives_a_container_through_its_whole_life() {
     let ns_init = sandbox.recorded_pid("a", "c1", "ns_init").unwrap_or_else(|| panic!("no ns_init recorded"));
     let cgroups = capvirt_cgroups(ns_init);
     assert!(cgroups.len() >= 4, "memory, cpu, cpuacct, freezer, pids: {cgroups:?}");
+    // The limits are the kernel's: 64 MiB of memory, one CPU's worth of quota per period.
+    let read = |cgroup: &Path, file: &str| fs::read_to_string(cgroup.join(file)).ok().map(|t| t.trim().to_string());
+    for cgroup in &cgroups {
+        if let Some(limit) = read(cgroup, "memory.limit_in_bytes") {
+            assert_eq!(limit, (64u64 << 20).to_string(), "{}", cgroup.display());
+        }
+        if let (Some(quota), Some(period)) = (read(cgroup, "cpu.cfs_quota_us"), read(cgroup, "cpu.cfs_period_us")) {
+            assert_eq!(quota, period, "{}", cgroup.display());
+        }
+    }
     sandbox.ok("a", &["destroy", "c1"]);
     let left: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "processes left after destroy: {left:?}");

@@ -10,8 +10,6 @@ use std::path::{Component, Path, PathBuf};
 use capvirt_plugin_api::{types::DomainSpec, PluginError};
 use serde::{Deserialize, Serialize};
 
-/// The longest domain name (registry `DomainName`).
-const MAX_NAME_LEN: usize = 64;
 /// Bound on init's argument list (the kernel's own limit is far higher; this keeps the
 /// stored definition and the bwrap command line small).
 const MAX_INIT_ARGS: usize = 4096;
@@ -44,20 +42,9 @@ pub struct Container {
 }
 
 /// Checks a domain name before it becomes a directory or cgroup name (the registry checked it
-/// too; nothing that touches the file system relies on that). Same rule as the QEMU driver.
+/// too; nothing that touches the file system relies on that). The rule all drivers share.
 pub fn check_name(name: &str) -> Result<(), PluginError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && !name.contains("..");
-    if ok {
-        Ok(())
-    } else {
-        Err(PluginError::invalid_argument(format!(
-            "domain name {name:?} is not a plain identifier (letters, digits, '.', '_', '-'; at most {MAX_NAME_LEN})"
-        )))
-    }
+    capvirt_plugin_api::types::check_domain_name(name)
 }
 
 fn refuse(message: impl Into<String>) -> PluginError {
