@@ -457,6 +457,13 @@ fn shutdown_is_bounded_and_racing_starts_run_one_tree() {
     assert_refused(&sandbox.run("r", &["shutdown", "stubborn", "--timeout-secs", "1"]), 1, "did not stop within 1 s");
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     assert_eq!(sandbox.state("r", "stubborn"), "running");
+    assert_refused(&sandbox.run("r", &["define", &spec]), 6, "is running");
+    // A frozen tree is destroyed as thoroughly as a running one.
+    sandbox.ok("r", &["suspend", "stubborn"]);
+    assert_refused(&sandbox.run("r", &["reboot", "stubborn"]), 6, "not running (state: paused)");
+    let tree = sandbox.tree("r", "stubborn");
     sandbox.ok("r", &["destroy", "stubborn"]);
+    let left: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left after destroying a paused container: {left:?}");
     assert_eq!(sandbox.state("r", "stubborn"), "shut off");
 }
