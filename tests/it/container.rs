@@ -231,6 +231,12 @@ fn bad_specs_are_refused_and_nothing_is_written() {
     }
     assert!(!sandbox.root("root").exists(), "a refused spec wrote into the state root");
     assert_eq!(sandbox.json("root", &["list", "--all"]), serde_json::json!([]));
+
+    // An init that does not exist inside the container fails the start with bwrap's words.
+    let spec = sandbox.write("missing-init.toml", &(base("lost") + "\n[boot]\ninit = [\"/nonexistent/init\"]\n"));
+    sandbox.ok("other", &["define", &spec]);
+    assert_refused(&sandbox.run("other", &["start", "lost"]), 1, "execvp /nonexistent/init");
+    assert_eq!(sandbox.state("other", "lost"), "shut off");
 }
 
 #[test]
