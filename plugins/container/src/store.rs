@@ -321,3 +321,32 @@ pub fn remove_domain(paths: &DomainPaths) -> Result<(), PluginError> {
     let _ = fs::remove_dir(&paths.dir);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_exit_code_bwrap_appends_to_its_status() {
+        let dir = std::env::temp_dir().join(format!("capvirt-container-status-{}", std::process::id()));
+        make_private_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let status = dir.join("status.json");
+        fs::write(&status, "{ \"child-pid\": 12, \"pid-namespace\": 4026532180 }\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(exit_code(&status), None, "still running");
+        fs::write(&status, "{ \"child-pid\": 12 }\n{ \"exit-code\": 137 }\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(exit_code(&status), Some(137));
+        assert_eq!(exit_code(&dir.join("missing.json")), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_domain_without_runtime_files_is_stopped() {
+        let root = std::env::temp_dir().join(format!("capvirt-container-store-{}", std::process::id()));
+        let store = Store::new(root.clone());
+        let paths = store.paths("c1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(store.liveness(&paths), Ok(Liveness::Stopped)));
+        assert!(store.paths("../c1").is_err());
+        assert_eq!(store.names().ok(), Some(Vec::new()));
+        let _ = fs::remove_dir_all(&root);
+    }
+}
