@@ -249,7 +249,7 @@ pub fn launch(
         let mut block = fs::File::from(block_write);
         block.write_all(b"x").map_err(|e| PluginError::driver_failure(format!("cannot release bwrap: {e}")))?;
         drop(block);
-        runtime.init = Some(wait_for_init(&bwrap.path, &runtime, paths)?);
+        runtime.init = wait_for_init(&bwrap.path, &runtime, paths)?;
         store::write_runtime(&paths.runtime, &runtime)?;
         Ok(runtime)
     })();
@@ -302,20 +302,24 @@ fn read_info(fd: OwnedFd, paths: &DomainPaths) -> Result<serde_json::Value, Plug
         .map_err(|e| PluginError::driver_failure(format!("bwrap's info for domain '{}' is not JSON: {e}", paths.name)))
 }
 
-/// Waits until bwrap's PID 1 has forked init and init runs its own program.
-fn wait_for_init(bwrap: &Path, runtime: &Runtime, paths: &DomainPaths) -> Result<Proc, PluginError> {
+/// Waits until bwrap's PID 1 has forked init and init runs its own program. `None`: init ran
+/// and exited 0 before it could be seen running (a short-lived container; it is shut off).
+fn wait_for_init(bwrap: &Path, runtime: &Runtime, paths: &DomainPaths) -> Result<Option<Proc>, PluginError> {
     let bwrap_exe = fs::canonicalize(bwrap).unwrap_or_else(|_| bwrap.to_path_buf());
     let deadline = Instant::now() + START_TIMEOUT;
     let mut pause = Duration::from_micros(200);
     loop {
         if !runtime.ns_init.alive() {
-            return Err(exited_early(paths));
+            return match recorded_exit(paths) {
+                Some(0) => Ok(None),
+                _ => Err(exited_early(paths)),
+            };
         }
         // bwrap's PID 1 forks exactly once, for init; orphans it adopts come later.
         if let Some(pid) = procfs::children(runtime.ns_init.pid).into_iter().min() {
             if procfs::exe(pid).is_some_and(|exe| exe != bwrap_exe) {
                 if let Some(init) = Proc::of(pid) {
-                    return Ok(init);
+                    return Ok(Some(init));
                 }
             }
         }
@@ -331,12 +335,29 @@ fn wait_for_init(bwrap: &Path, runtime: &Runtime, paths: &DomainPaths) -> Result
     }
 }
 
-/// The error for a bwrap that ended during start, with its own message when it left one.
+/// The exit code bwrap records once its PID 1 ended (bwrap's outer process writes it just
+/// after; waits for it briefly).
+fn recorded_exit(paths: &DomainPaths) -> Option<i64> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let code = store::exit_code(&paths.status);
+        if code.is_some() || Instant::now() >= deadline {
+            return code;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The error for a bwrap that ended during start, with its own message when it left one,
+/// else init's exit status.
 fn exited_early(paths: &DomainPaths) -> PluginError {
     let text = fs::read_to_string(&paths.console).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("bwrap:")).collect();
-    let why =
+    let mut why =
         if lines.is_empty() { text.lines().rev().take(3).collect::<Vec<_>>().join("; ") } else { lines.join("; ") };
+    if let Some(code) = store::exit_code(&paths.status).filter(|_| lines.is_empty()) {
+        why = format!("init exited with status {code}{}{why}", if why.is_empty() { "" } else { ": " });
+    }
     let why: String = why.chars().take(600).collect();
     PluginError::driver_failure(format!(
         "the sandbox of domain '{}' ended while starting: {}",

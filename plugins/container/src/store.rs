@@ -228,7 +228,7 @@ impl Store {
 }
 
 /// The exit code bwrap reported for the container's init, if it did.
-fn exit_code(status: &Path) -> Option<i64> {
+pub fn exit_code(status: &Path) -> Option<i64> {
     let text = fs::read_to_string(status).ok()?;
     // bwrap writes one JSON document per event, separated by newlines.
     serde_json::Deserializer::from_str(&text)
