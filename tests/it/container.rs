@@ -41,7 +41,10 @@ const WRITER: &str = "dd if=/dev/zero of=/mnt/data bs=64k count=16 conv=fsync 2>
 #[test]
 fn cli_drives_a_container_through_its_whole_life() {
     let sandbox = Sandbox::new();
-    let out = sandbox.dir("out");
+    // Under the target directory, not the temporary one: wr_bytes counts writes that reach a
+    // storage layer, and /tmp may be a tmpfs.
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let out = disk.path().to_path_buf();
     let spec = sandbox.write("c.toml", &spec_toml("c1", &["/bin/sh", "-c", WRITER], &root_and_out(&out)));
 
     sandbox.ok("a", &["define", &spec]);
