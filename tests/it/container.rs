@@ -480,3 +480,22 @@ fn shutdown_is_bounded_and_racing_starts_run_one_tree() {
     assert!(left.is_empty(), "processes left after destroying a paused container: {left:?}");
     assert_eq!(sandbox.state("r", "stubborn"), "shut off");
 }
+
+#[test]
+fn the_sandbox_guard_leaves_no_process_and_no_cgroup_behind() {
+    let (tree, cgroups) = {
+        let sandbox = Sandbox::new();
+        let spec = sandbox.write("c.toml", &spec_toml("left", &["/bin/sleep", "1000"], ""));
+        sandbox.ok("deep/down", &["define", &spec]);
+        sandbox.ok("deep/down", &["start", "left"]);
+        sandbox.ok("deep/down", &["suspend", "left"]);
+        let ns_init = sandbox.recorded_pid("deep/down", "left", "ns_init").unwrap_or_else(|| panic!("no ns_init"));
+        (sandbox.tree("deep/down", "left"), capvirt_cgroups(ns_init))
+        // Dropped here with the container running (frozen), as when a test fails.
+    };
+    assert!(!tree.is_empty() && !cgroups.is_empty());
+    let left: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "the guard left processes {left:?}");
+    let kept: Vec<_> = cgroups.iter().filter(|c| c.exists()).collect();
+    assert!(kept.is_empty(), "the guard left cgroups {kept:?}");
+}

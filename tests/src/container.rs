@@ -131,17 +131,23 @@ impl Sandbox {
         }
     }
 
-    /// Runtime files of every container of every state root in the sandbox.
+    /// Runtime files of every container of every state root anywhere in the sandbox (a state
+    /// root may sit a few directories down).
     fn runtime_files(&self) -> Vec<PathBuf> {
-        let Ok(roots) = fs::read_dir(self.path()) else { return Vec::new() };
-        roots
-            .filter_map(Result::ok)
-            .filter_map(|root| fs::read_dir(root.path().join("domains")).ok())
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|domain| domain.path().join("run/runtime.toml"))
-            .filter(|file| file.is_file())
-            .collect()
+        let mut found = Vec::new();
+        let mut dirs = vec![(self.path().to_path_buf(), 0)];
+        while let Some((dir, depth)) = dirs.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                if path.ends_with("run/runtime.toml") {
+                    found.push(path);
+                } else if depth < 6 && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push((path, depth + 1));
+                }
+            }
+        }
+        found
     }
 }
 
