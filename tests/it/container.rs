@@ -100,7 +100,7 @@ fn cli_drives_a_container_through_its_whole_life() {
     let ns_init = sandbox.recorded_pid("a", "c1", "ns_init").unwrap_or_else(|| panic!("no ns_init recorded"));
     let cgroups = capvirt_cgroups(ns_init);
     assert!(cgroups.len() >= 4, "memory, cpu, cpuacct, freezer, pids: {cgroups:?}");
-    // init was in them from its first instruction: it descends from the moved PID 1.
+    // init is in them too: it descends from the PID 1 that was moved before it ran.
     let init = sandbox.recorded_pid("a", "c1", "init").unwrap_or_else(|| panic!("no init recorded"));
     assert_eq!(capvirt_cgroups(init), cgroups);
     // The limits are the kernel's: 64 MiB of memory, one CPU's worth of quota per period.
