@@ -476,6 +476,27 @@ impl DomainSpec {
     }
 }
 
+/// The longest domain name (registry type `DomainName`).
+pub const MAX_DOMAIN_NAME_LEN: usize = 64;
+
+/// Checks a domain name before a driver turns it into a file, directory or cgroup name. The
+/// registry's `name` format checked it already; a driver does not rely on that for anything
+/// that touches the file system. Plain identifiers only: ASCII letters, digits, `.`, `_`, `-`,
+/// a letter or digit first, no `..`, at most [`MAX_DOMAIN_NAME_LEN`] bytes.
+pub fn check_domain_name(name: &str) -> Result<(), PluginError> {
+    let ok = name.len() <= MAX_DOMAIN_NAME_LEN
+        && name.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(PluginError::invalid_argument(format!(
+            "domain name {name:?} is not a plain identifier (letters, digits, '.', '_', '-'; at most {MAX_DOMAIN_NAME_LEN})"
+        )))
+    }
+}
+
 /// Result of `domain.info` (registry type `DomainInfo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -626,6 +647,16 @@ mod tests {
         let back = DomainSpec::from_value(&spec.to_value()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, spec);
         assert_eq!(spec.disk_targets(), vec!["vda".to_string(), "sda".to_string()]);
+    }
+
+    #[test]
+    fn domain_names_never_become_paths() {
+        for bad in ["", "../x", "a/b", ".x", "-x", "a..b", "a b", "a\0b", &"a".repeat(65)] {
+            assert!(check_domain_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["vm1", "web-1.prod_a", &"a".repeat(64)] {
+            assert!(check_domain_name(good).is_ok(), "{good:?} refused");
+        }
     }
 
     #[test]

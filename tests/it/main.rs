@@ -2,6 +2,7 @@
 //! plugin cdylibs through the real host.
 
 mod cli;
+mod container;
 mod dispatch;
 mod maint;
 mod plugins;

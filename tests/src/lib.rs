@@ -17,6 +17,7 @@ pub mod generated;
 
 pub use tempfile::TempDir;
 
+pub mod container;
 pub mod qemu;
 
 /// Paths of the freshly built binaries.
@@ -26,10 +27,17 @@ pub struct Artifacts {
     pub test_plugin: PathBuf,
     pub fixture_plugin: PathBuf,
     pub qemu_plugin: PathBuf,
+    pub container_plugin: PathBuf,
 }
 
 /// Packages built for the tests, with the artifact each one contributes.
-const PACKAGES: &[&str] = &["capvirt-host", "capvirt-driver-test", "capvirt-fixture-plugin", "capvirt-driver-qemu"];
+const PACKAGES: &[&str] = &[
+    "capvirt-host",
+    "capvirt-driver-test",
+    "capvirt-fixture-plugin",
+    "capvirt-driver-qemu",
+    "capvirt-driver-container",
+];
 
 /// Builds (once per process) and returns the artifacts. Panics with cargo's output when the
 /// build fails: nothing can be tested then.
@@ -87,6 +95,7 @@ fn build() -> Artifacts {
         test_plugin: library("libcapvirt_driver_test.so"),
         fixture_plugin: library("libcapvirt_fixture_plugin.so"),
         qemu_plugin: library("libcapvirt_driver_qemu.so"),
+        container_plugin: library("libcapvirt_driver_container.so"),
     }
 }
 

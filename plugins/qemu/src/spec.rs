@@ -27,8 +27,6 @@ pub const USB_PORTS: u8 = 8;
 pub const MAX_VIRTIO_DISKS: usize = 16;
 /// SATA ports of q35's built-in AHCI controller.
 pub const SATA_PORTS: usize = 6;
-/// The longest domain name (registry `DomainName`).
-const MAX_NAME_LEN: usize = 64;
 /// The longest device id (registry `DeviceName`).
 const MAX_DEVICE_ID_LEN: usize = 32;
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -230,18 +228,7 @@ pub struct HostLimits {
 /// Checks a domain name before it becomes a directory name (the registry checked it too; this
 /// driver does not rely on that for anything that touches the file system).
 pub fn check_name(name: &str) -> Result<(), PluginError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && !name.contains("..");
-    if ok {
-        Ok(())
-    } else {
-        Err(PluginError::invalid_argument(format!(
-            "domain name {name:?} is not a plain identifier (letters, digits, '.', '_', '-'; at most {MAX_NAME_LEN})"
-        )))
-    }
+    capvirt_plugin_api::types::check_domain_name(name)
 }
 
 /// QEMU's rule for device ids (`id_wellformed`): a letter first, then letters, digits, `-._`.
