@@ -229,7 +229,7 @@ impl ContainerDriver {
                     Some(ns) => ns,
                     None => procfs::cpu_time_ns(&tree),
                 };
-                info.hypervisor_version = Some(runtime.bwrap_version.clone());
+                info.hypervisor_version = Some(runtime.bwrap_version.clone().into());
             }
         }
         Ok(info.into_value())
