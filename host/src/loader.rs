@@ -128,19 +128,51 @@ fn check_directory(dir: &Path) -> Result<(), String> {
     check_owner_and_mode(&meta, "directory", dir)
 }
 
-/// The `StrictModes` rule: owned by root or the real uid, not writable by group or others.
+/// The `StrictModes` rule: owned by root or the real uid, not writable by group or others;
+/// as Debian's OpenSSH allows, a group holding no one but the owner (a user private group, the
+/// default where umask is 002) may write.
 fn check_owner_and_mode(meta: &Metadata, what: &str, path: &Path) -> Result<(), String> {
     let me = rustix::process::getuid().as_raw();
-    ownership_problem(meta.uid(), meta.permissions().mode(), me)
+    ownership_problem(meta.uid(), meta.gid(), meta.permissions().mode(), me, is_private_group)
         .map_or(Ok(()), |problem| Err(format!("{what} {} {problem}", path.display())))
 }
 
-/// Why a file or directory with this owner and mode is unsafe for user `me`, if it is.
-fn ownership_problem(owner: u32, mode: u32, me: u32) -> Option<String> {
+/// Whether group `gid` holds no user but `owner`: no other user has it as primary group and
+/// `/etc/group` lists no other member. Unknown groups are not private.
+fn is_private_group(gid: u32, owner: u32) -> bool {
+    let (Ok(passwd), Ok(group)) = (fs::read_to_string("/etc/passwd"), fs::read_to_string("/etc/group")) else {
+        return false;
+    };
+    let mut owner_name = None;
+    for fields in passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()) {
+        let (Some(name), Some(uid), Some(primary)) = (fields.first(), fields.get(2), fields.get(3)) else { continue };
+        let (uid, primary) = (uid.parse::<u32>().ok(), primary.parse::<u32>().ok());
+        if uid == Some(owner) {
+            owner_name = Some(*name);
+        } else if primary == Some(gid) {
+            return false;
+        }
+    }
+    let Some(owner_name) = owner_name else { return false };
+    group.lines().map(|l| l.split(':').collect::<Vec<_>>()).any(|fields| {
+        fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(gid)
+            && fields.get(3).map_or(true, |members| members.split(',').all(|m| m.is_empty() || m == owner_name))
+    })
+}
+
+/// Why a file or directory with this owner, group and mode is unsafe for user `me`, if it is.
+fn ownership_problem(
+    owner: u32,
+    group: u32,
+    mode: u32,
+    me: u32,
+    private_group: impl Fn(u32, u32) -> bool,
+) -> Option<String> {
     if owner != 0 && owner != me {
         return Some(format!("is owned by uid {owner}, not by root or the invoking user (uid {me})"));
     }
-    let writable_by = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+    let group_writable = mode & 0o020 != 0 && !private_group(group, owner);
+    let writable_by = match (group_writable, mode & 0o002 != 0) {
         (true, true) => "group and others",
         (true, false) => "group",
         (false, true) => "others",
@@ -637,24 +669,44 @@ mod tests {
 
     #[test]
     fn strict_modes() {
-        assert_eq!(ownership_problem(1000, 0o100755, 1000), None);
-        assert_eq!(ownership_problem(0, 0o100755, 1000), None);
-        assert_eq!(ownership_problem(0, 0o40755, 0), None);
+        let shared = |_, _| false;
+        assert_eq!(ownership_problem(1000, 1000, 0o100755, 1000, shared), None);
+        assert_eq!(ownership_problem(0, 0, 0o100755, 1000, shared), None);
+        assert_eq!(ownership_problem(0, 0, 0o40755, 0, shared), None);
         assert_eq!(
-            ownership_problem(1001, 0o100644, 1000),
+            ownership_problem(1001, 1001, 0o100644, 1000, shared),
             Some("is owned by uid 1001, not by root or the invoking user (uid 1000)".into())
         );
         assert_eq!(
-            ownership_problem(1000, 0o100664, 1000),
+            ownership_problem(1000, 100, 0o100664, 1000, shared),
             Some("is writable by group (mode 0664; `chmod go-w` it)".into())
         );
+        // A user private group (umask 002 systems) may write; others still may not.
+        let private = |gid, owner| gid == 1000 && owner == 1000;
+        assert_eq!(ownership_problem(1000, 1000, 0o40775, 1000, private), None);
         assert_eq!(
-            ownership_problem(0, 0o41777, 1000),
+            ownership_problem(1000, 1000, 0o40777, 1000, private),
+            Some("is writable by others (mode 0777; `chmod go-w` it)".into())
+        );
+        assert_eq!(
+            ownership_problem(0, 0, 0o41777, 1000, shared),
             Some("is writable by group and others (mode 1777; `chmod go-w` it)".into())
         );
         assert_eq!(
-            ownership_problem(1000, 0o100646, 1000),
+            ownership_problem(1000, 1000, 0o100646, 1000, shared),
             Some("is writable by others (mode 0646; `chmod go-w` it)".into())
         );
+    }
+
+    #[test]
+    fn private_groups_hold_only_their_owner() {
+        // root's group on this machine: gid 0, primary group of root only (as on Debian).
+        let root_private = is_private_group(0, 0);
+        let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let others_in_root_group =
+            passwd.lines().filter(|l| l.split(':').nth(3) == Some("0") && l.split(':').nth(2) != Some("0")).count();
+        assert_eq!(root_private, others_in_root_group == 0 && fs::read_to_string("/etc/group").is_ok());
+        // A gid nobody has is not private.
+        assert!(!is_private_group(4_000_000_000, 0));
     }
 }

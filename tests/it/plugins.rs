@@ -265,9 +265,13 @@ fn plugins_that_group_or_others_can_write_are_refused() {
     let test = &artifacts().test_plugin;
     let dir = plugin_dir(&[("libcapvirt_driver_test.so", test), ("libcapvirt_driver_gw.so", test)]);
     set_mode(&dir.path().join("libcapvirt_driver_gw.so"), 0o775);
+    // A group other users are in (nobody's primary group): its members could swap the file.
+    std::os::unix::fs::chown(dir.path().join("libcapvirt_driver_gw.so"), None, Some(SHARED_GID))
+        .unwrap_or_else(|e| panic!("chown: {e}"));
     // A directory others can write: everything in it is refused, even a good plugin.
     let open_dir = plugin_dir(&[("libcapvirt_driver_other.so", test)]);
     set_mode(open_dir.path(), 0o777);
+    std::os::unix::fs::chown(open_dir.path(), None, Some(SHARED_GID)).unwrap_or_else(|e| panic!("chown: {e}"));
     // A link to a file in that directory is refused too: whoever can write there can swap it.
     let target = open_dir.path().join("libcapvirt_driver_other.so");
     std::os::unix::fs::symlink(&target, dir.path().join("libcapvirt_driver_link.so")).unwrap_or_else(|e| panic!("{e}"));
@@ -295,6 +299,27 @@ fn plugins_that_group_or_others_can_write_are_refused() {
         "{link}"
     );
     assert_test_plugin_serves(&sb, &dirs);
+}
+
+/// `nogroup`: the primary group of `nobody`, so never private to root.
+const SHARED_GID: u32 = 65534;
+
+/// Where umask is 002, build directories are writable by the user's private group (Debian's
+/// OpenSSH allows that too): a plugin there loads.
+#[test]
+fn a_group_holding_only_the_owner_may_write() {
+    let test = &artifacts().test_plugin;
+    let dir = plugin_dir(&[("libcapvirt_driver_test.so", test)]);
+    set_mode(dir.path(), 0o775);
+    set_mode(&dir.path().join("libcapvirt_driver_test.so"), 0o775);
+    let sb = Sandbox::with_plugins(dir.path().to_path_buf());
+    let (_, listed) = listing(&sb, &["--plugin-dir", &dir.path().display().to_string()]);
+    let owner_group = fs::metadata(dir.path()).map(|m| std::os::unix::fs::MetadataExt::gid(&m)).unwrap_or(0);
+    // The test runs as root (CI) or as a user whose files get their private group.
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let shared = passwd.lines().filter(|l| l.split(':').nth(3) == Some(&owner_group.to_string())).count() > 1;
+    let expected = if shared { "refused" } else { "loaded" };
+    assert_eq!(entry(&listed, "libcapvirt_driver_test.so")["status"], expected, "{listed:?}");
 }
 
 #[test]
