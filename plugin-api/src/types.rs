@@ -609,6 +609,17 @@ pub fn png_image(width: u64, height: u64, png: Vec<u8>) -> Value {
     ])
 }
 
+/// Result of `domain.console-read` (registry type `ConsoleOutput`): `data` read from the
+/// console stream position `offset`; the next read continues at `offset + data.len()`.
+pub fn console_output(offset: u64, data: Vec<u8>) -> Value {
+    let next_offset = offset.saturating_add(data.len() as u64);
+    Value::record([
+        ("data", Value::from(data)),
+        ("offset", Value::UInt(offset)),
+        ("next_offset", Value::UInt(next_offset)),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -626,6 +626,7 @@ mod sdk_mirror_tests {
         check(&registry, "HostInfo", HostInfo::new("test:///default", "test", "1.0").into_value());
         check(&registry, "DomainSummary", domain_summary("vm1", DomainState::ShutOff));
         check(&registry, "Image", png_image(1, 1, vec![0x89]));
+        check(&registry, "ConsoleOutput", console_output(7, b"READY\n".to_vec()));
     }
 
     #[test]

@@ -7,12 +7,16 @@ use std::{
 
 use capvirt_plugin_api::{
     prelude::*,
-    types::{domain_summary, png_image, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+    types::{
+        console_output, domain_summary, png_image, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState,
+        HostInfo,
+    },
 };
 use qapi::qmp;
 
 use crate::{
     cache::{MonitorCache, Shared},
+    console,
     emulator::Release,
     monitor::{self, Monitor, OpenError},
     qemu::{self, StartMode},
@@ -46,6 +50,7 @@ pub const CAPABILITIES: &[&str] = &[
     "domain.save",
     "domain.restore",
     "domain.screenshot",
+    "domain.console-read",
 ];
 
 /// How long a call waits for a free monitor channel of a domain.
@@ -104,6 +109,9 @@ impl Plugin for QemuDriver {
             "domain.save" => self.save(args.str("domain")?, args.str("path")?, ctx),
             "domain.restore" => self.restore(args.str("path")?, ctx),
             "domain.screenshot" => self.screenshot(args.str("domain")?),
+            "domain.console-read" => {
+                self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
+            }
             "host.info" => self.host_info(),
             other => Err(PluginError::unsupported(format!("the qemu driver does not implement `{other}`"))),
         }
@@ -664,6 +672,29 @@ impl QemuDriver {
         let image = screenshot::parse_ppm(&bytes?)?;
         let png = screenshot::to_png(&image)?;
         Ok(png_image(u64::from(image.width), u64::from(image.height), png))
+    }
+
+    fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
+        let (paths, _) = self.store.require(name)?;
+        let mut log = console::Log::open(&paths)?;
+        // A running QEMU's ring holds what the guest printed since the last drain.
+        if let Liveness::Alive(_) = self.store.liveness(&paths)? {
+            let drained = self.with_monitor(Op::new(name, "console read (ringbuf-read)"), |q| {
+                q.execute(&qmp::ringbuf_read {
+                    device: console::CHARDEV.to_string(),
+                    size: console::RING_SIZE as i64,
+                    format: Some(qmp::DataFormat::base64),
+                })
+            });
+            match drained {
+                Ok(encoded) => log.append_base64(&encoded)?,
+                // Stopped meanwhile: what was kept is all there is.
+                Err(e) if e.kind == ErrorKind::InvalidState => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (start, data) = log.read(offset, max_bytes)?;
+        Ok(console_output(start, data))
     }
 
     fn host_info(&self) -> Result<Value, PluginError> {

@@ -195,6 +195,8 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
         };
         args.json("-device", &qmp::device_add::new(driver, Some("video0".to_string()), None, std::iter::empty()))?;
     }
+    // The first serial port, on a ring buffer the driver drains (`domain.console-read`).
+    args.0.extend(crate::console::options().map(OsString::from));
     if let Some(boot) = &machine.boot {
         // Plain file names and the guest's command line: none is parsed as QEMU options.
         args.0.extend(["-kernel".into(), boot.kernel.clone().into_os_string()]);
@@ -245,6 +247,7 @@ pub fn launch(
 ) -> Result<i32, PluginError> {
     store::remove_runtime(paths)?;
     store::make_private_dir(&paths.run)?;
+    crate::console::Log::open(paths)?.reset()?;
     let result = launch_in(store, paths, live, mode, emulator).and_then(|pid| {
         record_runtime(paths, live)?;
         Ok(pid)

@@ -7,7 +7,7 @@ use std::{
 
 use capvirt_plugin_api::{
     prelude::*,
-    types::{domain_summary, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+    types::{console_output, domain_summary, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
 };
 
 use crate::{
@@ -38,6 +38,7 @@ const CAPABILITIES: &[&str] = &[
     "domain.save",
     "domain.restore",
     "domain.screenshot",
+    "domain.console-read",
 ];
 
 /// CPU time the test guest "consumes" between two observations while running.
@@ -105,6 +106,9 @@ impl Plugin for TestDriver {
             "domain.save" => self.save(args.str("domain")?, Path::new(args.str("path")?)),
             "domain.restore" => self.restore(Path::new(args.str("path")?)),
             "domain.screenshot" => self.screenshot(args.str("domain")?),
+            "domain.console-read" => {
+                self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
+            }
             "host.info" => Ok(self.host_info()),
             other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
         }
@@ -112,6 +116,14 @@ impl Plugin for TestDriver {
 }
 
 impl TestDriver {
+    fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
+        let state = self.lock()?;
+        let console = &state.domain(name)?.console;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(console.len());
+        let end = start.saturating_add(usize::try_from(max_bytes).unwrap_or(usize::MAX)).min(console.len());
+        Ok(console_output(start as u64, console[start..end].to_vec()))
+    }
+
     fn info(&self, name: &str) -> Result<Value, PluginError> {
         let mut state = self.lock()?;
         let domain = state.domain_mut(name)?;
