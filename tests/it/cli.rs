@@ -422,3 +422,21 @@ fn console_log_reads_the_test_guests_console_from_an_offset() {
     failed(&sb.capvirt(&["--enable", "domain.console-read", "console-log", "nope", "-"]), 5);
     failed(&sb.capvirt(&["--enable", "domain.console-read", "console-log", "test", "-", "--max-bytes", "0"]), 2);
 }
+
+#[test]
+fn define_refuses_bad_interfaces_with_the_reason() {
+    let sb = Sandbox::new();
+    let bridge =
+        sb.write("bridge.toml", "name = \"b\"\nmemory_mib = 64\nvcpus = 1\n[[interfaces]]\nkind = \"bridge\"\n");
+    assert!(failed(&sb.capvirt(&["define", &bridge]), 2).contains("needs `bridge`"));
+    let bad = sb.write(
+        "bad.toml",
+        "name = \"b\"\nmemory_mib = 64\nvcpus = 1\n[[interfaces]]\nkind = \"user\"\nmac = \"01:00:5e:00:00:01\"\n",
+    );
+    assert!(failed(&sb.capvirt(&["define", &bad]), 2).contains("not a unicast"));
+    let port = sb.write(
+        "port.toml",
+        "name = \"b\"\nmemory_mib = 64\nvcpus = 1\n[[interfaces]]\nkind = \"user\"\n[[interfaces.forwards]]\nhost_port = 0\nguest_port = 80\n",
+    );
+    assert!(failed(&sb.capvirt(&["define", &port]), 2).contains("host_port"));
+}

@@ -387,13 +387,21 @@ impl QemuDriver {
 
     fn define(&self, spec: &Value) -> Result<Value, PluginError> {
         let spec = DomainSpec::from_value(spec)?;
-        let machine = spec::validate(&spec, self.limits())?;
+        let mut machine = spec::validate(&spec, self.limits())?;
         let lock = self.store.lock(&machine.name, true)?;
         if let Liveness::Alive(_) = self.store.liveness(&lock.paths)? {
             return Err(PluginError::invalid_state(format!(
                 "domain '{}' is running; redefine it once it is shut off",
                 machine.name
             )));
+        }
+        // A redefinition keeps the MAC address each interface already had unless it names one.
+        if let Some(old) = self.store.definition(&lock.paths)? {
+            for ((nic, asked), kept) in machine.interfaces.iter_mut().zip(&spec.interfaces).zip(&old.interfaces) {
+                if asked.mac.is_none() {
+                    nic.mac = kept.mac.clone();
+                }
+            }
         }
         store::write_toml(&lock.paths.definition, &machine)?;
         Ok(Value::Unit)

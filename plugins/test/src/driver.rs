@@ -7,7 +7,10 @@ use std::{
 
 use capvirt_plugin_api::{
     prelude::*,
-    types::{console_output, domain_summary, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+    types::{
+        console_output, domain_summary, format_mac, parse_mac, random_mac, BlockStats, DeviceSpec, DomainInfo,
+        DomainSpec, DomainState, HostInfo, InterfaceKind,
+    },
 };
 
 use crate::{
@@ -173,9 +176,28 @@ impl TestDriver {
     }
 
     fn define(&self, spec: &Value) -> Result<Value, PluginError> {
-        let spec = DomainSpec::from_value(spec)?;
+        let mut spec = DomainSpec::from_value(spec)?;
         for device in &spec.devices {
             device.disk_backing()?;
+        }
+        // MAC addresses are fixed at define, like a real driver's; bridges are not simulated.
+        for (index, nic) in spec.interfaces.iter_mut().enumerate() {
+            if nic.kind == InterfaceKind::Bridge && nic.bridge.is_none() {
+                return Err(PluginError::invalid_argument(format!(
+                    "interface {index}: kind \"bridge\" needs `bridge`"
+                )));
+            }
+            match &nic.mac {
+                Some(text) => {
+                    let mac = parse_mac(text).ok_or_else(|| {
+                        PluginError::invalid_argument(format!(
+                            "interface {index}: mac {text:?} is not a unicast Ethernet address"
+                        ))
+                    })?;
+                    nic.mac = Some(format_mac(mac));
+                }
+                None => nic.mac = Some(random_mac(&format!("{}/{index}", spec.name))),
+            }
         }
         let mut state = self.lock()?;
         match state.domains.get_mut(&spec.name) {
