@@ -599,3 +599,71 @@ fn restore_refuses_fifos_and_devices_without_waiting() {
         assert!(started.elapsed() < Duration::from_secs(10), "{path}: took {:?}", started.elapsed());
     }
 }
+
+/// Bound on the test guest booting under TCG to its READY line (about 5 s on an idle 2-core
+/// machine; polled).
+const GUEST_BOOT: Duration = Duration::from_secs(180);
+/// Bound on the test guest powering off after the ACPI power button (well under a second).
+const GUEST_POWEROFF_SECS: u64 = 60;
+
+/// The test guest's console as `console-log DOMAIN -` prints it.
+fn console(sandbox: &Sandbox, uri: &str, domain: &str) -> String {
+    sandbox.ok_uri(uri, &["--enable", "domain.console-read", "console-log", domain, "-"])
+}
+
+#[test]
+fn a_real_guest_boots_prints_serves_writes_and_obeys_the_power_button() {
+    use capvirt_tests::qemu::{free_local_port, guest_spec_toml, http_get, GUEST_DISK_MARK, GUEST_PAGE, GUEST_READY};
+    let sandbox = Sandbox::new();
+    // TCG whatever the machine offers: the same guest timing everywhere.
+    let uri = sandbox.uri("g", "&accel=tcg");
+    let disk = sandbox.blank_image("data", "raw");
+    let port = free_local_port();
+    let spec = sandbox.write("guest.toml", &guest_spec_toml("guest", &disk, port));
+    sandbox.ok_uri(&uri, &["define", spec.to_str().unwrap_or_default()]);
+    // The MAC address generated at define is stored with the definition.
+    let stored = fs::read_to_string(sandbox.root("g").join("domains/guest/domain.toml")).unwrap_or_default();
+    assert!(stored.contains("mac = \"52:54:00:"), "{stored}");
+
+    sandbox.ok_uri(&uri, &["start", "guest"]);
+    let mut text = String::new();
+    let booted = wait_until(GUEST_BOOT, || {
+        text = console(&sandbox, &uri, "guest");
+        text.contains(GUEST_READY)
+    });
+    assert!(booted, "no {GUEST_READY} on the console within {GUEST_BOOT:?}; console so far:\n{text}");
+    assert!(text.contains("CAPVIRT-GUEST-DHCP eth0 10.0.2.15/24"), "{text}");
+
+    // Reading does not consume: the same text again, then nothing past its end.
+    let again = console(&sandbox, &uri, "guest");
+    assert!(again.starts_with(&text), "{again:?} does not continue {text:?}");
+    let read =
+        sandbox.json_uri(&uri, &["--enable", "domain.console-read", "console-log", "guest", "-", "--offset", "5"]);
+    assert_eq!(read["offset"], 5, "{read}");
+    assert!(read["next_offset"].as_u64() >= Some(again.len() as u64), "{read}");
+
+    // The forwarded host port reaches the guest's web server.
+    let mut answer = Err(String::new());
+    let served = wait_until(Duration::from_secs(30), || {
+        answer = http_get(port, Duration::from_secs(10));
+        answer.as_ref().is_ok_and(|a| a.contains(GUEST_PAGE))
+    });
+    assert!(served, "no page from the guest on 127.0.0.1:{port}: {answer:?}");
+
+    // The guest wrote its first disk.
+    let stats = sandbox.json_uri(&uri, &["domblkstat", "guest", "vda"]);
+    assert!(stats["wr_bytes"].as_u64() > Some(0) && stats["wr_req"].as_u64() > Some(0), "{stats}");
+
+    // Graceful shutdown: the guest's init powers off on the ACPI power button.
+    let started = Instant::now();
+    let timeout = GUEST_POWEROFF_SECS.to_string();
+    sandbox.ok_uri(&uri, &["shutdown", "guest", "--timeout-secs", &timeout]);
+    let took = started.elapsed();
+    assert_eq!(sandbox.json_uri(&uri, &["dominfo", "guest"])["state"], "shut off");
+    assert!(took < Duration::from_secs(GUEST_POWEROFF_SECS), "shutdown took {took:?}");
+    assert!(sandbox.processes().is_empty(), "QEMU still running after shutdown: {:?}", sandbox.processes());
+    let image = fs::read(&disk).unwrap_or_default();
+    assert!(image.starts_with(GUEST_DISK_MARK), "{:?}", String::from_utf8_lossy(&image[..64.min(image.len())]));
+    // The last run's console stays readable once the domain is off.
+    assert!(console(&sandbox, &uri, "guest").contains(GUEST_READY));
+}
