@@ -667,3 +667,28 @@ fn a_real_guest_boots_prints_serves_writes_and_obeys_the_power_button() {
     // The last run's console stays readable once the domain is off.
     assert!(console(&sandbox, &uri, "guest").contains(GUEST_READY));
 }
+
+#[test]
+fn interfaces_refuse_bridges_and_a_taken_host_port_fails_the_start_only() {
+    let sandbox = Sandbox::new();
+    let disk = sandbox.boot_disk("boot");
+    let base = spec_toml("net", 64, &disk, true);
+    let bridge =
+        sandbox.write("bridge.toml", &format!("{base}\n[[interfaces]]\nkind = \"bridge\"\nbridge = \"br0\"\n"));
+    assert_refused(&sandbox.run("a", &["define", bridge.to_str().unwrap_or_default()]), 4, "not implemented");
+    // A host port someone else listens on: define is fine, start says which rule failed.
+    let holder = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap_or_else(|e| panic!("bind: {e}"));
+    let port = holder.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("{e}"));
+    let spec = sandbox.write(
+        "net.toml",
+        &format!(
+            "{base}\n[[interfaces]]\nkind = \"user\"\n\n[[interfaces.forwards]]\nhost_port = {port}\nguest_port = 22\n"
+        ),
+    );
+    sandbox.ok("a", &["define", spec.to_str().unwrap_or_default()]);
+    let out = sandbox.run("a", &["start", "net"]);
+    assert_refused(&out, 1, &format!("tcp:127.0.0.1:{port}-:22"));
+    assert_eq!(stderr(&out).trim_end().lines().count(), 1, "{}", stderr(&out));
+    assert_eq!(sandbox.state("a", "net"), "shut off");
+    drop(holder);
+}
