@@ -687,7 +687,9 @@ impl QemuDriver {
         let mut log = console::Log::open(&paths)?;
         // A running QEMU's ring holds what the guest printed since the last drain.
         if let Liveness::Alive(_) = self.store.liveness(&paths)? {
-            let drained = self.with_monitor(Op::new(name, "console read (ringbuf-read)"), |q| {
+            // QEMU refuses only when the ring is missing: a QEMU started by a driver without it.
+            let op = Op::new(name, "console read (ringbuf-read)").refused_as(ErrorKind::Unsupported);
+            let drained = self.with_monitor(op, |q| {
                 q.execute(&qmp::ringbuf_read {
                     device: console::CHARDEV.to_string(),
                     size: console::RING_SIZE as i64,
