@@ -666,6 +666,17 @@ fn a_real_guest_boots_prints_serves_writes_and_obeys_the_power_button() {
     assert!(image.starts_with(GUEST_DISK_MARK), "{:?}", String::from_utf8_lossy(&image[..64.min(image.len())]));
     // The last run's console stays readable once the domain is off.
     assert!(console(&sandbox, &uri, "guest").contains(GUEST_READY));
+
+    // A second run starts a fresh console, and destroy keeps what the guest printed before it
+    // although nobody read the console meanwhile (the guest prints its DHCP line before it
+    // writes its disk).
+    sandbox.ok_uri(&uri, &["start", "guest"]);
+    let wrote =
+        wait_until(GUEST_BOOT, || sandbox.json_uri(&uri, &["domblkstat", "guest", "vda"])["wr_req"].as_u64() > Some(0));
+    assert!(wrote, "the guest did not write its disk on its second boot");
+    sandbox.ok_uri(&uri, &["destroy", "guest"]);
+    let second = console(&sandbox, &uri, "guest");
+    assert_eq!(second.matches("CAPVIRT-GUEST-DHCP").count(), 1, "{second}");
 }
 
 #[test]

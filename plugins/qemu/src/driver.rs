@@ -447,6 +447,8 @@ impl QemuDriver {
                 state.as_str()
             )));
         };
+        // What the guest prints while it powers off is lost with its QEMU; the rest is kept.
+        self.keep_console(&paths);
         self.with_monitor(Op::new(name, "shutdown (system_powerdown)"), |q| q.execute(&qmp::system_powerdown {}))?;
         if timeout.is_zero() {
             return Ok(Value::Unit);
@@ -481,6 +483,7 @@ impl QemuDriver {
                 Ok(Value::Unit)
             }
             Liveness::Alive(pid) => {
+                self.keep_console(&lock.paths);
                 let monitor = self.take_monitor(name).or_else(|| {
                     self.forget(name);
                     monitor::open(&lock.paths, Duration::from_secs(1)).ok()
@@ -685,26 +688,40 @@ impl QemuDriver {
     fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
         let (paths, _) = self.store.require(name)?;
         let mut log = console::Log::open(&paths)?;
-        // A running QEMU's ring holds what the guest printed since the last drain.
-        if let Liveness::Alive(_) = self.store.liveness(&paths)? {
-            // QEMU refuses only when the ring is missing: a QEMU started by a driver without it.
-            let op = Op::new(name, "console read (ringbuf-read)").refused_as(ErrorKind::Unsupported);
-            let drained = self.with_monitor(op, |q| {
-                q.execute(&qmp::ringbuf_read {
-                    device: console::CHARDEV.to_string(),
-                    size: console::RING_SIZE as i64,
-                    format: Some(qmp::DataFormat::base64),
-                })
-            });
-            match drained {
-                Ok(encoded) => log.append_base64(&encoded)?,
-                // Stopped meanwhile: what was kept is all there is.
-                Err(e) if e.kind == ErrorKind::InvalidState => {}
-                Err(e) => return Err(e),
-            }
-        }
+        self.drain_console(&paths, &mut log)?;
         let (start, data) = log.read(offset, max_bytes)?;
         Ok(console_output(start, data))
+    }
+
+    /// Moves what a running QEMU's console ring holds (the guest's output since the last
+    /// drain) into the console log; nothing to do when QEMU does not run.
+    fn drain_console(&self, paths: &DomainPaths, log: &mut console::Log) -> Result<(), PluginError> {
+        if !matches!(self.store.liveness(paths)?, Liveness::Alive(_)) {
+            return Ok(());
+        }
+        // QEMU refuses only when the ring is missing: a QEMU started by a driver without it.
+        let op = Op::new(&paths.name, "console read (ringbuf-read)").refused_as(ErrorKind::Unsupported);
+        let drained = self.with_monitor(op, |q| {
+            q.execute(&qmp::ringbuf_read {
+                device: console::CHARDEV.to_string(),
+                size: console::RING_SIZE as i64,
+                format: Some(qmp::DataFormat::base64),
+            })
+        });
+        match drained {
+            Ok(encoded) => log.append_base64(&encoded),
+            // Stopped meanwhile: what was kept is all there is.
+            Err(e) if e.kind == ErrorKind::InvalidState => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps the console output of a QEMU about to be stopped or asked to power off (best
+    /// effort: a failure here never stops the operation).
+    fn keep_console(&self, paths: &DomainPaths) {
+        if let Ok(mut log) = console::Log::open(paths) {
+            let _ = self.drain_console(paths, &mut log);
+        }
     }
 
     fn host_info(&self) -> Result<Value, PluginError> {
