@@ -241,6 +241,177 @@ impl BootSpec {
     }
 }
 
+/// How a network interface is connected (registry type `InterfaceKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InterfaceKind {
+    User,
+    Bridge,
+}
+
+impl InterfaceKind {
+    pub const ALL: [InterfaceKind; 2] = [InterfaceKind::User, InterfaceKind::Bridge];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterfaceKind::User => "user",
+            InterfaceKind::Bridge => "bridge",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// Network adapter model (registry type `InterfaceModel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum InterfaceModel {
+    #[default]
+    Virtio,
+}
+
+impl InterfaceModel {
+    pub const ALL: [InterfaceModel; 1] = [InterfaceModel::Virtio];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterfaceModel::Virtio => "virtio",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// Transport protocol of a port forward (registry type `PortProtocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PortProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl PortProtocol {
+    pub const ALL: [PortProtocol; 2] = [PortProtocol::Tcp, PortProtocol::Udp];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// A host port forwarded to a guest port (registry type `PortForward`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PortForward {
+    pub protocol: PortProtocol,
+    pub host_port: u64,
+    pub guest_port: u64,
+}
+
+impl PortForward {
+    pub fn new(protocol: PortProtocol, host_port: u64, guest_port: u64) -> Self {
+        PortForward { protocol, host_port, guest_port }
+    }
+
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        Ok(PortForward {
+            protocol: match opt_str_field(v, "forward", "protocol")? {
+                None => PortProtocol::Tcp,
+                Some(s) => PortProtocol::parse(s)
+                    .ok_or_else(|| PluginError::invalid_argument(format!("forward: unknown `protocol` {s:?}")))?,
+            },
+            host_port: u64_field(v, "forward", "host_port")?,
+            guest_port: u64_field(v, "forward", "guest_port")?,
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        Value::record([
+            ("protocol", Value::from(self.protocol.as_str())),
+            ("host_port", Value::UInt(self.host_port)),
+            ("guest_port", Value::UInt(self.guest_port)),
+        ])
+    }
+}
+
+/// A network interface (registry type `InterfaceSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InterfaceSpec {
+    pub kind: InterfaceKind,
+    pub model: InterfaceModel,
+    /// Absent: the driver generates one at define ([`random_mac`]) and keeps it.
+    pub mac: Option<String>,
+    pub bridge: Option<String>,
+    pub forwards: Vec<PortForward>,
+}
+
+impl InterfaceSpec {
+    pub fn new(kind: InterfaceKind) -> Self {
+        InterfaceSpec { kind, model: InterfaceModel::Virtio, mac: None, bridge: None, forwards: Vec::new() }
+    }
+
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        Ok(InterfaceSpec {
+            kind: enum_field(v, "interface", "kind", InterfaceKind::parse)?,
+            model: match opt_str_field(v, "interface", "model")? {
+                None => InterfaceModel::Virtio,
+                Some(s) => InterfaceModel::parse(s)
+                    .ok_or_else(|| PluginError::invalid_argument(format!("interface: unknown `model` {s:?}")))?,
+            },
+            mac: opt_str_field(v, "interface", "mac")?.map(str::to_string),
+            bridge: opt_str_field(v, "interface", "bridge")?.map(str::to_string),
+            forwards: list_field(v, "forwards").iter().map(PortForward::from_value).collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v =
+            Value::record([("kind", Value::from(self.kind.as_str())), ("model", Value::from(self.model.as_str()))]);
+        if let Some(mac) = &self.mac {
+            v.set("mac", mac.clone());
+        }
+        if let Some(bridge) = &self.bridge {
+            v.set("bridge", bridge.clone());
+        }
+        v.set("forwards", Value::list(self.forwards.iter().map(PortForward::to_value)));
+        v
+    }
+}
+
+/// Parses a unicast Ethernet address (`52:54:00:12:34:56`, either case).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut out {
+        let part = parts.next().filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    // Six pairs exactly, and not a multicast (group) address.
+    (parts.next().is_none() && out[0] & 1 == 0).then_some(out)
+}
+
+/// Formats an Ethernet address in the registry's `MacAddress` form (lowercase).
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// A fresh address in the `52:54:00` range virtual machines conventionally use, random in
+/// its last three bytes (std's randomly keyed SipHash over the time, the process and `seed`).
+pub fn random_mac(seed: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(seed.as_bytes());
+    hasher.write_u32(std::process::id());
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    let [a, b, c, ..] = hasher.finish().to_le_bytes();
+    format_mac([0x52, 0x54, 0x00, a, b, c])
+}
+
 /// A host directory shared into a domain (registry type `FilesystemSpec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -285,6 +456,7 @@ pub struct DomainSpec {
     pub graphics: Option<GraphicsSpec>,
     pub boot: Option<BootSpec>,
     pub filesystems: Vec<FilesystemSpec>,
+    pub interfaces: Vec<InterfaceSpec>,
 }
 
 impl DomainSpec {
@@ -298,6 +470,7 @@ impl DomainSpec {
             graphics: None,
             boot: None,
             filesystems: Vec::new(),
+            interfaces: Vec::new(),
         }
     }
 
@@ -454,6 +627,7 @@ impl DomainSpec {
                 .iter()
                 .map(FilesystemSpec::from_value)
                 .collect::<Result<_, _>>()?,
+            interfaces: list_field(v, "interfaces").iter().map(InterfaceSpec::from_value).collect::<Result<_, _>>()?,
         })
     }
 
@@ -472,6 +646,7 @@ impl DomainSpec {
             v.set("boot", boot.to_value());
         }
         v.set("filesystems", Value::list(self.filesystems.iter().map(FilesystemSpec::to_value)));
+        v.set("interfaces", Value::list(self.interfaces.iter().map(InterfaceSpec::to_value)));
         v
     }
 }
@@ -633,6 +808,17 @@ pub fn png_image(width: u64, height: u64, png: Vec<u8>) -> Value {
     ])
 }
 
+/// Result of `domain.console-read` (registry type `ConsoleOutput`): `data` read from the
+/// console stream position `offset`; the next read continues at `offset + data.len()`.
+pub fn console_output(offset: u64, data: Vec<u8>) -> Value {
+    let next_offset = offset.saturating_add(data.len() as u64);
+    Value::record([
+        ("data", Value::from(data)),
+        ("offset", Value::UInt(offset)),
+        ("next_offset", Value::UInt(next_offset)),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,6 +830,9 @@ mod tests {
         spec.disks.push(DiskSpec::new("/img/b.raw", DiskFormat::Raw, DiskBus::Sata));
         spec.devices.push(DeviceSpec::new(DeviceKind::UsbTablet, "tablet0"));
         spec.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Vga));
+        let mut nic = InterfaceSpec::new(InterfaceKind::User);
+        nic.forwards.push(PortForward::new(PortProtocol::Tcp, 8080, 80));
+        spec.interfaces.push(nic);
         let back = DomainSpec::from_value(&spec.to_value()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, spec);
         assert_eq!(spec.disk_targets(), vec!["vda".to_string(), "sda".to_string()]);
@@ -657,6 +846,24 @@ mod tests {
         for good in ["vm1", "web-1.prod_a", &"a".repeat(64)] {
             assert!(check_domain_name(good).is_ok(), "{good:?} refused");
         }
+    }
+
+    #[test]
+    fn mac_addresses_parse_format_and_generate_unicast() {
+        assert_eq!(parse_mac("52:54:00:AB:cd:01"), Some([0x52, 0x54, 0x00, 0xab, 0xcd, 0x01]));
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "01:00:5e:00:00:01",
+            "52-54-00-ab-cd-01",
+            "5:54:00:ab:cd:011",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?} accepted");
+        }
+        let mac = random_mac("vm1");
+        assert!(mac.starts_with("52:54:00:"), "{mac}");
+        assert_eq!(parse_mac(&mac).map(format_mac), Some(mac));
     }
 
     #[test]

@@ -239,7 +239,7 @@ fn nodeinfo_and_capabilities() {
         .filter(|c| c["implemented"] == true)
         .filter_map(|c| c["id"].as_str())
         .collect();
-    assert_eq!(implemented.len(), 18);
+    assert_eq!(implemented.len(), 19);
     assert!(!implemented.contains(&"domain.monitor-command"));
 }
 
@@ -378,4 +378,65 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(entry.path(), &target).unwrap_or_else(|e| panic!("{e}"));
         }
     }
+}
+
+#[test]
+fn console_log_reads_the_test_guests_console_from_an_offset() {
+    let sb = Sandbox::new();
+    // Experimental: refused until enabled.
+    failed(&sb.capvirt(&["console-log", "test", "-"]), 3);
+    let all = ok(&sb.capvirt(&["--enable", "domain.console-read", "console-log", "test", "-"])).to_string();
+    assert!(all.contains("CAPVIRT-GUEST-READY\r\n"), "{all:?}");
+    let tail = ok(&sb.capvirt(&[
+        "--enable",
+        "domain.console-read",
+        "console-log",
+        "test",
+        "-",
+        "--offset",
+        "8",
+        "--max-bytes",
+        "4",
+    ]))
+    .to_string();
+    assert_eq!(tail, all[8..12]);
+    let meta = json(&sb.capvirt(&[
+        "--enable",
+        "domain.console-read",
+        "-o",
+        "json",
+        "console-log",
+        "test",
+        "-",
+        "--offset",
+        "1000",
+    ]));
+    assert_eq!(meta["offset"], all.len());
+    assert_eq!(meta["next_offset"], all.len());
+    let file = sb.path("console.txt").display().to_string();
+    assert_eq!(
+        ok(&sb.capvirt(&["--enable", "domain.console-read", "console-log", "test", &file])),
+        format!("Console output of 'test' saved to {file}\n")
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap_or_default(), all);
+    failed(&sb.capvirt(&["--enable", "domain.console-read", "console-log", "nope", "-"]), 5);
+    failed(&sb.capvirt(&["--enable", "domain.console-read", "console-log", "test", "-", "--max-bytes", "0"]), 2);
+}
+
+#[test]
+fn define_refuses_bad_interfaces_with_the_reason() {
+    let sb = Sandbox::new();
+    let bridge =
+        sb.write("bridge.toml", "name = \"b\"\nmemory_mib = 64\nvcpus = 1\n[[interfaces]]\nkind = \"bridge\"\n");
+    assert!(failed(&sb.capvirt(&["define", &bridge]), 2).contains("needs `bridge`"));
+    let bad = sb.write(
+        "bad.toml",
+        "name = \"b\"\nmemory_mib = 64\nvcpus = 1\n[[interfaces]]\nkind = \"user\"\nmac = \"01:00:5e:00:00:01\"\n",
+    );
+    assert!(failed(&sb.capvirt(&["define", &bad]), 2).contains("not a unicast"));
+    let port = sb.write(
+        "port.toml",
+        "name = \"b\"\nmemory_mib = 64\nvcpus = 1\n[[interfaces]]\nkind = \"user\"\n[[interfaces.forwards]]\nhost_port = 0\nguest_port = 80\n",
+    );
+    assert!(failed(&sb.capvirt(&["define", &port]), 2).contains("host_port"));
 }

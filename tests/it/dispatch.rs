@@ -159,3 +159,29 @@ fn long_operations_report_progress_to_the_caller() {
     let source = conn.call("domain.info", domain("m")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(source.get("state").and_then(Value::as_str), Some("shut off"));
 }
+
+#[test]
+fn interfaces_get_a_mac_at_define_that_the_stored_spec_keeps() {
+    let host = host();
+    let conn = host.connect("test:///dispatch-interfaces", false).unwrap_or_else(|e| panic!("{e}"));
+    let forward = Value::record([("host_port", Value::UInt(8080)), ("guest_port", Value::UInt(80))]);
+    let nic = Value::record([("kind", Value::from("user")), ("forwards", Value::list([forward]))]);
+    let spec = Value::record([
+        ("name", Value::from("net")),
+        ("memory_mib", Value::UInt(64)),
+        ("vcpus", Value::UInt(1)),
+        ("interfaces", Value::list([nic])),
+    ]);
+    conn.call("domain.define", Value::record([("spec", spec)])).unwrap_or_else(|e| panic!("{e}"));
+    conn.call("domain.start", domain("net")).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let saved = dir.path().join("net.save");
+    let path = Value::from(saved.display().to_string());
+    conn.call("domain.save", Value::record([("domain", Value::from("net")), ("path", path)]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = std::fs::read_to_string(&saved).unwrap_or_else(|e| panic!("{e}"));
+    let mac = text.lines().find_map(|l| l.trim().strip_prefix("mac = ")).map(|m| m.trim_matches('"').to_string());
+    let mac = mac.unwrap_or_else(|| panic!("no generated mac in the stored spec: {text}"));
+    assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");
+    assert!(text.contains("host_port = 8080"), "{text}");
+}

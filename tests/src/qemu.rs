@@ -309,3 +309,92 @@ pub fn spec_toml(name: &str, memory_mib: u64, disk: &Path, headless: bool) -> St
         disk.display()
     )
 }
+
+/// The test guest (`tests/guest/build`): a Debian kernel and a busybox initramfs whose init
+/// brings up the network with DHCP, writes to its first virtio disk, serves HTTP on port 80,
+/// prints [`GUEST_READY`] on the serial console and powers off on the ACPI power button.
+#[derive(Debug)]
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The line the test guest prints on its console once it serves HTTP.
+pub const GUEST_READY: &str = "CAPVIRT-GUEST-READY";
+/// The text of the test guest's web page.
+pub const GUEST_PAGE: &str = "CAPVIRT-GUEST-HTTP hello from the capvirt test guest";
+/// The line the test guest writes at the start of its first virtio disk.
+pub const GUEST_DISK_MARK: &[u8] = b"CAPVIRT-GUEST-DISK written by the test guest\n";
+/// The kernel command line the test guest boots with (its console on the first serial port).
+pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet";
+/// Bound on building the test guest (downloading two Debian packages included).
+const GUEST_BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The test guest: `$CAPVIRT_TEST_GUEST` (a directory `tests/guest/build` filled, as CI
+/// does), else built once by the script into `target/capvirt-test-guest` (needs `apt-get
+/// download` to reach Debian's packages; cached there between runs).
+pub fn guest() -> &'static Guest {
+    static GUEST: OnceLock<Guest> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let dir = match std::env::var_os("CAPVIRT_TEST_GUEST").filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let target = std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| crate::workspace_root().join("target"));
+                let dir = target.join("capvirt-test-guest");
+                let mut build = Command::new("bash");
+                build.arg(crate::workspace_root().join("tests/guest/build")).arg(&dir);
+                let out = output_within(build, GUEST_BUILD_TIMEOUT);
+                assert!(
+                    out.status.success(),
+                    "tests/guest/build {} failed (set CAPVIRT_TEST_GUEST to a built guest): {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                dir
+            }
+        };
+        let guest = Guest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img") };
+        assert!(
+            guest.kernel.is_file() && guest.initrd.is_file(),
+            "no vmlinuz and initrd.img in {} (build them with tests/guest/build {})",
+            dir.display(),
+            dir.display()
+        );
+        guest
+    })
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_local_port() -> u16 {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"));
+    listener.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}")).port()
+}
+
+/// A spec booting the test guest: one raw virtio disk, one user-mode interface forwarding
+/// 127.0.0.1:`host_port` to the guest's HTTP port.
+pub fn guest_spec_toml(name: &str, disk: &Path, host_port: u16) -> String {
+    let guest = guest();
+    format!(
+        "name = \"{name}\"\nmemory_mib = 128\nvcpus = 1\n\n[[disks]]\npath = \"{}\"\nformat = \"raw\"\nbus = \"virtio\"\n\n\
+         [boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"{GUEST_CMDLINE}\"\n\n[[interfaces]]\nkind = \"user\"\n\n\
+         [[interfaces.forwards]]\nprotocol = \"tcp\"\nhost_port = {host_port}\nguest_port = 80\n",
+        disk.display(),
+        guest.kernel.display(),
+        guest.initrd.display()
+    )
+}
+
+/// One HTTP/1.0 GET of `/` on 127.0.0.1:`port`, bounded; the whole answer, or why it failed.
+pub fn http_get(port: u16, timeout: Duration) -> Result<String, String> {
+    use std::io::Read;
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n").map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::new();
+    stream.take(1 << 20).read_to_end(&mut answer).map_err(|e| format!("receive: {e}"))?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}

@@ -24,6 +24,13 @@ pub fn print(text: &str) {
     let _ = out.flush();
 }
 
+/// Writes raw bytes to stdout (`screenshot DOMAIN -`), ignoring a closed pipe.
+pub fn print_bytes(bytes: &[u8]) {
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(bytes);
+    let _ = out.flush();
+}
+
 /// JSON rendering (pretty, one document, trailing newline).
 pub fn json(value: &Value) -> String {
     let mut s = serde_json::to_string_pretty(&value_to_json(value)).unwrap_or_else(|_| "null".into());

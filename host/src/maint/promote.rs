@@ -217,11 +217,15 @@ fn set_version(text: &str, version: &Version) -> Result<String, String> {
     Ok(doc.to_string())
 }
 
-/// Sets a string value, keeping the comments and spacing around an existing one.
+/// Sets a string value, keeping the comments and spacing around an existing one, and the
+/// existing key with its own decor (the comment lines above the key: `Table::insert` would
+/// replace the key and drop them, such as `registry.toml`'s header above `version`).
 fn set_str(table: &mut Table, key: &str, value: &str) {
     let mut new = toml_edit::Value::from(value);
-    if let Some(old) = table.get(key).and_then(Item::as_value) {
+    if let Some(old) = table.get_mut(key).and_then(Item::as_value_mut) {
         *new.decor_mut() = old.decor().clone();
+        *old = new;
+        return;
     }
     table.insert(key, Item::Value(new));
 }
@@ -253,6 +257,13 @@ mod tests {
         assert_eq!(next_stages(Stage::Draft), &[Stage::Experimental, Stage::Rejected]);
         assert!(next_stages(Stage::Removed).is_empty());
         assert!(!next_stages(Stage::Draft).contains(&Stage::Stable), "stable only after experimental");
+    }
+
+    #[test]
+    fn version_bump_keeps_the_comments_above_and_beside_it() {
+        let text = "# The registry.\n#\n# Semver.\nversion = \"1.1.0\" # current\ndescription = \"d\"\n";
+        let bumped = set_version(text, &Version::new(1, 2, 0)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bumped, "# The registry.\n#\n# Semver.\nversion = \"1.2.0\" # current\ndescription = \"d\"\n");
     }
 
     #[test]

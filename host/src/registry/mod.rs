@@ -616,6 +616,12 @@ mod sdk_mirror_tests {
         spec.boot = Some(BootSpec::init(["/bin/sleep", "60"]));
         spec.filesystems.push(FilesystemSpec::new("/srv/data", "/data"));
         check(&registry, "DomainSpec", spec.to_value());
+        let mut nic = InterfaceSpec::new(InterfaceKind::User);
+        nic.mac = Some(random_mac("vm1"));
+        nic.forwards.push(PortForward::new(PortProtocol::Udp, 5353, 53));
+        spec.interfaces.push(nic);
+        spec.interfaces.push(InterfaceSpec::new(InterfaceKind::Bridge));
+        check(&registry, "DomainSpec", spec.to_value());
         let mut info = DomainInfo::new("vm1", DomainState::Paused);
         info.vcpus = 2;
         check(&registry, "DomainInfo", info.clone().into_value());
@@ -625,6 +631,7 @@ mod sdk_mirror_tests {
         check(&registry, "HostInfo", HostInfo::new("test:///default", "test", "1.0").into_value());
         check(&registry, "DomainSummary", domain_summary("vm1", DomainState::ShutOff));
         check(&registry, "Image", png_image(1, 1, vec![0x89]));
+        check(&registry, "ConsoleOutput", console_output(7, b"READY\n".to_vec()));
     }
 
     #[test]
@@ -639,6 +646,15 @@ mod sdk_mirror_tests {
             enum_values(&registry, "GraphicsAdapter"),
             words(GraphicsAdapter::ALL.map(GraphicsAdapter::as_str).to_vec())
         );
+        assert_eq!(
+            enum_values(&registry, "InterfaceKind"),
+            words(InterfaceKind::ALL.map(InterfaceKind::as_str).to_vec())
+        );
+        assert_eq!(
+            enum_values(&registry, "InterfaceModel"),
+            words(InterfaceModel::ALL.map(InterfaceModel::as_str).to_vec())
+        );
+        assert_eq!(enum_values(&registry, "PortProtocol"), words(PortProtocol::ALL.map(PortProtocol::as_str).to_vec()));
     }
 
     #[test]
@@ -661,6 +677,7 @@ mod sdk_mirror_tests {
         boot.cmdline = Some("console=ttyS0".into());
         assert_eq!(built(boot.clone().to_value()), fields("BootSpec"));
         spec.boot = Some(boot);
+        spec.interfaces.push(InterfaceSpec::new(InterfaceKind::User));
         assert_eq!(built(spec.to_value()), fields("DomainSpec"));
         assert_eq!(built(FilesystemSpec::new("/srv", "/data").to_value()), fields("FilesystemSpec"));
         let mut info = DomainInfo::new("x", DomainState::Running);
@@ -669,5 +686,11 @@ mod sdk_mirror_tests {
         assert_eq!(built(BlockStats::default().into_value()), fields("BlockStats"));
         assert_eq!(built(HostInfo::new("u", "h", "v").into_value()), fields("HostInfo"));
         assert_eq!(built(png_image(1, 1, Vec::new())), fields("Image"));
+        assert_eq!(built(console_output(0, Vec::new())), fields("ConsoleOutput"));
+        let mut nic = InterfaceSpec::new(InterfaceKind::Bridge);
+        nic.mac = Some("52:54:00:00:00:01".into());
+        nic.bridge = Some("br0".into());
+        assert_eq!(built(nic.to_value()), fields("InterfaceSpec"));
+        assert_eq!(built(PortForward::new(PortProtocol::Tcp, 1, 2).to_value()), fields("PortForward"));
     }
 }

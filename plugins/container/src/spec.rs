@@ -79,6 +79,12 @@ pub fn validate(spec: &DomainSpec, host_memory_mib: u64) -> Result<Container, Pl
     if spec.graphics.is_some() {
         return Err(refuse("containers have no display adapter: remove [graphics]"));
     }
+    if !spec.interfaces.is_empty() {
+        return Err(PluginError::unsupported(
+            "the container driver does not give containers network interfaces yet (they have loopback only): remove [[interfaces]]"
+                .to_string(),
+        ));
+    }
     let boot = spec.boot.as_ref();
     if boot.is_some_and(|b| b.kernel.is_some() || b.initrd.is_some() || b.cmdline.is_some()) {
         return Err(refuse(
@@ -177,7 +183,8 @@ pub fn check_target(target: &str) -> Result<String, PluginError> {
 #[cfg(test)]
 mod tests {
     use capvirt_plugin_api::types::{
-        BootSpec, DiskBus, DiskFormat, DiskSpec, FilesystemSpec, GraphicsAdapter, GraphicsSpec,
+        BootSpec, DiskBus, DiskFormat, DiskSpec, FilesystemSpec, GraphicsAdapter, GraphicsSpec, InterfaceKind,
+        InterfaceSpec,
     };
 
     use super::*;
@@ -218,6 +225,14 @@ mod tests {
         let mut graphics = spec(&["/bin/true"]);
         graphics.graphics = Some(GraphicsSpec::new(GraphicsAdapter::Vga));
         assert!(refused(&graphics).contains("display"));
+        let mut network = spec(&["/bin/true"]);
+        network.interfaces.push(InterfaceSpec::new(InterfaceKind::User));
+        let unsupported = validate(&network, 0).err().map(|e| (e.kind, e.message.to_string()));
+        assert!(
+            unsupported.as_ref().is_some_and(|(kind, message)| *kind == capvirt_plugin_api::ErrorKind::Unsupported
+                && message.contains("loopback only")),
+            "{unsupported:?}"
+        );
         let mut kernel = spec(&["/bin/true"]);
         if let Some(boot) = kernel.boot.as_mut() {
             boot.kernel = Some("/boot/vmlinuz".into());

@@ -7,13 +7,17 @@ use std::{
 
 use capvirt_plugin_api::{
     prelude::*,
-    types::{domain_summary, png_image, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+    types::{
+        console_output, domain_summary, png_image, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState,
+        HostInfo,
+    },
     Text,
 };
 use qapi::qmp;
 
 use crate::{
     cache::{MonitorCache, Shared},
+    console,
     emulator::Release,
     monitor::{self, Monitor, OpenError},
     qemu::{self, StartMode},
@@ -47,6 +51,7 @@ pub const CAPABILITIES: &[&str] = &[
     "domain.save",
     "domain.restore",
     "domain.screenshot",
+    "domain.console-read",
 ];
 
 /// How long a call waits for a free monitor channel of a domain.
@@ -105,6 +110,9 @@ impl Plugin for QemuDriver {
             "domain.save" => self.save(args.str("domain")?, args.str("path")?, ctx),
             "domain.restore" => self.restore(args.str("path")?, ctx),
             "domain.screenshot" => self.screenshot(args.str("domain")?),
+            "domain.console-read" => {
+                self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
+            }
             "host.info" => self.host_info(),
             other => Err(PluginError::unsupported(format!("the qemu driver does not implement `{other}`"))),
         }
@@ -380,13 +388,21 @@ impl QemuDriver {
 
     fn define(&self, spec: &Value) -> Result<Value, PluginError> {
         let spec = DomainSpec::from_value(spec)?;
-        let machine = spec::validate(&spec, self.limits())?;
+        let mut machine = spec::validate(&spec, self.limits())?;
         let lock = self.store.lock(&machine.name, true)?;
         if let Liveness::Alive(_) = self.store.liveness(&lock.paths)? {
             return Err(PluginError::invalid_state(format!(
                 "domain '{}' is running; redefine it once it is shut off",
                 machine.name
             )));
+        }
+        // A redefinition keeps the MAC address each interface already had unless it names one.
+        if let Some(old) = self.store.definition(&lock.paths)? {
+            for ((nic, asked), kept) in machine.interfaces.iter_mut().zip(&spec.interfaces).zip(&old.interfaces) {
+                if asked.mac.is_none() {
+                    nic.mac = kept.mac.clone();
+                }
+            }
         }
         store::write_toml(&lock.paths.definition, &machine)?;
         Ok(Value::Unit)
@@ -432,6 +448,8 @@ impl QemuDriver {
                 state.as_str()
             )));
         };
+        // What the guest prints while it powers off is lost with its QEMU; the rest is kept.
+        self.keep_console(&paths);
         self.with_monitor(Op::new(name, "shutdown (system_powerdown)"), |q| q.execute(&qmp::system_powerdown {}))?;
         if timeout.is_zero() {
             return Ok(Value::Unit);
@@ -466,6 +484,7 @@ impl QemuDriver {
                 Ok(Value::Unit)
             }
             Liveness::Alive(pid) => {
+                self.keep_console(&lock.paths);
                 let monitor = self.take_monitor(name).or_else(|| {
                     self.forget(name);
                     monitor::open(&lock.paths, Duration::from_secs(1)).ok()
@@ -665,6 +684,45 @@ impl QemuDriver {
         let image = screenshot::parse_ppm(&bytes?)?;
         let png = screenshot::to_png(&image)?;
         Ok(png_image(u64::from(image.width), u64::from(image.height), png))
+    }
+
+    fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
+        let (paths, _) = self.store.require(name)?;
+        let mut log = console::Log::open(&paths)?;
+        self.drain_console(&paths, &mut log)?;
+        let (start, data) = log.read(offset, max_bytes)?;
+        Ok(console_output(start, data))
+    }
+
+    /// Moves what a running QEMU's console ring holds (the guest's output since the last
+    /// drain) into the console log; nothing to do when QEMU does not run.
+    fn drain_console(&self, paths: &DomainPaths, log: &mut console::Log) -> Result<(), PluginError> {
+        if !matches!(self.store.liveness(paths)?, Liveness::Alive(_)) {
+            return Ok(());
+        }
+        // QEMU refuses only when the ring is missing: a QEMU started by a driver without it.
+        let op = Op::new(&paths.name, "console read (ringbuf-read)").refused_as(ErrorKind::Unsupported);
+        let drained = self.with_monitor(op, |q| {
+            q.execute(&qmp::ringbuf_read {
+                device: console::CHARDEV.to_string(),
+                size: console::RING_SIZE as i64,
+                format: Some(qmp::DataFormat::base64),
+            })
+        });
+        match drained {
+            Ok(encoded) => log.append_base64(&encoded),
+            // Stopped meanwhile: what was kept is all there is.
+            Err(e) if e.kind == ErrorKind::InvalidState => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps the console output of a QEMU about to be stopped or asked to power off (best
+    /// effort: a failure here never stops the operation).
+    fn keep_console(&self, paths: &DomainPaths) {
+        if let Ok(mut log) = console::Log::open(paths) {
+            let _ = self.drain_console(paths, &mut log);
+        }
     }
 
     fn host_info(&self) -> Result<Value, PluginError> {

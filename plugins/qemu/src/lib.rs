@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod cache;
+mod console;
 mod driver;
 mod emulator;
 mod migration;

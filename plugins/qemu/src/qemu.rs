@@ -195,6 +195,29 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
         };
         args.json("-device", &qmp::device_add::new(driver, Some("video0".to_string()), None, std::iter::empty()))?;
     }
+    for (index, nic) in machine.interfaces.iter().enumerate() {
+        // User-mode networking: the option text holds only fixed words and validated integers.
+        let netdev = format!("capvirt-net{index}");
+        let mut options = format!("user,id={netdev}");
+        for f in &nic.forwards {
+            options.push_str(&format!(",hostfwd={}:127.0.0.1:{}-:{}", f.protocol.as_str(), f.host_port, f.guest_port));
+        }
+        args.add(&["-netdev", &options]);
+        let device = qmp::device_add::new(
+            "virtio-net-pci",
+            Some(format!("net{index}")),
+            None,
+            // No option ROM: guests boot their disks or a kernel, never the network.
+            props([
+                ("netdev", Any::from(netdev.as_str())),
+                ("mac", Any::from(nic.mac.as_str())),
+                ("romfile", Any::from("")),
+            ]),
+        );
+        args.json("-device", &device)?;
+    }
+    // The first serial port, on a ring buffer the driver drains (`domain.console-read`).
+    args.0.extend(crate::console::options().map(OsString::from));
     if let Some(boot) = &machine.boot {
         // Plain file names and the guest's command line: none is parsed as QEMU options.
         args.0.extend(["-kernel".into(), boot.kernel.clone().into_os_string()]);
@@ -245,6 +268,7 @@ pub fn launch(
 ) -> Result<i32, PluginError> {
     store::remove_runtime(paths)?;
     store::make_private_dir(&paths.run)?;
+    crate::console::Log::open(paths)?.reset()?;
     let result = launch_in(store, paths, live, mode, emulator).and_then(|pid| {
         record_runtime(paths, live)?;
         Ok(pid)

@@ -15,7 +15,8 @@ use std::{
 
 use capvirt_plugin_api::{
     types::{
-        BootSpec, DeviceKind, DeviceSpec, DiskBus, DiskFormat, DiskSpec, DomainSpec, GraphicsAdapter, GraphicsSpec,
+        format_mac, parse_mac, random_mac, BootSpec, DeviceKind, DeviceSpec, DiskBus, DiskFormat, DiskSpec, DomainSpec,
+        GraphicsAdapter, GraphicsSpec, InterfaceKind, InterfaceSpec, PortForward, PortProtocol,
     },
     PluginError,
 };
@@ -25,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub const USB_PORTS: u8 = 8;
 /// Virtio disks (each takes a PCI slot on the root bus).
 pub const MAX_VIRTIO_DISKS: usize = 16;
+/// Network interfaces (each takes a PCI slot on the root bus).
+pub const MAX_INTERFACES: usize = 8;
 /// SATA ports of q35's built-in AHCI controller.
 pub const SATA_PORTS: usize = 6;
 /// The longest device id (registry `DeviceName`).
@@ -88,6 +91,41 @@ pub struct Device {
     pub format: Option<Format>,
 }
 
+/// A transport protocol of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// A host port on 127.0.0.1 forwarded to a guest port (both validated integers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// A user-mode (NAT) virtio network interface with its MAC address, fixed at define.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub mac: String,
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
+}
+
 /// A validated domain definition (what `domain.toml` holds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +142,9 @@ pub struct Machine {
     /// Direct kernel boot; absent: the firmware boots the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<KernelBoot>,
+    /// Network interfaces, in guest order (all user-mode virtio for now).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<Interface>,
 }
 
 /// A kernel (and initrd) QEMU loads itself, with the guest kernel's command line.
@@ -210,6 +251,26 @@ impl Machine {
             spec.cmdline = boot.cmdline.clone();
             spec
         });
+        spec.interfaces = self
+            .interfaces
+            .iter()
+            .map(|nic| {
+                let mut spec = InterfaceSpec::new(InterfaceKind::User);
+                spec.mac = Some(nic.mac.clone());
+                spec.forwards = nic
+                    .forwards
+                    .iter()
+                    .map(|f| {
+                        let protocol = match f.protocol {
+                            Protocol::Tcp => PortProtocol::Tcp,
+                            Protocol::Udp => PortProtocol::Udp,
+                        };
+                        PortForward::new(protocol, u64::from(f.host_port), u64::from(f.guest_port))
+                    })
+                    .collect();
+                spec
+            })
+            .collect();
         spec
     }
 
@@ -368,6 +429,71 @@ fn check_boot_file(path: &str, what: &str) -> Result<PathBuf, PluginError> {
     Ok(resolved)
 }
 
+/// A port number of a forward: 1 to 65535.
+fn port(value: u64, what: &str) -> Result<u16, PluginError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| PluginError::invalid_argument(format!("{what} {value} is not a port number (1 to 65535)")))
+}
+
+/// Validates network interfaces; generates the MAC addresses the spec leaves out.
+fn interfaces(spec: &DomainSpec) -> Result<Vec<Interface>, PluginError> {
+    if spec.interfaces.len() > MAX_INTERFACES {
+        return Err(PluginError::invalid_argument(format!("more than {MAX_INTERFACES} network interfaces")));
+    }
+    let mut macs = HashSet::new();
+    let mut host_ports = HashSet::new();
+    let mut out = Vec::with_capacity(spec.interfaces.len());
+    for (index, nic) in spec.interfaces.iter().enumerate() {
+        let what = format!("interface {index}");
+        match nic.kind {
+            InterfaceKind::User => {}
+            InterfaceKind::Bridge => {
+                return Err(PluginError::unsupported(format!(
+                "{what}: kind \"bridge\" is not implemented by the qemu driver yet; use kind = \"user\" with forwards"
+            )))
+            }
+        }
+        if nic.bridge.is_some() {
+            return Err(PluginError::invalid_argument(format!("{what}: `bridge` applies to kind \"bridge\" only")));
+        }
+        let mac = match &nic.mac {
+            Some(text) => format_mac(parse_mac(text).ok_or_else(|| {
+                PluginError::invalid_argument(format!(
+                    "{what}: mac {text:?} is not a unicast Ethernet address (six hex pairs separated by ':')"
+                ))
+            })?),
+            None => random_mac(&format!("{}/{index}", spec.name)),
+        };
+        if !macs.insert(mac.clone()) {
+            return Err(PluginError::invalid_argument(format!("{what}: mac {mac} is used twice")));
+        }
+        let mut forwards = Vec::with_capacity(nic.forwards.len());
+        for f in &nic.forwards {
+            let protocol = match f.protocol {
+                PortProtocol::Tcp => Protocol::Tcp,
+                PortProtocol::Udp => Protocol::Udp,
+            };
+            let forward = Forward {
+                protocol,
+                host_port: port(f.host_port, &format!("{what}: host_port"))?,
+                guest_port: port(f.guest_port, &format!("{what}: guest_port"))?,
+            };
+            if !host_ports.insert((protocol, forward.host_port)) {
+                return Err(PluginError::invalid_argument(format!(
+                    "{what}: host port {}/{} is forwarded twice",
+                    forward.host_port,
+                    protocol.as_str()
+                )));
+            }
+            forwards.push(forward);
+        }
+        out.push(Interface { mac, forwards });
+    }
+    Ok(out)
+}
+
 /// Validates a whole domain spec into the stored definition. Touches nothing on disk but
 /// reads the images' first bytes.
 pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, PluginError> {
@@ -441,6 +567,7 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
         ));
     }
     let boot = spec.boot.as_ref().map(kernel_boot).transpose()?.flatten();
+    let interfaces = interfaces(spec)?;
     let machine = Machine {
         name: spec.name.clone(),
         memory_mib: spec.memory_mib,
@@ -449,6 +576,7 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
         devices,
         graphics,
         boot,
+        interfaces,
     };
     if machine.usb_port_users() > usize::from(USB_PORTS) {
         return Err(PluginError::invalid_argument(format!(
@@ -536,6 +664,46 @@ mod tests {
     }
 
     #[test]
+    fn interfaces_get_macs_and_refuse_what_qemu_cannot_do() {
+        let mut spec = DomainSpec::new("vm", 64, 1);
+        let mut nic = InterfaceSpec::new(InterfaceKind::User);
+        nic.forwards.push(PortForward::new(PortProtocol::Tcp, 8080, 80));
+        nic.forwards.push(PortForward::new(PortProtocol::Udp, 8080, 53));
+        spec.interfaces.push(nic.clone());
+        let mut named = InterfaceSpec::new(InterfaceKind::User);
+        named.mac = Some("52:54:00:AA:BB:CC".into());
+        spec.interfaces.push(named);
+        let nics = interfaces(&spec).unwrap_or_else(|e| panic!("{e}"));
+        assert!(parse_mac(&nics[0].mac).is_some(), "{}", nics[0].mac);
+        assert_eq!(nics[1].mac, "52:54:00:aa:bb:cc");
+        assert_eq!(nics[0].forwards[1], Forward { protocol: Protocol::Udp, host_port: 8080, guest_port: 53 });
+
+        let refused = |spec: &DomainSpec| interfaces(spec).err().map(|e| e.message.to_string()).unwrap_or_default();
+        let mut twice = DomainSpec::new("vm", 64, 1);
+        let mut dup = nic.clone();
+        dup.forwards.push(PortForward::new(PortProtocol::Tcp, 8080, 81));
+        twice.interfaces.push(dup);
+        assert!(refused(&twice).contains("forwarded twice"));
+        let mut zero = DomainSpec::new("vm", 64, 1);
+        let mut bad_port = InterfaceSpec::new(InterfaceKind::User);
+        bad_port.forwards.push(PortForward::new(PortProtocol::Tcp, 70000, 80));
+        zero.interfaces.push(bad_port);
+        assert!(refused(&zero).contains("not a port number"));
+        let mut multicast = DomainSpec::new("vm", 64, 1);
+        let mut group = InterfaceSpec::new(InterfaceKind::User);
+        group.mac = Some("01:00:5e:00:00:01".into());
+        multicast.interfaces.push(group);
+        assert!(refused(&multicast).contains("not a unicast"));
+        let mut bridged = DomainSpec::new("vm", 64, 1);
+        let mut bridge = InterfaceSpec::new(InterfaceKind::Bridge);
+        bridge.bridge = Some("br0".into());
+        bridged.interfaces.push(bridge);
+        let error = interfaces(&bridged).err();
+        assert_eq!(error.as_ref().map(|e| e.kind), Some(capvirt_plugin_api::ErrorKind::Unsupported));
+        assert!(refused(&bridged).contains("not implemented"));
+    }
+
+    #[test]
     fn names_never_become_paths() {
         for bad in ["../x", "a/b", ".x", "a..b", ""] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
@@ -562,6 +730,10 @@ mod tests {
                 initrd: None,
                 cmdline: Some("console=ttyS0 quiet".into()),
             }),
+            interfaces: vec![Interface {
+                mac: "52:54:00:12:34:56".into(),
+                forwards: vec![Forward { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
+            }],
         };
         let text = toml::to_string(&machine).unwrap_or_else(|e| panic!("{e}"));
         let back: Machine = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));

@@ -4,6 +4,7 @@
 //! ```text
 //! ROOT/domains/NAME/domain.toml   definition (written atomically)
 //!                   lock          flock'ed by every operation that changes the domain
+//!                   console.log   the serial console's output since the last start (console.rs)
 //!                   run/          0700; qemu.pid, qemu.log, live.toml, qmpN.sock, qmpN.lock
 //! ```
 //!
@@ -46,6 +47,8 @@ pub struct DomainPaths {
     pub pidfile: PathBuf,
     pub log: PathBuf,
     pub live: PathBuf,
+    /// The serial console's output since the last start (kept after the domain stops).
+    pub console: PathBuf,
 }
 
 impl DomainPaths {
@@ -100,6 +103,7 @@ impl Store {
             pidfile: run.join("qemu.pid"),
             log: run.join("qemu.log"),
             live: run.join("live.toml"),
+            console: dir.join("console.log"),
             run,
             dir,
         })
@@ -279,7 +283,7 @@ pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
 /// Removes a whole domain directory (undefine), the lock file last.
 pub fn remove_domain(paths: &DomainPaths) -> Result<(), PluginError> {
     remove_runtime(paths)?;
-    for path in [&paths.definition, &paths.lock] {
+    for path in [&paths.console, &paths.definition, &paths.lock] {
         match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

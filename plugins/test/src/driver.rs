@@ -7,7 +7,10 @@ use std::{
 
 use capvirt_plugin_api::{
     prelude::*,
-    types::{domain_summary, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState, HostInfo},
+    types::{
+        console_output, domain_summary, format_mac, parse_mac, random_mac, BlockStats, DeviceSpec, DomainInfo,
+        DomainSpec, DomainState, HostInfo, InterfaceKind,
+    },
     Text,
 };
 
@@ -39,6 +42,7 @@ const CAPABILITIES: &[&str] = &[
     "domain.save",
     "domain.restore",
     "domain.screenshot",
+    "domain.console-read",
 ];
 
 /// CPU time the test guest "consumes" between two observations while running.
@@ -106,6 +110,9 @@ impl Plugin for TestDriver {
             "domain.save" => self.save(args.str("domain")?, Path::new(args.str("path")?)),
             "domain.restore" => self.restore(Path::new(args.str("path")?)),
             "domain.screenshot" => self.screenshot(args.str("domain")?),
+            "domain.console-read" => {
+                self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
+            }
             "host.info" => Ok(self.host_info()),
             other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
         }
@@ -113,6 +120,14 @@ impl Plugin for TestDriver {
 }
 
 impl TestDriver {
+    fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
+        let state = self.lock()?;
+        let console = &state.domain(name)?.console;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(console.len());
+        let end = start.saturating_add(usize::try_from(max_bytes).unwrap_or(usize::MAX)).min(console.len());
+        Ok(console_output(start as u64, console[start..end].to_vec()))
+    }
+
     fn info(&self, name: &str) -> Result<Value, PluginError> {
         let mut state = self.lock()?;
         let domain = state.domain_mut(name)?;
@@ -162,9 +177,28 @@ impl TestDriver {
     }
 
     fn define(&self, spec: &Value) -> Result<Value, PluginError> {
-        let spec = DomainSpec::from_value(spec)?;
+        let mut spec = DomainSpec::from_value(spec)?;
         for device in &spec.devices {
             device.disk_backing()?;
+        }
+        // MAC addresses are fixed at define, like a real driver's; bridges are not simulated.
+        for (index, nic) in spec.interfaces.iter_mut().enumerate() {
+            if nic.kind == InterfaceKind::Bridge && nic.bridge.is_none() {
+                return Err(PluginError::invalid_argument(format!(
+                    "interface {index}: kind \"bridge\" needs `bridge`"
+                )));
+            }
+            match &nic.mac {
+                Some(text) => {
+                    let mac = parse_mac(text).ok_or_else(|| {
+                        PluginError::invalid_argument(format!(
+                            "interface {index}: mac {text:?} is not a unicast Ethernet address"
+                        ))
+                    })?;
+                    nic.mac = Some(format_mac(mac));
+                }
+                None => nic.mac = Some(random_mac(&format!("{}/{index}", spec.name))),
+            }
         }
         let mut state = self.lock()?;
         match state.domains.get_mut(&spec.name) {

@@ -23,12 +23,15 @@ pub struct Domain {
     pub cpu_time_ns: u64,
     /// Devices present while active: the spec's, plus hot-plugged ones.
     pub live_devices: Vec<DeviceSpec>,
+    /// What the guest printed on its serial console since it last started (kept once it stops).
+    pub console: Vec<u8>,
 }
 
 impl Domain {
     pub fn new(spec: DomainSpec, state: DomainState) -> Domain {
         let live_devices = if state.is_active() { spec.devices.clone() } else { Vec::new() };
-        Domain { spec, state, cpu_time_ns: 0, live_devices }
+        let console = if state.is_active() { boot_console(&spec.name) } else { Vec::new() };
+        Domain { spec, state, cpu_time_ns: 0, live_devices, console }
     }
 
     /// Deterministic counters per disk while the domain runs.
@@ -41,6 +44,7 @@ impl Domain {
         self.state = DomainState::Running;
         self.cpu_time_ns = 0;
         self.live_devices = self.spec.devices.clone();
+        self.console = boot_console(&self.spec.name);
     }
 
     pub fn stop(&mut self) {
@@ -48,6 +52,12 @@ impl Domain {
         self.cpu_time_ns = 0;
         self.live_devices.clear();
     }
+}
+
+/// What the test guest prints on its console when it starts: a boot line and the marker the
+/// QEMU test guest prints too.
+pub fn boot_console(name: &str) -> Vec<u8> {
+    format!("capvirt test guest '{name}' booting\r\nCAPVIRT-GUEST-READY\r\n").into_bytes()
 }
 
 /// All domains of one test URI.

@@ -52,8 +52,12 @@ pub fn commands(registry: &Registry) -> Vec<Command> {
                 }
             }
             if let Some(file) = &hint.output_file {
-                cmd = cmd
-                    .arg(Arg::new(file.clone()).value_name(file.to_uppercase()).required(true).help("File to write"));
+                cmd = cmd.arg(
+                    Arg::new(file.clone())
+                        .value_name(file.to_uppercase())
+                        .required(true)
+                        .help("File to write (`-`: standard output)"),
+                );
             }
             for param in cap.params.iter().filter(|p| !hint.positional.contains(&p.name)) {
                 cmd = cmd.arg(option_arg(param));
@@ -123,6 +127,17 @@ pub fn perform(ctx: &mut Context, cap: &Capability, args: Value, output_file: Op
     };
     let registry = conn.registry();
     let mut shown = result;
+    // FILE `-`: the data itself goes to standard output (JSON output keeps it in the document).
+    if output_file.as_deref() == Some(Path::new("-")) {
+        if format == OutputFormat::Table {
+            let bytes = take_bytes(&mut shown)
+                .ok_or_else(|| CliError::other(format!("`{}` returned no data to write", cap.id())))?;
+            output::print_bytes(&bytes);
+        } else {
+            output::print(&output::json(&shown));
+        }
+        return Ok(());
+    }
     if let Some(path) = &output_file {
         let bytes = take_bytes(&mut shown)
             .ok_or_else(|| CliError::other(format!("`{}` returned no data to write", cap.id())))?;
