@@ -1,9 +1,13 @@
 //! The host configuration file: settings an administrator makes once per user instead of on
-//! every command line. Today it holds the experimental capabilities enabled on this host:
+//! every command line: the experimental capabilities enabled on this host, and whether
+//! mutating calls may proceed when the audit log cannot be written:
 //!
 //! ```toml
 //! # ~/.config/capvirt/config.toml
 //! enable = ["domain.snapshot-create"]
+//!
+//! [audit]
+//! fail_open = true   # default false: refuse mutating calls that cannot be audited
 //! ```
 //!
 //! Found at `$CAPVIRT_CONFIG` when set (the file must then exist), else
@@ -23,6 +27,17 @@ pub struct HostFileConfig {
     /// Experimental capabilities callable on this host, as with `--enable ID`.
     #[serde(default)]
     pub enable: Vec<String>,
+    #[serde(default)]
+    pub audit: AuditFileConfig,
+}
+
+/// `[audit]` in `config.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFileConfig {
+    /// Let mutating calls proceed (with a warning) when the audit log cannot be written.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// A config file that exists but cannot be used.
@@ -98,7 +113,10 @@ mod tests {
     fn parsing_refuses_unknown_keys_and_wrong_types() {
         let path = Path::new("c.toml");
         let ok = HostFileConfig::parse(path, "enable = [\"a.b\"]\n").map_err(|e| e.to_string());
-        assert_eq!(ok, Ok(HostFileConfig { enable: vec!["a.b".into()] }));
+        assert_eq!(ok, Ok(HostFileConfig { enable: vec!["a.b".into()], ..Default::default() }));
+        let audit = HostFileConfig::parse(path, "[audit]\nfail_open = true\n").map(|c| c.audit.fail_open);
+        assert!(matches!(audit, Ok(true)));
+        assert!(HostFileConfig::parse(path, "[audit]\nfail_opne = true\n").is_err());
         let unknown = HostFileConfig::parse(path, "enabled = []\n").map(|_| ()).map_err(|e| e.to_string());
         assert!(unknown.is_err_and(|e| e.contains("c.toml") && e.contains("enabled")));
         assert!(HostFileConfig::parse(path, "enable = \"a.b\"\n").is_err());

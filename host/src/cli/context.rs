@@ -6,6 +6,7 @@ use clap::ArgMatches;
 
 use super::{opt_string, output::OutputFormat, CliError};
 use crate::{
+    audit::AuditSetting,
     host::{Connection, Host, HostConfig, RegistrySource, DEFAULT_URI},
     plugins,
     policy::Policy,
@@ -105,8 +106,9 @@ impl Context {
             if let Ok(list) = std::env::var("CAPVIRT_ENABLE") {
                 enabled.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
             }
-            let file_config = crate::config::HostFileConfig::load(crate::config::locate_from_env().as_ref());
-            enabled.extend(file_config.map_err(|e| CliError::usage(e.to_string()))?.enable);
+            let file_config = crate::config::HostFileConfig::load(crate::config::locate_from_env().as_ref())
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            enabled.extend(file_config.enable);
             let config = HostConfig {
                 registry: match &self.globals.registry_dir {
                     Some(dir) => RegistrySource::Dir(dir.clone()),
@@ -115,6 +117,10 @@ impl Context {
                 plugin_dirs,
                 policy: Policy { enabled },
                 check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").is_some_and(|v| v == "1"),
+                audit: AuditSetting::Log {
+                    path: super::commands::audit::log_path(&self.globals),
+                    fail_open: file_config.audit.fail_open,
+                },
             };
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
         }
