@@ -8,17 +8,24 @@
 //! valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.11k target/release/examples/call_loop info 11000
 //! # instructions per call = (total(11k) - total(1k)) / 10000
 //! ```
+//!
+//! An optional third argument is an audit log path: the host then audits as the CLI does
+//! (`domain.info` is not audited; each suspend and resume writes a synced intent and an outcome).
 
 use std::hint::black_box;
 
-use capvirt_host::{Host, HostConfig, Value};
+use capvirt_host::{audit::AuditSetting, Host, HostConfig, Value};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let what = args.next().unwrap_or_else(|| "info".into());
     let count: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
     let plugin_dir = capvirt_tests::test_plugin_dir();
-    let host = Host::new(HostConfig { plugin_dirs: vec![plugin_dir.to_path_buf()], ..Default::default() })
+    let audit = match args.next() {
+        Some(path) => AuditSetting::Log { path: Some(path.into()), fail_open: false },
+        None => AuditSetting::Off,
+    };
+    let host = Host::new(HostConfig { plugin_dirs: vec![plugin_dir.to_path_buf()], audit, ..Default::default() })
         .unwrap_or_else(|e| panic!("host: {e}"));
     let conn = host.connect("test:///default", false).unwrap_or_else(|e| panic!("connect: {e}"));
     for _ in 0..count {

@@ -62,11 +62,13 @@ struct Line<'a> {
 
 /// SHA-256 of a line's bytes (without its newline), as lowercase hex.
 pub(crate) fn hash_line(line: &[u8]) -> String {
+    // By table: `format!("{:02x}")` per byte cost as much as the hash itself.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(line);
     let mut hex = String::with_capacity(64);
     for byte in digest {
-        use std::fmt::Write as _;
-        let _ = write!(hex, "{byte:02x}");
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
     }
     hex
 }
