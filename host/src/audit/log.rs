@@ -136,7 +136,9 @@ impl AuditLog {
                 error: entry.error,
                 elapsed_us: entry.elapsed.map(|e| u64::try_from(e.as_micros()).unwrap_or(u64::MAX)),
             };
-            let mut text = serde_json::to_vec(&line).map_err(|e| io(e.into()))?;
+            // Sized for a typical record, so serializing does not reallocate.
+            let mut text = Vec::with_capacity(1024);
+            serde_json::to_writer(&mut text, &line).map_err(|e| io(e.into()))?;
             let hash = hash_line(&text);
             text.push(b'\n');
             // One write of the whole line (O_APPEND); on failure, cut back what was written so
