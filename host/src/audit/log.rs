@@ -222,3 +222,62 @@ fn read_tail(file: &File, end: u64, path: &Path) -> Result<Tail, AuditError> {
     }
     Ok(Tail { end, seq: record.seq, hash: hash_line(line) })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, os::unix::fs::PermissionsExt};
+
+    use super::*;
+    use crate::audit::{verify_file, VerifyReport};
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            event: Event::Refused,
+            capability: "domain.suspend",
+            uri: "test:///default",
+            driver: "test",
+            args: None,
+            outcome: Some("denied"),
+            error: Some("read-only"),
+            elapsed: None,
+        }
+    }
+
+    #[test]
+    fn threads_and_other_writers_extend_one_private_chain() {
+        let dir = std::env::temp_dir().join(format!("capvirt-audit-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("state").join("audit.jsonl");
+        let log = AuditLog::new(Some(path.clone()), false);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..25 {
+                        if let Err(e) = log.append(&entry()) {
+                            panic!("{e}");
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(verify_file(&path).map_err(|e| e.to_string()), Ok(VerifyReport { records: 100 }));
+        let mode = |p: &Path| fs::metadata(p).map(|m| m.permissions().mode() & 0o777).ok();
+        assert_eq!(mode(&path), Some(0o600));
+        assert_eq!(mode(&dir.join("state")), Some(0o700));
+        // Another writer (another process's view) continues from the last line, and this one
+        // notices the file grew instead of reusing its cached tail.
+        let other = AuditLog::new(Some(path.clone()), false);
+        assert_eq!(other.append(&entry()).map_err(|e| e.to_string()), Ok(101));
+        assert_eq!(log.append(&entry()).map_err(|e| e.to_string()), Ok(102));
+        assert_eq!(verify_file(&path).map_err(|e| e.to_string()), Ok(VerifyReport { records: 102 }));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn nothing_but_a_regular_file_is_a_log() {
+        let null = AuditLog::new(Some("/dev/null".into()), false).append(&entry());
+        assert!(matches!(null, Err(AuditError::NotRegularFile { .. })), "{null:?}");
+        let nowhere = AuditLog::new(None, false).append(&entry());
+        assert!(matches!(nowhere, Err(AuditError::NoLocation)), "{nowhere:?}");
+    }
+}
