@@ -52,6 +52,9 @@ pub struct Host {
     policy: Arc<Policy>,
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
+    /// The reviewed, embedded registry when another one is enforced (`--registry`): whether a
+    /// call is audited follows its `mutates` flags too, so an edited copy cannot turn auditing off.
+    reviewed: Option<Arc<Registry>>,
 }
 
 impl Host {
@@ -74,7 +77,19 @@ impl Host {
             AuditSetting::Off => None,
             AuditSetting::Log { path, fail_open } => Some(Arc::new(AuditLog::new(path, fail_open))),
         };
-        Host { registry, plugins, policy: Arc::new(config.policy), check_results: config.check_results, audit }
+        let reviewed = match &config.registry {
+            RegistrySource::Embedded => None,
+            // Compiled into this binary and checked by its build: it cannot fail here.
+            RegistrySource::Dir(_) => Registry::embedded().ok().map(Arc::new),
+        };
+        Host {
+            registry,
+            plugins,
+            policy: Arc::new(config.policy),
+            check_results: config.check_results,
+            audit,
+            reviewed,
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -131,6 +146,7 @@ impl Host {
             policy: Arc::clone(&self.policy),
             check_results: self.check_results,
             audit: self.audit.clone(),
+            reviewed: self.reviewed.clone(),
         })
     }
 }
@@ -156,6 +172,7 @@ pub struct Connection {
     policy: Arc<Policy>,
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
+    reviewed: Option<Arc<Registry>>,
 }
 
 impl Connection {
@@ -192,8 +209,11 @@ impl Connection {
             return Err(error);
         };
         // Only audited (mutating) calls pay for the clock and the recorded copy of their
-        // arguments (taken now: validation consumes them).
-        let audit = self.audit.as_deref().filter(|_| declared.mutates());
+        // arguments (taken now: validation consumes them). A capability the reviewed registry
+        // says mutates is audited whatever an overriding registry says.
+        let mutates = declared.mutates()
+            || self.reviewed.as_ref().and_then(|reviewed| reviewed.lookup(id)).is_some_and(|c| c.mutates());
+        let audit = self.audit.as_deref().filter(|_| mutates);
         let started = audit.map(|_| Instant::now());
         let recorded = audit.map(|_| redact::args(&args));
         // Policy. Denials are audited whether or not the capability mutates.

@@ -209,3 +209,18 @@ fn the_library_refuses_unaudited_mutations_and_leaves_the_domain_unchanged() {
     let info = conn.call("domain.info", Value::record([("domain", "vm1")])).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.get("state").and_then(Value::as_str), Some("running"));
 }
+
+#[test]
+fn an_overriding_registry_cannot_turn_auditing_off() {
+    let sb = Sandbox::new();
+    let copy = sb.path("registry");
+    crate::cli::copy_dir(&capvirt_tests::workspace_root().join("proposals"), &copy);
+    let proposal = copy.join("capabilities/domain.suspend.toml");
+    let text = fs::read_to_string(&proposal).unwrap_or_else(|e| panic!("{e}"));
+    assert!(text.contains("\nmutates = true\n"));
+    fs::write(&proposal, text.replace("\nmutates = true\n", "\nmutates = false\n")).unwrap_or_else(|e| panic!("{e}"));
+    ok(&sb.capvirt(&["--registry", &copy.display().to_string(), "suspend", "test"]));
+    let events: Vec<String> =
+        sb.audit_records().iter().map(|r| format!("{} {}", r["event"], r["capability"])).collect();
+    assert_eq!(events, [r#""intent" "domain.suspend""#, r#""outcome" "domain.suspend""#]);
+}

@@ -350,7 +350,7 @@ fn registry_override_warns_and_a_broken_registry_is_refused() {
     assert!(broken.stderr.contains("capabilities/domain.info.toml"), "{}", broken.stderr);
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
     for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")).flatten() {
         let target = to.join(entry.file_name());
