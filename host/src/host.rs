@@ -14,9 +14,9 @@ use crate::{
     driver::{CallObserver, DriverHandle, NoObserver},
     error::{CallError, HostError},
     plugins::{LoadedPlugin, PluginSet},
-    policy::{self, Policy},
-    registry::{source, Registry},
-    validate,
+    policy::{self, Grant, Policy},
+    registry::{source, Capability, Registry},
+    validate::{self, ValidArgs},
 };
 
 /// The URI used when none is given and `CAPVIRT_DEFAULT_URI` is unset.
@@ -208,77 +208,83 @@ impl Connection {
             }
             return Err(error);
         };
-        // Only audited (mutating) calls pay for the clock and the recorded copy of their
-        // arguments (taken now: validation consumes them). A capability the reviewed registry
-        // says mutates is audited whatever an overriding registry says.
-        let mutates = declared.mutates()
-            || self.reviewed.as_ref().and_then(|reviewed| reviewed.lookup(id)).is_some_and(|c| c.mutates());
-        let audit = self.audit.as_deref().filter(|_| mutates);
-        let started = audit.map(|_| Instant::now());
-        let recorded = audit.map(|_| redact::args(&args));
+        // Mutating calls take the audited path; the others stay as cheap as without a log.
+        if let Some(log) = self.audit.as_deref() {
+            if self.mutates(declared, id) {
+                return self.call_audited(log, declared, id, args, observer);
+            }
+        }
         // Policy. Denials are audited whether or not the capability mutates.
-        let grant = match policy::authorize_capability(declared, &self.policy, &self.uri, self.readonly) {
+        let grant = match self.authorize(declared, id) {
             Ok(grant) => grant,
             Err(error) => {
                 if self.audit.is_some() {
-                    let recorded = recorded.unwrap_or_else(|| redact::args(&args));
-                    self.refused(id, &recorded, &error, started);
+                    self.refused(id, &redact::args(&args), &error, None);
                 }
                 return Err(error);
             }
         };
-        let capability = grant.capability();
-        if grant.deprecated {
-            let replacement = capability.doc.replaced_by.as_deref().map(|r| format!("; use `{r}`")).unwrap_or_default();
-            tracing::warn!(target: "capvirt::policy", "capability `{id}` is deprecated{replacement}");
-        }
         // Validation.
+        let args = validate::validate(&self.registry, &grant, args)?;
+        // Driver support, then the driver.
+        if !self.plugin.implements(grant.capability().index) {
+            return Err(self.not_implemented(id));
+        }
+        self.drive(&grant, &args, observer)
+    }
+
+    /// Whether a call to `capability` is audited as mutating. A capability the reviewed
+    /// registry says mutates is, whatever an overriding registry says.
+    fn mutates(&self, capability: &Capability, id: &str) -> bool {
+        capability.mutates()
+            || self.reviewed.as_ref().and_then(|reviewed| reviewed.lookup(id)).is_some_and(|c| c.mutates())
+    }
+
+    /// The dispatch path of a mutating call on an audited connection: every refusal is
+    /// recorded with the arguments as sent, and the intent is on disk before the driver acts.
+    #[inline(never)]
+    fn call_audited(
+        &self,
+        log: &AuditLog,
+        declared: &Capability,
+        id: &str,
+        args: Value,
+        observer: &dyn CallObserver,
+    ) -> Result<Value, CallError> {
+        let started = Some(Instant::now());
+        // Taken now: validation consumes the arguments.
+        let recorded = redact::args(&args);
+        let grant = match self.authorize(declared, id) {
+            Ok(grant) => grant,
+            Err(error) => {
+                self.refused(id, &recorded, &error, started);
+                return Err(error);
+            }
+        };
         let args = match validate::validate(&self.registry, &grant, args) {
             Ok(args) => args,
             Err(error) => {
-                if let Some(recorded) = &recorded {
-                    self.refused(id, recorded, &error, started);
-                }
+                self.refused(id, &recorded, &error, started);
                 return Err(error);
             }
         };
-        // Driver support.
-        if !self.plugin.implements(capability.index) {
-            let error = CallError::NotImplemented { id: id.to_string(), driver: self.plugin.info.name.clone() };
-            if let Some(recorded) = &recorded {
-                self.refused(id, recorded, &error, started);
-            }
+        if !self.plugin.implements(grant.capability().index) {
+            let error = self.not_implemented(id);
+            self.refused(id, &recorded, &error, started);
             return Err(error);
         }
-        // Audit the intent, durably, before the driver acts: fail closed.
-        let intent = match (audit, &recorded) {
-            (Some(log), Some(recorded)) => {
-                match log.append(&self.entry(Event::Intent, id, Some(&recorded.json), None, None, started)) {
-                    Ok(seq) => Some(seq),
-                    Err(error) if log.fail_open() => {
-                        tracing::warn!(target: "capvirt::audit", "{error}; calling `{id}` unaudited (audit fail_open is set)");
-                        None
-                    }
-                    Err(error) => return Err(CallError::AuditUnavailable { id: id.to_string(), error }),
-                }
+        // The intent, synced, before the driver acts: fail closed.
+        let intent = match log.append(&self.entry(Event::Intent, id, Some(&recorded.json), None, None, started)) {
+            Ok(seq) => Some(seq),
+            Err(error) if log.fail_open() => {
+                tracing::warn!(target: "capvirt::audit", "{error}; calling `{id}` unaudited (audit fail_open is set)");
+                None
             }
-            _ => None,
+            Err(error) => return Err(CallError::AuditUnavailable { id: id.to_string(), error }),
         };
-        // The driver.
-        let outcome = self
-            .driver
-            .invoke(&grant, &args, observer)
-            .map_err(|error: PluginError| CallError::Driver { id: id.to_string(), error })
-            .and_then(|mut result| {
-                if self.check_results {
-                    self.registry.validate_result(capability, &mut result).map_err(|error| {
-                        CallError::MalformedResult { id: id.to_string(), driver: self.plugin.info.name.clone(), error }
-                    })?;
-                }
-                Ok(result)
-            });
-        // Audit the outcome. The call has happened: a failure to record it is only reported.
-        if let (Some(log), Some(intent), Some(recorded)) = (audit, intent, &recorded) {
+        let outcome = self.drive(&grant, &args, observer);
+        // The outcome. The call has happened: a failure to record it is only reported.
+        if let Some(intent) = intent {
             let error = outcome.as_ref().err().map(|e| redact::message(&e.to_string(), &recorded.secrets));
             let word = match &outcome {
                 Ok(_) => "ok",
@@ -292,7 +298,38 @@ impl Connection {
         outcome
     }
 
+    /// The policy step, with the deprecation warning.
+    fn authorize<'r>(&'r self, declared: &'r Capability, id: &str) -> Result<Grant<'r>, CallError> {
+        let grant = policy::authorize_capability(declared, &self.policy, &self.uri, self.readonly)?;
+        if grant.deprecated {
+            let replacement =
+                grant.capability().doc.replaced_by.as_deref().map(|r| format!("; use `{r}`")).unwrap_or_default();
+            tracing::warn!(target: "capvirt::policy", "capability `{id}` is deprecated{replacement}");
+        }
+        Ok(grant)
+    }
+
+    fn not_implemented(&self, id: &str) -> CallError {
+        CallError::NotImplemented { id: id.to_string(), driver: self.plugin.info.name.clone() }
+    }
+
+    /// The driver call, and the result check when enabled.
+    fn drive(&self, grant: &Grant<'_>, args: &ValidArgs, observer: &dyn CallObserver) -> Result<Value, CallError> {
+        let id = grant.capability().id();
+        let mut result = self
+            .driver
+            .invoke(grant, args, observer)
+            .map_err(|error: PluginError| CallError::Driver { id: id.to_string(), error })?;
+        if self.check_results {
+            self.registry.validate_result(grant.capability(), &mut result).map_err(|error| {
+                CallError::MalformedResult { id: id.to_string(), driver: self.plugin.info.name.clone(), error }
+            })?;
+        }
+        Ok(result)
+    }
+
     /// Records a refusal; the call is refused anyway, so a failure to record it only warns.
+    #[cold]
     fn refused(&self, id: &str, recorded: &Redacted, error: &CallError, started: Option<Instant>) {
         let Some(log) = self.audit.as_deref() else { return };
         let message = redact::message(&error.to_string(), &recorded.secrets);
