@@ -1,7 +1,7 @@
 //! The host configuration file: settings an administrator makes once per user instead of on
-//! every command line: the experimental capabilities enabled on this host, and optional SHA-256
+//! every command line: the experimental capabilities enabled on this host, optional SHA-256
 //! pins of plugin files (written by `capvirt plugins --pin`; a pinned file that changed is
-//! refused):
+//! refused), and whether mutating calls may proceed when the audit log cannot be written:
 //!
 //! ```toml
 //! # ~/.config/capvirt/config.toml
@@ -9,6 +9,9 @@
 //!
 //! [pins]
 //! "/usr/lib/capvirt/plugins/libcapvirt_driver_qemu.so" = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//!
+//! [audit]
+//! fail_open = true   # default false: refuse mutating calls that cannot be audited
 //! ```
 //!
 //! Found at `$CAPVIRT_CONFIG` when set (the file must then exist), else
@@ -32,6 +35,17 @@ pub struct HostFileConfig {
     /// SHA-256 pins of plugin files: canonical path → `sha256:<64 lowercase hex digits>`.
     #[serde(default)]
     pub pins: BTreeMap<PathBuf, String>,
+    #[serde(default)]
+    pub audit: AuditFileConfig,
+}
+
+/// `[audit]` in `config.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFileConfig {
+    /// Let mutating calls proceed (with a warning) when the audit log cannot be written.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// Why a pin value is not `sha256:<64 lowercase hex digits>`, if it is not.
@@ -156,7 +170,10 @@ mod tests {
     fn parsing_refuses_unknown_keys_and_wrong_types() {
         let path = Path::new("c.toml");
         let ok = HostFileConfig::parse(path, "enable = [\"a.b\"]\n").map_err(|e| e.to_string());
-        assert_eq!(ok, Ok(HostFileConfig { enable: vec!["a.b".into()], pins: BTreeMap::new() }));
+        assert_eq!(ok, Ok(HostFileConfig { enable: vec!["a.b".into()], ..Default::default() }));
+        let audit = HostFileConfig::parse(path, "[audit]\nfail_open = true\n").map(|c| c.audit.fail_open);
+        assert!(matches!(audit, Ok(true)));
+        assert!(HostFileConfig::parse(path, "[audit]\nfail_opne = true\n").is_err());
         let unknown = HostFileConfig::parse(path, "enabled = []\n").map(|_| ()).map_err(|e| e.to_string());
         assert!(unknown.is_err_and(|e| e.contains("c.toml") && e.contains("enabled")));
         assert!(HostFileConfig::parse(path, "enable = \"a.b\"\n").is_err());
@@ -171,7 +188,7 @@ mod tests {
         let text = with_pins(original, &pins).unwrap_or_else(|e| panic!("{e}"));
         assert!(text.starts_with(original), "{text}");
         let parsed = HostFileConfig::parse(path, &text).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(parsed, HostFileConfig { enable: vec!["a.b".into()], pins: pins.clone() });
+        assert_eq!(parsed, HostFileConfig { enable: vec!["a.b".into()], pins: pins.clone(), ..Default::default() });
         // Re-pinning replaces the old digest.
         let newer =
             BTreeMap::from([(PathBuf::from("/p/libcapvirt_driver_x.so"), format!("sha256:{}", "cd".repeat(32)))]);

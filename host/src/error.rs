@@ -2,7 +2,10 @@
 
 use capvirt_plugin_api::{ErrorKind, PluginError};
 
-use crate::registry::{RegistryError, Stage, ValidationError};
+use crate::{
+    audit::AuditError,
+    registry::{RegistryError, Stage, ValidationError},
+};
 
 /// Coarse classes of failure, stable for scripts (the CLI maps them to exit codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +48,9 @@ pub enum CallError {
     /// The driver's result does not have the declared type (only checked when enabled).
     #[error("the `{driver}` driver returned a malformed result for `{id}`: {error}")]
     MalformedResult { id: String, driver: String, error: ValidationError },
+    /// A mutating call was not made because its intent could not be audited (fail closed).
+    #[error("`{id}` was not called: {error}; mutating calls are refused while the audit log cannot be written")]
+    AuditUnavailable { id: String, error: AuditError },
 }
 
 impl CallError {
@@ -63,7 +69,7 @@ impl CallError {
                 ErrorKind::Unsupported => ErrorCategory::Unsupported,
                 ErrorKind::DriverFailure | ErrorKind::Timeout | ErrorKind::Internal => ErrorCategory::Other,
             },
-            CallError::MalformedResult { .. } => ErrorCategory::Other,
+            CallError::MalformedResult { .. } | CallError::AuditUnavailable { .. } => ErrorCategory::Other,
         }
     }
 

@@ -9,11 +9,14 @@
 //! # instructions per call = (total(11k) - total(1k)) / 10000
 //! ```
 //!
-//! A third argument `unchecked` turns off checking results against their declared types.
+//! A third argument `unchecked` turns off checking results against their declared types
+//! (`checked` keeps it on); an optional fourth argument is an audit log path: the host then
+//! audits as the CLI does (`domain.info` is not audited; each suspend and resume writes a
+//! synced intent and an outcome).
 
 use std::hint::black_box;
 
-use capvirt_host::{Host, HostConfig, Value};
+use capvirt_host::{audit::AuditSetting, Host, HostConfig, Value};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -22,9 +25,17 @@ fn main() {
     // `unchecked`: without checking results against their declared types (the default checks).
     let check_results = args.next().as_deref() != Some("unchecked");
     let plugin_dir = capvirt_tests::test_plugin_dir();
-    let host =
-        Host::new(HostConfig { plugin_dirs: vec![plugin_dir.to_path_buf()], check_results, ..Default::default() })
-            .unwrap_or_else(|e| panic!("host: {e}"));
+    let audit = match args.next() {
+        Some(path) => AuditSetting::Log { path: Some(path.into()), fail_open: false },
+        None => AuditSetting::Off,
+    };
+    let host = Host::new(HostConfig {
+        plugin_dirs: vec![plugin_dir.to_path_buf()],
+        check_results,
+        audit,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("host: {e}"));
     let conn = host.connect("test:///default", false).unwrap_or_else(|e| panic!("connect: {e}"));
     for _ in 0..count {
         match what.as_str() {

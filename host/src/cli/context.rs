@@ -6,6 +6,7 @@ use clap::ArgMatches;
 
 use super::{opt_string, output::OutputFormat, CliError};
 use crate::{
+    audit::AuditSetting,
     host::{Connection, Host, HostConfig, RegistrySource, DEFAULT_URI},
     plugins,
     policy::Policy,
@@ -118,6 +119,10 @@ impl Context {
                 // On unless turned off (`CAPVIRT_CHECK_RESULTS=0`).
                 check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").map_or(true, |v| v != "0"),
                 pins: file_config.pins,
+                audit: AuditSetting::Log {
+                    path: super::commands::audit::log_path(&self.globals),
+                    fail_open: file_config.audit.fail_open,
+                },
             };
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
         }

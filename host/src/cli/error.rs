@@ -3,7 +3,7 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0 | success |
-//! | 1 | anything else (driver failure, timeout, IO) |
+//! | 1 | anything else (driver failure, timeout, IO; a mutating call refused because the audit log cannot be written) |
 //! | 2 | usage or invalid arguments |
 //! | 3 | denied by policy (not in registry, rejected/removed, not enabled, read-only) |
 //! | 4 | unsupported by the driver |

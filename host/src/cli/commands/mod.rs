@@ -1,6 +1,7 @@
 //! One file per fixed subcommand, each with `cli()` and `exec()`; `capability` holds the
 //! commands derived from the registry.
 
+pub mod audit;
 pub mod call;
 pub mod capabilities;
 pub mod capability;
@@ -14,7 +15,7 @@ use super::{context::Context, CliError};
 
 /// The fixed (not registry-derived) subcommands.
 pub fn fixed_commands() -> Vec<Command> {
-    vec![call::cli(), capabilities::cli(), plugins::cli(), proposal::cli(), registry::cli()]
+    vec![audit::cli(), call::cli(), capabilities::cli(), plugins::cli(), proposal::cli(), registry::cli()]
 }
 
 /// Whether the command line runs a maintainer command that reads the registry's files itself
@@ -26,6 +27,7 @@ pub fn reads_registry_sources(argv: &[std::ffi::OsString]) -> bool {
 /// Runs `name` if it is a fixed subcommand.
 pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Result<(), CliError>> {
     Some(match name {
+        "audit" => audit::exec(m, ctx),
         "call" => call::exec(m, ctx),
         "capabilities" => capabilities::exec(m, ctx),
         "plugins" => plugins::exec(m, ctx),
