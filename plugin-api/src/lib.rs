@@ -44,6 +44,8 @@ mod export;
 pub mod fs;
 mod manifest;
 mod sdk;
+#[cfg(feature = "state")]
+pub mod state;
 pub mod types;
 mod value;
 

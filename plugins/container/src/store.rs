@@ -17,14 +17,16 @@
 use std::{
     fs::{self, File, OpenOptions},
     io,
-    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
 
+pub use capvirt_plugin_api::state::{io_failure, make_private_dir, not_defined, read_toml, same_file, write_toml};
+
 use capvirt_plugin_api::PluginError;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroup::Controller,
@@ -235,52 +237,6 @@ pub fn exit_code(status: &Path) -> Option<i64> {
         .into_iter::<serde_json::Value>()
         .filter_map(Result::ok)
         .find_map(|doc| doc.get("exit-code").and_then(serde_json::Value::as_i64))
-}
-
-fn same_file(file: &File, path: &Path) -> bool {
-    match (file.metadata(), fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
-pub fn not_defined(name: &str) -> PluginError {
-    PluginError::not_found(format!("domain '{name}' is not defined"))
-}
-
-pub fn io_failure(path: &Path, what: &str, e: &io::Error) -> PluginError {
-    PluginError::driver_failure(format!("cannot {what} {}: {e}", path.display()))
-}
-
-/// Creates a directory readable only by its owner.
-pub fn make_private_dir(path: &Path) -> Result<(), PluginError> {
-    match fs::DirBuilder::new().recursive(true).mode(0o700).create(path) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(io_failure(path, "create directory", &e)),
-    }
-}
-
-/// Reads a TOML file; `None` when it does not exist.
-pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, PluginError> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_failure(path, "read", &e)),
-    };
-    toml::from_str(&text).map(Some).map_err(|e| {
-        PluginError::driver_failure(format!(
-            "{} is corrupt: {}",
-            path.display(),
-            e.to_string().lines().next().unwrap_or_default()
-        ))
-    })
-}
-
-/// Writes `value` as TOML atomically (readers see the old or the new file, never a part).
-pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), PluginError> {
-    let text =
-        toml::to_string(value).map_err(|e| PluginError::internal(format!("cannot encode {}: {e}", path.display())))?;
-    capvirt_plugin_api::fs::write_atomic(path, text.as_bytes()).map_err(|e| io_failure(path, "write", &e))
 }
 
 /// Writes a runtime record atomically but without fsync: it describes processes, which a

@@ -1,7 +1,7 @@
 //! Connection URIs: `container:///session` (per-user), `container:///system` (root only), with
 //! the optional parameter `root=DIR` (another state root, percent-encoded).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use capvirt_plugin_api::PluginError;
 use percent_encoding::percent_decode_str;
@@ -53,7 +53,7 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
     }
     let root = match (path, root) {
         ("session" | "system", Some(root)) => root,
-        ("session", None) => session_root()?,
+        ("session", None) => capvirt_plugin_api::state::session_root("container")?,
         ("system", None) => {
             if !rustix::process::geteuid().is_root() {
                 return Err(PluginError::invalid_argument(
@@ -68,37 +68,7 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
             )))
         }
     };
-    Ok(Config { uri: uri.to_string(), root: normalize(&root)? })
-}
-
-/// `$XDG_STATE_HOME/capvirt/container`, else `~/.local/state/capvirt/container`.
-fn session_root() -> Result<PathBuf, PluginError> {
-    let state_home = std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).filter(|p| p.is_absolute());
-    let base = match state_home {
-        Some(dir) => dir,
-        None => std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .map(|home| home.join(".local/state"))
-            .ok_or_else(|| {
-                PluginError::invalid_argument(
-                    "container:///session needs $XDG_STATE_HOME or $HOME to locate its state; pass ?root=DIR"
-                        .to_string(),
-                )
-            })?,
-    };
-    Ok(base.join("capvirt/container"))
-}
-
-/// One spelling per root: the cgroup names derive from it, so every connection to the same
-/// root must find the same cgroups. Canonical when the directory exists, else made absolute.
-fn normalize(root: &Path) -> Result<PathBuf, PluginError> {
-    match std::fs::canonicalize(root) {
-        Ok(path) => Ok(path),
-        Err(_) => std::path::absolute(root).map_err(|e| {
-            PluginError::invalid_argument(format!("state root {}: cannot make it absolute: {e}", root.display()))
-        }),
-    }
+    Ok(Config { uri: uri.to_string(), root: capvirt_plugin_api::state::normalize_root(&root)? })
 }
 
 #[cfg(test)]

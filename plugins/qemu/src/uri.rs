@@ -2,7 +2,7 @@
 //! parameters `root=DIR` (another state root, percent-encoded), `accel=auto|kvm|tcg` and
 //! `emulator=PATH` (the QEMU binary; default: `qemu-system-x86_64` on `PATH`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use capvirt_plugin_api::PluginError;
 use percent_encoding::percent_decode_str;
@@ -95,7 +95,7 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
     }
     let root = match (path, root) {
         ("session" | "system", Some(root)) => root,
-        ("session", None) => session_root()?,
+        ("session", None) => capvirt_plugin_api::state::session_root("qemu")?,
         ("system", None) => {
             if !rustix::process::geteuid().is_root() {
                 return Err(PluginError::invalid_argument(
@@ -114,40 +114,16 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
         Some(emulator_path) => Emulator::at(&emulator_path, path == "system")?,
         None => Emulator::default(),
     };
-    Ok(Config { uri: uri.to_string(), root: normalize(&root)?, accel: accel.unwrap_or(Accel::Auto), emulator })
+    Ok(Config {
+        uri: uri.to_string(),
+        root: capvirt_plugin_api::state::normalize_root(&root)?,
+        accel: accel.unwrap_or(Accel::Auto),
+        emulator,
+    })
 }
 
 fn duplicate(uri: &str, key: &str) -> PluginError {
     PluginError::invalid_argument(format!("{uri}: parameter `{key}` given twice"))
-}
-
-/// `$XDG_STATE_HOME/capvirt/qemu`, else `~/.local/state/capvirt/qemu`.
-fn session_root() -> Result<PathBuf, PluginError> {
-    let state_home = std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).filter(|p| p.is_absolute());
-    let base = match state_home {
-        Some(dir) => dir,
-        None => std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .map(|home| home.join(".local/state"))
-            .ok_or_else(|| {
-                PluginError::invalid_argument(
-                    "qemu:///session needs $XDG_STATE_HOME or $HOME to locate its state; pass ?root=DIR".to_string(),
-                )
-            })?,
-    };
-    Ok(base.join("capvirt/qemu"))
-}
-
-/// One spelling per root, so that paths derived from it (QEMU's pidfile) compare equal across
-/// connections: canonical when the directory exists, else made absolute.
-fn normalize(root: &Path) -> Result<PathBuf, PluginError> {
-    match std::fs::canonicalize(root) {
-        Ok(path) => Ok(path),
-        Err(_) => std::path::absolute(root).map_err(|e| {
-            PluginError::invalid_argument(format!("state root {}: cannot make it absolute: {e}", root.display()))
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -164,9 +140,9 @@ mod tests {
     #[test]
     fn takes_an_absolute_emulator_path() {
         let config = parse("qemu:///session?root=/tmp/a&emulator=/bin/sh").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(config.emulator.program(), Path::new("/bin/sh"));
+        assert_eq!(config.emulator.program(), std::path::Path::new("/bin/sh"));
         let default = parse("qemu:///session?root=/tmp/a").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(default.emulator.program(), Path::new("qemu-system-x86_64"));
+        assert_eq!(default.emulator.program(), std::path::Path::new("qemu-system-x86_64"));
         for bad in [
             "qemu:///session?root=/tmp/a&emulator=",
             "qemu:///session?root=/tmp/a&emulator=sh",
