@@ -332,6 +332,8 @@ fn documentation_changes(
     check(o.replaced_by != n.replaced_by, "replaced_by");
     check(o.open_questions != n.open_questions, "open questions");
     check(o.review != n.review, "review record");
+    // A contract describes what drivers already must do; `plugin verify` checks it.
+    check(o.contract != n.contract, "contract");
     if let (Some(a), Some(b)) = (&o.cli, &n.cli) {
         check((&a.about, &a.message, a.progress) != (&b.about, &b.message, b.progress), "CLI help");
     }
