@@ -6,3 +6,4 @@ mod dispatch;
 mod maint;
 mod plugins;
 mod qemu;
+mod verify;

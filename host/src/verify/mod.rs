@@ -37,8 +37,15 @@ pub enum Event {
     Uri { uri: String },
     /// A check is about to call into the plugin (names the check a crash interrupts).
     Start { capability: String, clause: String },
-    /// A finished check.
-    Check { capability: String, clause: String, passed: bool, detail: String },
+    /// A finished check (`skipped`: the plugin lacks what the check needs to set it up).
+    Check {
+        capability: String,
+        clause: String,
+        passed: bool,
+        #[serde(default)]
+        skipped: bool,
+        detail: String,
+    },
     /// The suite finished.
     Done,
 }
@@ -86,6 +93,7 @@ pub struct CheckResult {
     pub capability: String,
     pub clause: String,
     pub passed: bool,
+    pub skipped: bool,
     pub detail: String,
 }
 
@@ -155,8 +163,8 @@ impl Report {
             }
             Event::Uri { uri } => self.uri = Some(uri),
             Event::Start { .. } | Event::Done => {}
-            Event::Check { capability, clause, passed, detail } => {
-                self.checks.push(CheckResult { capability, clause, passed, detail })
+            Event::Check { capability, clause, passed, skipped, detail } => {
+                self.checks.push(CheckResult { capability, clause, passed, skipped, detail })
             }
         }
     }
@@ -388,12 +396,13 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_names_the_check_in_flight() {
+    fn a_failed_check_is_one_line_naming_capability_and_clause() {
         let mut report = Report::default();
         report.apply(Event::Check {
             capability: "domain.list".into(),
             clause: "case 1".into(),
             passed: false,
+            skipped: false,
             detail: "x".into(),
         });
         assert_eq!(report.failures(), vec!["domain.list: case 1: x".to_string()]);

@@ -90,11 +90,12 @@ pub fn run(registry: Arc<Registry>, options: &SuiteOptions<'_>, emit: &mut dyn F
         if !plugin.implements(capability.index) {
             continue;
         }
-        if capability.contract.cases.is_empty() {
-            session.smoke(capability);
-        }
+        let mut ran = false;
         for case in &capability.contract.cases {
-            session.case(capability, case);
+            ran |= session.case(capability, case);
+        }
+        if !ran {
+            session.smoke(capability);
         }
         if !capability.contract.monotonic.is_empty() {
             session.monotonic(capability);
@@ -167,7 +168,11 @@ fn check(capability: &str, clause: &str, outcome: Result<String, String>) -> Eve
         Ok(detail) => (true, detail),
         Err(detail) => (false, detail),
     };
-    Event::Check { capability: capability.into(), clause: clause.into(), passed, detail }
+    Event::Check { capability: capability.into(), clause: clause.into(), passed, skipped: false, detail }
+}
+
+fn skipped(capability: &str, clause: &str, why: String) -> Event {
+    Event::Check { capability: capability.into(), clause: clause.into(), passed: true, skipped: true, detail: why }
 }
 
 /// The outcome word of a call (`ok`, an error kind, or how the host refused it).
@@ -271,6 +276,9 @@ impl Session<'_, '_> {
     /// Removes domain `name`, whatever its state.
     fn cleanup(&mut self, name: &str) {
         let domain = || Value::record([("domain", Value::string(name))]);
+        if !self.can("domain.info") {
+            return;
+        }
         if matches!(self.observe(name).as_deref(), Ok("undefined")) {
             return;
         }
@@ -308,16 +316,46 @@ impl Session<'_, '_> {
         args
     }
 
-    /// One contract case on a fresh scratch domain.
-    fn case(&mut self, capability: &Capability, case: &Case) {
+    /// Whether the plugin implements `id`.
+    fn can(&self, id: &str) -> bool {
+        self.registry.lookup(id).is_some_and(|c| self.conn.plugin().implements(c.index))
+    }
+
+    /// What the plugin lacks to set up `condition` and observe the state afterwards.
+    fn missing_for(&self, condition: DomainCondition, observe: bool) -> Vec<&'static str> {
+        let mut needed = Vec::new();
+        if condition != DomainCondition::Undefined {
+            needed.push("domain.define");
+        }
+        if matches!(condition, DomainCondition::Running | DomainCondition::Paused) {
+            needed.push("domain.start");
+        }
+        if condition == DomainCondition::Paused {
+            needed.push("domain.suspend");
+        }
+        if observe {
+            needed.push("domain.info");
+        }
+        needed.into_iter().filter(|id| !self.can(id)).collect()
+    }
+
+    /// One contract case on a fresh scratch domain; `false` when skipped.
+    fn case(&mut self, capability: &Capability, case: &Case) -> bool {
         let id = capability.id();
         let clause = case.clause();
+        let observes = case.then.is_some() || case.result.is_some() || matches!(case.expect, Expect::Error(_));
+        let missing = self.missing_for(case.given.before(), observes);
+        if !missing.is_empty() {
+            (self.emit)(skipped(id, &clause, format!("skipped: the plugin does not implement {}", missing.join(", "))));
+            return false;
+        }
         let name = self.fresh_name();
         let target = if case.given == Given::UnknownDomain { format!("{name}-missing") } else { name.clone() };
         self.start(id, &clause);
         let outcome = self.run_case(capability, case, &name, &target);
         (self.emit)(check(id, &clause, outcome));
         self.cleanup(&name);
+        true
     }
 
     fn run_case(&mut self, capability: &Capability, case: &Case, name: &str, target: &str) -> Result<String, String> {
@@ -355,12 +393,18 @@ impl Session<'_, '_> {
     /// (unless declared), a malformed result or an internal error.
     fn smoke(&mut self, capability: &Capability) {
         let id = capability.id();
-        let clause = "called once (no contract)";
+        let clause = "called once (no runnable contract case)";
         let name = self.fresh_name();
+        // Without the lifecycle capabilities, the call names a domain that does not exist.
+        let given = if self.missing_for(DomainCondition::Running, false).is_empty() {
+            Given::Domain(DomainCondition::Running)
+        } else {
+            Given::UnknownDomain
+        };
         self.start(id, clause);
         let outcome = (|| {
-            self.prepare(&name, DomainCondition::Running)?;
-            let args = self.arguments(capability, &name, Given::Domain(DomainCondition::Running), &[]);
+            self.prepare(&name, given.before())?;
+            let args = self.arguments(capability, &name, given, &[]);
             let result = self.call(id, args);
             let word = outcome_word(&result);
             let declared: Vec<&str> = capability.doc.errors.iter().map(|c| error_code_word(*c)).collect();
@@ -382,6 +426,11 @@ impl Session<'_, '_> {
     fn monotonic(&mut self, capability: &Capability) {
         let id = capability.id();
         let clause = format!("monotonic ({})", capability.contract.monotonic.join(", "));
+        let missing = self.missing_for(DomainCondition::Running, false);
+        if !missing.is_empty() {
+            (self.emit)(skipped(id, &clause, format!("skipped: the plugin does not implement {}", missing.join(", "))));
+            return;
+        }
         let name = self.fresh_name();
         self.start(id, &clause);
         let outcome = (|| {

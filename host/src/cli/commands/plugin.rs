@@ -132,8 +132,13 @@ fn render(report: &Report) -> String {
     if let Some(uri) = &report.uri {
         text.push_str(&format!("Conformance suite on {uri}\n"));
     }
-    let passed = report.checks.iter().filter(|c| c.passed).count();
-    text.push_str(&format!("Checks: {passed} passed, {} failed\n", report.checks.len() - passed));
+    let skipped = report.checks.iter().filter(|c| c.skipped).count();
+    let passed = report.checks.iter().filter(|c| c.passed && !c.skipped).count();
+    let failed = report.checks.iter().filter(|c| !c.passed).count();
+    text.push_str(&format!("Checks: {passed} passed, {skipped} skipped, {failed} failed\n"));
+    for check in report.checks.iter().filter(|c| c.skipped) {
+        text.push_str(&format!("skip {}\n", one_line(&check.line())));
+    }
     for line in report.failures() {
         text.push_str(&format!("FAIL {}\n", one_line(&line)));
     }
