@@ -28,7 +28,7 @@ pub fn cli() -> Command {
             .help("Domain spec (TOML) for the scratch domains; its name is replaced [default: 1 vCPU, no disks]")
     };
     Command::new("plugin")
-        .about("Plugin vendors' tools")
+        .about("Vendor tools: verify a plugin file against the registry")
         .subcommand_required(true)
         .subcommand(
             Command::new("verify")
