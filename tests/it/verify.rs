@@ -147,3 +147,32 @@ fn files_that_are_not_plugins_are_refused_with_the_loader_reason() {
     assert_eq!(missing.code, 2, "{}", missing.stderr);
     assert_eq!(missing.stderr, "error: /nonexistent/libx.so is not a file\n");
 }
+
+#[test]
+fn the_qemu_driver_passes_on_a_real_qemu_with_a_given_spec() {
+    let qemu = capvirt_tests::qemu::Sandbox::new();
+    let disk = qemu.boot_disk("verify-disk");
+    let spec = qemu.write(
+        "verify-spec.toml",
+        &format!(
+            "name = \"ignored\"\nmemory_mib = 64\nvcpus = 1\n\n[[disks]]\npath = \"{}\"\nformat = \"qcow2\"\nbus = \"virtio\"\n",
+            disk.display()
+        ),
+    );
+    let uri = qemu.uri("verify-root", "&accel=tcg");
+    let plugin = path_of(&artifacts().qemu_plugin);
+    let spec = path_of(&spec);
+    let run = verify(&[&plugin, "--uri", &uri, "--spec", &spec, "--timeout", "240", "--format", "json"], None);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let report = json(&run);
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(report["uri"], uri.as_str());
+    let checks = report["checks"].as_array().cloned().unwrap_or_default();
+    assert!(checks.iter().all(|c| c["skipped"] == false), "{report:#}");
+    assert!(
+        checks.iter().any(|c| c["capability"] == "domain.suspend"
+            && c["clause"] == "case 1 (given running, expect ok)"
+            && c["detail"] == "ok, then paused"),
+        "{report:#}"
+    );
+}
