@@ -176,3 +176,38 @@ fn the_qemu_driver_passes_on_a_real_qemu_with_a_given_spec() {
         "{report:#}"
     );
 }
+
+#[test]
+fn declared_capabilities_are_classified_even_when_the_plugin_is_refused() {
+    let plugin = path_of(&artifacts().fixture_plugin);
+    let status = |report: &serde_json::Value, id: &str| {
+        report["capabilities"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["id"] == id).cloned())
+            .unwrap_or_else(|| panic!("{id} not reported: {report:#}"))
+    };
+
+    let rejected = verify(&[&plugin, "--format", "json"], Some("rejected"));
+    assert_eq!(rejected.code, 1, "{}\n{}", rejected.stdout, rejected.stderr);
+    let report = json(&rejected);
+    assert_eq!(status(&report, "domain.monitor-command")["status"], "rejected", "{report:#}");
+    assert_eq!(status(&report, "domain.list")["status"], "accepted", "{report:#}");
+    let failures = report["failures"].as_array().cloned().unwrap_or_default();
+    assert_eq!(failures.len(), 1, "{report:#}");
+    assert!(
+        failures[0]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("(plugin): load: refused: implements `domain.monitor-command`"),
+        "{report:#}"
+    );
+
+    let unknown = json(&verify(&[&plugin, "--format", "json"], Some("unknown")));
+    let teleport = status(&unknown, "domain.teleport");
+    assert_eq!(teleport["status"], "unknown", "{unknown:#}");
+    assert!(!teleport["detail"].as_str().unwrap_or_default().contains("did you mean"), "{teleport}");
+
+    let major = verify(&[&plugin], Some("major"));
+    assert_eq!(major.code, 1, "{}", major.stdout);
+    assert!(major.stdout.contains("FAIL (plugin): load: refused: built against registry 2.0.0"), "{}", major.stdout);
+}

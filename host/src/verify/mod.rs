@@ -62,7 +62,8 @@ pub enum CapabilityStatus {
     Rejected,
     /// Declares a newer contract version than the registry's: not callable here.
     NewerContract,
-    /// Declared but never callable here (draft).
+    /// Declared but never callable here (a draft, or unknown to this registry while the plugin
+    /// targets a newer one).
     NotCallable,
 }
 
@@ -136,7 +137,7 @@ impl Report {
             lines.push(format!("(plugin): load: refused: {reason}"));
         }
         for capability in &self.capabilities {
-            if capability.status == CapabilityStatus::Unknown && !capability.detail.contains("newer registry") {
+            if capability.status == CapabilityStatus::Unknown {
                 lines.push(format!("{}: manifest: {}", capability.id, capability.detail));
             }
         }

@@ -13,7 +13,7 @@ use super::{did_you_mean, CapabilityStatus, Event};
 use crate::{
     error::CallError,
     host::{Connection, Host, HostConfig},
-    plugins::LoadedPlugin,
+    plugins::PluginInfo,
     policy::Policy,
     registry::{
         contract::{error_code_word, Case, DomainCondition, Expect, Given, ResultCheck},
@@ -50,6 +50,10 @@ pub fn run(registry: Arc<Registry>, options: &SuiteOptions<'_>, emit: &mut dyn F
     };
     let host = Host::with_registry(config, Arc::clone(&registry));
     if let Some(refused) = host.plugins().refused.first() {
+        if let Some(info) = &refused.manifest {
+            emit(plugin_event(info));
+            classify(&registry, info, emit);
+        }
         emit(Event::Refused { reason: refused.reason.clone() });
         emit(Event::Done);
         return;
@@ -60,14 +64,8 @@ pub fn run(registry: Arc<Registry>, options: &SuiteOptions<'_>, emit: &mut dyn F
         return;
     };
     let info = &plugin.info;
-    emit(Event::Plugin {
-        name: info.name.clone(),
-        vendor: info.vendor.clone(),
-        version: info.version.clone(),
-        registry_version: info.registry_version.clone(),
-        schemes: info.schemes.clone(),
-    });
-    classify(&registry, &plugin, emit);
+    emit(plugin_event(info));
+    classify(&registry, info, emit);
 
     let uri = options
         .uri
@@ -104,21 +102,37 @@ pub fn run(registry: Arc<Registry>, options: &SuiteOptions<'_>, emit: &mut dyn F
     emit(Event::Done);
 }
 
-/// Reports how the registry treats each declared capability.
-fn classify(registry: &Registry, plugin: &LoadedPlugin, emit: &mut dyn FnMut(Event)) {
-    let newer_registry = semver::Version::parse(&plugin.info.registry_version).is_ok_and(|v| &v > registry.version());
-    for (id, version) in &plugin.info.capabilities {
+fn plugin_event(info: &PluginInfo) -> Event {
+    Event::Plugin {
+        name: info.name.clone(),
+        vendor: info.vendor.clone(),
+        version: info.version.clone(),
+        registry_version: info.registry_version.clone(),
+        schemes: info.schemes.clone(),
+    }
+}
+
+/// Reports how the registry treats each declared capability. An id the registry does not know
+/// is a failure (`unknown`, with a did-you-mean), unless the plugin targets a newer registry,
+/// which may have it (`not callable`).
+fn classify(registry: &Registry, info: &PluginInfo, emit: &mut dyn FnMut(Event)) {
+    let newer_registry = semver::Version::parse(&info.registry_version).is_ok_and(|v| &v > registry.version());
+    for (id, version) in &info.capabilities {
         let (status, detail) = match registry.lookup(id) {
             None => {
                 let hint = did_you_mean(id, registry.capabilities().iter().map(Capability::id))
                     .map(|k| format!("; did you mean `{k}`?"))
                     .unwrap_or_default();
-                let newer = if newer_registry {
-                    format!(" (the plugin targets newer registry {})", plugin.info.registry_version)
+                if newer_registry {
+                    let detail = format!(
+                        "not in registry {}; the plugin targets newer registry {}{hint}",
+                        registry.version(),
+                        info.registry_version
+                    );
+                    (CapabilityStatus::NotCallable, detail)
                 } else {
-                    String::new()
-                };
-                (CapabilityStatus::Unknown, format!("not in registry {}{newer}{hint}", registry.version()))
+                    (CapabilityStatus::Unknown, format!("not in registry {}{hint}", registry.version()))
+                }
             }
             Some(cap) if cap.stage().is_forbidden() => {
                 (CapabilityStatus::Rejected, format!("the registry marks it {}", cap.stage()))
