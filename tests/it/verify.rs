@@ -109,6 +109,25 @@ fn a_plugin_that_aborts_inside_invoke_is_reported_not_fatal() {
     // What ran before the crash is kept.
     assert!(report["checks"].as_array().is_some_and(|c| !c.is_empty()), "{report:#}");
     assert!(report["manifest"]["name"] == "fixture", "{report:#}");
+
+    // The private copy and the child's scratch files are removed although the child died.
+    let sb = Sandbox::new();
+    let tmp = sb.path("tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{e}"));
+    let tmp_text = path_of(&tmp);
+    let run =
+        sb.capvirt_env(&["plugin", "verify", &plugin], &[("CAPVIRT_FIXTURE_MODE", "abort"), ("TMPDIR", &tmp_text)]);
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains(
+            "FAIL domain.list: case 1 (given running, expect ok): plugin crashed: killed by signal 6 (SIGABRT)"
+        ),
+        "{}",
+        run.stdout
+    );
+    let left: Vec<_> =
+        std::fs::read_dir(&tmp).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

@@ -235,6 +235,9 @@ impl Drop for ScratchDir {
     }
 }
 
+/// The child's scratch directory, inside the private directory.
+pub const RUN_DIR: &str = "run";
+
 /// The name the copy gets, so discovery in the private directory loads exactly it.
 pub const COPY_NAME: &str = "libcapvirt_driver_verify.so";
 
@@ -247,6 +250,12 @@ pub fn verify(options: &VerifyOptions) -> Result<Report, VerifyError> {
         fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))
     });
     copied.map_err(|source| VerifyError::Copy { path: options.plugin.clone(), source })?;
+    // The child's scratch files (a QEMU state root, sample paths) live here too, so they go
+    // with the directory even when the child is killed or crashes.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().mode(0o700).create(scratch.path().join(RUN_DIR)).map_err(VerifyError::Scratch)?;
+    }
 
     let mut command = Command::new(&options.exe);
     command.args(&options.global_args).args(["plugin", CHILD_SUBCOMMAND]).arg(scratch.path());

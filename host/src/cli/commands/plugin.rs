@@ -156,8 +156,9 @@ fn child(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         Some(path) => Some(args::read_toml_file("spec", std::path::Path::new(&path))?),
         None => None,
     };
-    let scratch = verify::ScratchDir::new("verify-run").map_err(|e| CliError::other(e.to_string()))?;
-    let options = suite::SuiteOptions { plugin_dir: &dir, uri: opt_string(m, "uri"), spec, scratch: scratch.path() };
+    // Made and removed by the parent, so nothing is left behind when this process dies.
+    let scratch = dir.join(verify::RUN_DIR);
+    let options = suite::SuiteOptions { plugin_dir: &dir, uri: opt_string(m, "uri"), spec, scratch: &scratch };
     let mut emit = |event: verify::Event| {
         if let Ok(line) = serde_json::to_string(&event) {
             let mut out = std::io::stdout().lock();
