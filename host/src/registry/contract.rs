@@ -352,3 +352,70 @@ pub fn missing_state_words(types: &TypeTable) -> Vec<&'static str> {
         .filter(|w| !values.iter().any(|v| v == w))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    fn registry() -> Registry {
+        Registry::embedded().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn every_contract_of_the_embedded_registry_compiles_whole() {
+        let registry = registry();
+        let mut with_contract = 0;
+        for cap in registry.capabilities() {
+            let (contract, problems) = compile(&cap.doc, &registry.types, &cap.params, &cap.result);
+            assert_eq!(problems, Vec::new(), "{}", cap.id());
+            let written = cap.doc.contract.as_ref().map_or(0, |c| c.cases.len());
+            assert_eq!(contract.cases.len(), written, "{}", cap.id());
+            with_contract += usize::from(written > 0);
+        }
+        assert!(with_contract >= 12, "only {with_contract} capabilities have a contract");
+        assert!(missing_state_words(&registry.types).is_empty());
+    }
+
+    #[test]
+    fn bad_words_and_undeclared_errors_are_problems_and_their_cases_are_dropped() {
+        let registry = registry();
+        let Some(cap) = registry.lookup("domain.suspend") else { panic!("domain.suspend missing") };
+        let mut doc = cap.doc.clone();
+        let case = |given: &str, expect: &str, then: Option<&str>| crate::registry::model::ContractCase {
+            given: given.into(),
+            expect: expect.into(),
+            then: then.map(String::from),
+            result: None,
+            with: None,
+            note: String::new(),
+        };
+        doc.contract = Some(crate::registry::model::Contract {
+            monotonic: vec!["rd_req".into()],
+            cases: vec![
+                case("running", "ok", Some("paused")),
+                case("asleep", "ok", None),
+                case("paused", "timeout", None),
+                case("running", "ok", Some("frozen")),
+                case("invalid-spec", "invalid-argument", None),
+            ],
+        });
+        let (contract, problems) = compile(&doc, &registry.types, &cap.params, &cap.result);
+        let keys: Vec<(Option<usize>, &str)> = problems.iter().map(|p| (p.case, p.key)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (None, "monotonic"),
+                (Some(1), "given"),
+                (Some(2), "expect"),
+                (Some(3), "then"),
+                (Some(4), "given"),
+                (Some(4), "expect"),
+            ],
+            "{problems:#?}"
+        );
+        assert_eq!(contract.cases.len(), 1);
+        assert_eq!(contract.cases[0].clause(), "case 1 (given running, expect ok)");
+        assert_eq!(contract.cases[0].then, Some(DomainCondition::Paused));
+    }
+}
