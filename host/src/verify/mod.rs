@@ -310,8 +310,12 @@ pub fn verify(options: &VerifyOptions) -> Result<Report, VerifyError> {
         }
     };
     let status = loop {
+        // Bounded by the deadline too: a plugin flooding stdout must not outlive it.
         while let Ok(line) = receiver.recv_timeout(Duration::from_millis(20)) {
             apply(line, &mut report, &mut in_flight, &mut done);
+            if Instant::now() >= deadline {
+                break;
+            }
         }
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),

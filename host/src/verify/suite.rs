@@ -83,7 +83,15 @@ pub fn run(registry: Arc<Registry>, options: &SuiteOptions<'_>, emit: &mut dyn F
     };
     let scheme = info.schemes.first().cloned().unwrap_or_default();
     let spec = options.spec.clone().unwrap_or_else(|| default_spec(&scheme));
-    let mut session = Session { conn: &conn, registry: &registry, spec, next: 0, scratch: options.scratch, emit };
+    let mut session = Session {
+        conn: &conn,
+        registry: &registry,
+        spec,
+        next: 0,
+        created: Default::default(),
+        scratch: options.scratch,
+        emit,
+    };
     for capability in registry.capabilities() {
         if !plugin.implements(capability.index) {
             continue;
@@ -225,14 +233,18 @@ struct Session<'a, 'e> {
     registry: &'a Registry,
     spec: Value,
     next: usize,
+    /// Names this run defined (only these are ever destroyed or undefined).
+    created: std::collections::HashSet<String>,
     scratch: &'a Path,
     emit: &'e mut dyn FnMut(Event),
 }
 
 impl Session<'_, '_> {
+    /// `capvirt-verify-PID-N`: never the name of a domain the verifier did not create (on a
+    /// shared `--uri`, a domain of that name already defined fails the case, untouched).
     fn fresh_name(&mut self) -> String {
         self.next += 1;
-        format!("verify-{}", self.next)
+        format!("capvirt-verify-{}-{}", std::process::id(), self.next)
     }
 
     fn spec_named(&self, name: &str) -> Value {
@@ -262,6 +274,16 @@ impl Session<'_, '_> {
 
     /// Brings a fresh domain `name` into `condition`.
     fn prepare(&mut self, name: &str, condition: DomainCondition) -> Result<(), String> {
+        // Names are per process already; a situation that defines the domain also makes sure
+        // it is not someone else's (`undefined` ones do not observe: `domain.info` may be what
+        // is under test).
+        if condition != DomainCondition::Undefined && self.can("domain.info") {
+            match self.observe(name)?.as_str() {
+                "undefined" => {}
+                state => return Err(format!("scratch domain name {name} is already in use ({state}); left alone")),
+            }
+        }
+        self.created.insert(name.to_string());
         if condition == DomainCondition::Undefined {
             return Ok(());
         }
@@ -290,7 +312,7 @@ impl Session<'_, '_> {
     /// Removes domain `name`, whatever its state.
     fn cleanup(&mut self, name: &str) {
         let domain = || Value::record([("domain", Value::string(name))]);
-        if !self.can("domain.info") {
+        if !self.created.remove(name) || !self.can("domain.info") {
             return;
         }
         if matches!(self.observe(name).as_deref(), Ok("undefined")) {
