@@ -204,8 +204,8 @@ pub enum VerifyError {
     Spawn { exe: PathBuf, source: std::io::Error },
 }
 
-/// A private directory, removed on drop.
-pub struct ScratchDir(PathBuf);
+/// A private directory, removed on drop unless kept.
+pub struct ScratchDir(PathBuf, bool);
 
 impl ScratchDir {
     /// Creates `$TMPDIR/capvirt-verify-<pid>-<n>` with mode 0700.
@@ -216,7 +216,7 @@ impl ScratchDir {
         for attempt in 0..100u32 {
             let path = base.join(format!("capvirt-{tag}-{}-{nanos}-{attempt}", std::process::id()));
             match fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(ScratchDir(path)),
+                Ok(()) => return Ok(ScratchDir(path, false)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
@@ -227,11 +227,18 @@ impl ScratchDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Leaves the directory in place (the caller reports where).
+    pub fn keep(&mut self) {
+        self.1 = true;
+    }
 }
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        if !self.1 {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -243,7 +250,7 @@ pub const COPY_NAME: &str = "libcapvirt_driver_verify.so";
 
 /// Verifies `options.plugin` in a child process and returns the report.
 pub fn verify(options: &VerifyOptions) -> Result<Report, VerifyError> {
-    let scratch = ScratchDir::new("verify").map_err(VerifyError::Scratch)?;
+    let mut scratch = ScratchDir::new("verify").map_err(VerifyError::Scratch)?;
     let copy = scratch.path().join(COPY_NAME);
     let copied = fs::copy(&options.plugin, &copy).and_then(|_| {
         use std::os::unix::fs::PermissionsExt;
@@ -356,6 +363,15 @@ pub fn verify(options: &VerifyOptions) -> Result<Report, VerifyError> {
             report.crashed = Some(format!("{}: {how}", during(&in_flight)));
         }
         Err(why) => report.crashed = Some(format!("{}: {why}", during(&in_flight))),
+    }
+    // A child that did not finish may have left domains running (a QEMU outlives it): keep
+    // their state so they can be found and destroyed, and say where.
+    if let Some(crash) = &mut report.crashed {
+        let run = scratch.path().join(RUN_DIR);
+        if fs::read_dir(&run).is_ok_and(|mut entries| entries.next().is_some()) {
+            crash.push_str(&format!("; its scratch state is kept in {}", run.display()));
+            scratch.keep();
+        }
     }
     Ok(report)
 }
