@@ -31,6 +31,9 @@ pub struct SuiteOptions<'a> {
     pub spec: Option<Value>,
     /// Where scratch files (a state root for `qemu:///session`, sample paths) may go.
     pub scratch: &'a Path,
+    /// The host settings to verify under (the CLI's); the plugin directory, the policy (every
+    /// experimental capability enabled) and result checking (on) are the verifier's.
+    pub base: HostConfig,
 }
 
 /// Runs the whole suite, reporting every step to `emit`.
@@ -46,7 +49,7 @@ pub fn run(registry: Arc<Registry>, options: &SuiteOptions<'_>, emit: &mut dyn F
         plugin_dirs: vec![options.plugin_dir.to_path_buf()],
         policy: Policy { enabled },
         check_results: true,
-        ..HostConfig::default()
+        ..options.base.clone()
     };
     let host = Host::with_registry(config, Arc::clone(&registry));
     if let Some(refused) = host.plugins().refused.first() {

@@ -158,7 +158,16 @@ fn child(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     };
     // Made and removed by the parent, so nothing is left behind when this process dies.
     let scratch = dir.join(verify::RUN_DIR);
-    let options = suite::SuiteOptions { plugin_dir: &dir, uri: opt_string(m, "uri"), spec, scratch: &scratch };
+    // The registry source is the CLI's (an unreviewed `--registry DIR` is hardened as the
+    // host does); the rest of the host's settings are its defaults.
+    let base = crate::host::HostConfig {
+        registry: match &ctx.globals.registry_dir {
+            Some(dir) => crate::host::RegistrySource::Dir(dir.clone()),
+            None => crate::host::RegistrySource::Embedded,
+        },
+        ..Default::default()
+    };
+    let options = suite::SuiteOptions { plugin_dir: &dir, uri: opt_string(m, "uri"), spec, scratch: &scratch, base };
     let mut emit = |event: verify::Event| {
         if let Ok(line) = serde_json::to_string(&event) {
             let mut out = std::io::stdout().lock();
