@@ -226,6 +226,22 @@ fn declared_capabilities_are_classified_even_when_the_plugin_is_refused() {
     assert_eq!(teleport["status"], "unknown", "{unknown:#}");
     assert!(!teleport["detail"].as_str().unwrap_or_default().contains("did you mean"), "{teleport}");
 
+    // A plugin for a newer registry minor: what this host cannot call is reported, not failed.
+    let newer = verify(&[&plugin, "--format", "json"], Some("newer"));
+    let report = json(&newer);
+    let hibernate = status(&report, "domain.hibernate");
+    assert_eq!(hibernate["status"], "not-callable", "{report:#}");
+    assert!(hibernate["detail"].as_str().unwrap_or_default().contains("targets newer registry 1.9.0"), "{hibernate}");
+    let info = status(&report, "domain.info");
+    assert_eq!(info["status"], "newer-contract", "{report:#}");
+    assert_eq!(info["version"], 2);
+    assert!(
+        report["failures"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(|l| !l.as_str().unwrap_or_default().contains("hibernate"))),
+        "{report:#}"
+    );
+
     let major = verify(&[&plugin], Some("major"));
     assert_eq!(major.code, 1, "{}", major.stdout);
     assert!(major.stdout.contains("FAIL (plugin): load: refused: built against registry 2.0.0"), "{}", major.stdout);

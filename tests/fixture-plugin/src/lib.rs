@@ -12,7 +12,9 @@
 //!   declares `domain.reboot` without implementing it, misspells `domain.suspnd`, returns a
 //!   malformed `host.info`, and answers `driver-failure` instead of `invalid-state` when asked to
 //!   resume a running domain; everything else follows the contracts;
-//! - `abort`: like `liar`, but aborts the process inside `invoke` of `domain.list`.
+//! - `abort`: like `liar`, but aborts the process inside `invoke` of `domain.list`;
+//! - `newer`: built for registry 1.9.0, declares `domain.hibernate` (unknown here) and
+//!   contract version 2 of `domain.info`.
 
 use std::{
     collections::BTreeMap,
@@ -43,6 +45,9 @@ impl Plugin for Fixture {
             "unknown" => base("1.0.0").capabilities(["domain.list", "domain.teleport"]),
             "major" => base("2.0.0").capabilities(["domain.list"]),
             "liar" | "abort" => base("1.0.0").capabilities(LIAR_CAPABILITIES.iter().copied()),
+            // Built for a newer registry minor: a capability this host does not know yet, and
+            // a newer contract version of one it does.
+            "newer" => base("1.9.0").capabilities(["domain.list", "domain.hibernate"]).capability("domain.info", 2),
             _ => base("1.0.0").capabilities(["domain.list", "domain.info", "host.info"]),
         }
     }
