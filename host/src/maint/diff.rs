@@ -537,6 +537,23 @@ mod tests {
     }
 
     #[test]
+    fn contracts_are_documentation() {
+        let files = crate::registry::source::embedded_files();
+        let strip = |text: &str| text.split("\n[contract]").next().unwrap_or(text).to_string();
+        let without: Vec<_> =
+            files.iter().map(|f| crate::registry::SourceFile { path: f.path.clone(), text: strip(&f.text) }).collect();
+        let old = Registry::from_sources(&without).unwrap_or_else(|e| panic!("{e}"));
+        let new = Registry::from_sources(&files).unwrap_or_else(|e| panic!("{e}"));
+        let report = diff(&old, &new);
+        assert!(!report.changes.is_empty());
+        for change in &report.changes {
+            assert_eq!(change.class, ChangeClass::DocsOnly, "{change:?}");
+        }
+        assert!(report.changes.iter().any(|c| c.subject == "domain.suspend"), "{:#?}", report.changes);
+        assert_eq!(report.required_bump, Bump::Patch);
+    }
+
+    #[test]
     fn identical_registries_need_no_bump() {
         let registry = Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
         let report = diff(&registry, &registry);
