@@ -24,6 +24,7 @@ pub mod plugins;
 pub mod policy;
 pub mod registry;
 pub mod validate;
+pub mod verify;
 
 pub use capvirt_plugin_api::{ErrorKind, PluginError, Value};
 pub use driver::CallObserver;

@@ -112,6 +112,8 @@ pub struct RefusedPlugin {
     pub reason: String,
     /// Refused only because the file no longer matches its SHA-256 pin.
     pub pin_mismatch: bool,
+    /// The manifest, when it could be read (refused at admission).
+    pub manifest: Option<PluginInfo>,
 }
 
 /// A plugin file (it exports the plugin root module) in a plugin directory that is not named
@@ -206,13 +208,20 @@ impl PluginSet {
                     name: None,
                     reason: refusal.reason,
                     pin_mismatch: refusal.pin_mismatch,
+                    manifest: None,
                 });
                 return;
             }
         };
         let info = PluginInfo::from_manifest(&raw.manifest);
         if let Some(reason) = manifest_failure(&info) {
-            self.refused.push(RefusedPlugin { path: path.to_path_buf(), name: None, reason, pin_mismatch: false });
+            self.refused.push(RefusedPlugin {
+                path: path.to_path_buf(),
+                name: None,
+                reason,
+                pin_mismatch: false,
+                manifest: None,
+            });
             return;
         }
         match self.admit(registry, &info) {
@@ -234,6 +243,7 @@ impl PluginSet {
                     name: Some(info.name.clone()),
                     reason,
                     pin_mismatch: false,
+                    manifest: Some(info),
                 });
             }
         }

@@ -8,3 +8,4 @@ mod dispatch;
 mod maint;
 mod plugins;
 mod qemu;
+mod verify;

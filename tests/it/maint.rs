@@ -109,6 +109,7 @@ const RULES: &[&str] = &[
     "stable-mappings",
     "deprecated-replacement",
     "review",
+    "contract",
 ];
 
 /// Copies the fixture files of `rule/kind` into a fresh registry copy and checks them.

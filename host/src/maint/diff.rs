@@ -332,6 +332,8 @@ fn documentation_changes(
     check(o.replaced_by != n.replaced_by, "replaced_by");
     check(o.open_questions != n.open_questions, "open questions");
     check(o.review != n.review, "review record");
+    // A contract describes what drivers already must do; `plugin verify` checks it.
+    check(o.contract != n.contract, "contract");
     if let (Some(a), Some(b)) = (&o.cli, &n.cli) {
         check((&a.about, &a.message, a.progress) != (&b.about, &b.message, b.progress), "CLI help");
     }
@@ -532,6 +534,23 @@ mod tests {
         assert_eq!(Bump::between(&v("1.2.3"), &v("1.1.9")), None);
         assert_eq!(Bump::Minor.apply(&v("1.2.3")), v("1.3.0"));
         assert_eq!(Bump::Major.apply(&v("1.2.3")), v("2.0.0"));
+    }
+
+    #[test]
+    fn contracts_are_documentation() {
+        let files = crate::registry::source::embedded_files();
+        let strip = |text: &str| text.split("\n[contract]").next().unwrap_or(text).to_string();
+        let without: Vec<_> =
+            files.iter().map(|f| crate::registry::SourceFile { path: f.path.clone(), text: strip(&f.text) }).collect();
+        let old = Registry::from_sources(&without).unwrap_or_else(|e| panic!("{e}"));
+        let new = Registry::from_sources(&files).unwrap_or_else(|e| panic!("{e}"));
+        let report = diff(&old, &new);
+        assert!(!report.changes.is_empty());
+        for change in &report.changes {
+            assert_eq!(change.class, ChangeClass::DocsOnly, "{change:?}");
+        }
+        assert!(report.changes.iter().any(|c| c.subject == "domain.suspend"), "{:#?}", report.changes);
+        assert_eq!(report.required_bump, Bump::Patch);
     }
 
     #[test]

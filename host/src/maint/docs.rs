@@ -221,6 +221,30 @@ fn capability(registry: &Registry, cap: &Capability, installed: &Installed, ext:
             .collect();
         let _ = writeln!(s, "{}\n", errors.join(", "));
     }
+    if let Some(contract) = &doc.contract {
+        s.push_str("### Behaviour\n\nChecked against every plugin by `capvirt plugin verify`.\n\n");
+        if !contract.cases.is_empty() {
+            s.push_str("| Given | Also passed | Outcome | Then | Result |\n|---|---|---|---|---|\n");
+            for case in &contract.cases {
+                let with: Vec<String> =
+                    case.with.iter().flatten().map(|(name, value)| format!("`{name} = {value}`")).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | `{}` | {} | {} |",
+                    cell(&case.given),
+                    if with.is_empty() { "-".to_string() } else { cell(&with.join(", ")) },
+                    cell(&case.expect),
+                    case.then.as_deref().map_or("-".to_string(), cell),
+                    case.result.as_deref().map_or("-".to_string(), cell),
+                );
+            }
+            s.push('\n');
+        }
+        if !contract.monotonic.is_empty() {
+            let fields: Vec<String> = contract.monotonic.iter().map(|f| format!("`{f}`")).collect();
+            let _ = writeln!(s, "Never decrease between two calls on a running domain: {}.\n", fields.join(", "));
+        }
+    }
     if let Some(cli) = &doc.cli {
         let args: Vec<String> = cli.positional.iter().map(|p| p.to_uppercase()).collect();
         let _ = write!(s, "### Command line\n\n`capvirt {} {}`", cli.command, args.join(" "));

@@ -19,6 +19,7 @@ use super::{
     span::{KeyPath, Locator, Position},
 };
 use crate::registry::{
+    contract,
     model::{CapabilityFile, Decision, FieldDecl, Stage, TypeDecl, TypeKind, VoteKind},
     ParsedSources, Problem, Registry, RegistryFile, SourceFile, TypesFile,
 };
@@ -63,10 +64,13 @@ pub enum Rule {
     DeprecatedReplacement,
     /// Votes by maintainers only, and callable stages backed by the quorum.
     Review,
+    /// `[contract]`: known situations, outcomes and states; expected errors declared in
+    /// `errors`; arguments the verifier can generate or is given.
+    Contract,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 11] = [
         Rule::Syntax,
         Rule::Schema,
         Rule::Registry,
@@ -77,6 +81,7 @@ impl Rule {
         Rule::StableMappings,
         Rule::DeprecatedReplacement,
         Rule::Review,
+        Rule::Contract,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +96,7 @@ impl Rule {
             Rule::StableMappings => "stable-mappings",
             Rule::DeprecatedReplacement => "deprecated-replacement",
             Rule::Review => "review",
+            Rule::Contract => "contract",
         }
     }
 }
@@ -180,6 +186,7 @@ pub fn check(files: &[SourceFile]) -> Report {
             let caps: Vec<(&str, &CapabilityFile)> =
                 registry.capabilities().iter().map(|c| (c.source.as_str(), &c.doc)).collect();
             lint_model(Some(&registry.info), &types, &caps, &mut out);
+            lint_contracts(&registry, &mut out);
             return out.finish(files);
         }
     }
@@ -257,6 +264,35 @@ fn check_broken(files: &[SourceFile], out: &mut Out) {
     }
     let caps: Vec<(&str, &CapabilityFile)> = docs.iter().map(|(path, doc)| (*path, doc)).collect();
     lint_model(info.as_ref(), &types, &caps, out);
+}
+
+/// The `contract` rule, on a registry that compiles (contracts refer to compiled types).
+/// Errors on callable stages, warnings on drafts, nothing on rejected/removed records.
+fn lint_contracts(registry: &Registry, out: &mut Out) {
+    let missing = contract::missing_state_words(&registry.types);
+    for capability in registry.capabilities() {
+        let Some(severity) = guard_severity(capability.stage()) else { continue };
+        if capability.doc.contract.is_none() {
+            continue;
+        }
+        let (_, problems) = contract::compile(&capability.doc, &registry.types, &capability.params, &capability.result);
+        for problem in problems {
+            let at = match problem.case {
+                Some(i) => KeyPath::root().key("contract").key("cases").index(i).key(problem.key),
+                None => KeyPath::root().key("contract").key(problem.key),
+            };
+            out.push(&capability.source, at, severity, Rule::Contract, problem.message);
+        }
+        if !missing.is_empty() {
+            out.push(
+                &capability.source,
+                KeyPath::from(["contract"]),
+                severity,
+                Rule::Contract,
+                format!("the registry's `DomainState` lacks {}, which contracts use", missing.join(", ")),
+            );
+        }
+    }
 }
 
 /// A finding before its position is known.

@@ -4,6 +4,7 @@
 //! **Architecture Invariant:** this module (model, types, compilation) does no IO. Files are
 //! read by [`source`]; the embedded copy comes from the build script.
 
+pub mod contract;
 pub mod model;
 pub mod source;
 pub mod types;
@@ -31,6 +32,9 @@ pub struct Capability {
     pub source: String,
     pub params: Vec<FieldDef>,
     pub result: Ty,
+    /// The cases of `[contract]` that compiled (a contract's problems are lint findings,
+    /// never a reason to refuse the registry).
+    pub contract: contract::Contract,
 }
 
 impl Capability {
@@ -253,7 +257,8 @@ impl Registry {
             }
             let index = CapabilityIndex(capabilities.len());
             by_id.insert(doc.id.clone(), index);
-            capabilities.push(Capability { index, doc, source: path, params, result });
+            let (contract, _) = contract::compile(&doc, &types, &params, &result);
+            capabilities.push(Capability { index, doc, source: path, params, result, contract });
         }
 
         // CLI command names must be unique, or the derived CLI would be ambiguous.

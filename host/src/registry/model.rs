@@ -161,6 +161,51 @@ pub struct CapabilityFile {
     pub open_questions: Vec<String>,
     #[serde(default)]
     pub review: Review,
+    /// Machine-readable behaviour, executed by `capvirt plugin verify` (see
+    /// [`super::contract`]); written after the review record so it stays out of merges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<Contract>,
+}
+
+/// `[contract]`: what a conforming driver does, as cases a verifier can run generically
+/// against a scratch domain. Words are kept as written and checked by
+/// [`super::contract::compile`] (a bad contract is a lint error, never a host failure).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Contract {
+    /// Result fields (unsigned integers) that never decrease between two calls in a row on the
+    /// same running domain (`rd_req`, `cpu_time_ns`…).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monotonic: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cases: Vec<ContractCase>,
+}
+
+/// `[[contract.cases]]`: one call in one situation and what must come of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ContractCase {
+    /// The situation: the scratch domain's state (`running`, `paused`, `shut off`,
+    /// `undefined`), or `unknown-domain` (domain parameters name a domain that does not
+    /// exist), or `invalid-spec` (spec parameters carry a spec that passes the registry's
+    /// types but no driver may accept: a `usb-disk` without an image).
+    pub given: String,
+    /// `ok`, or the error kind the call must fail with (`invalid-state`, `not-found`…).
+    pub expect: String,
+    /// The scratch domain's state afterwards, as `domain.info` reports it (`undefined`: it does
+    /// not exist). Absent: unchecked after `ok`, unchanged after an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then: Option<String>,
+    /// What the result must show: `describes-domain` (a record with the domain's name and
+    /// state), `lists-domain` (a list with a record for it), `omits-domain` (a list without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// Arguments besides the generated ones (domain names and specs), as TOML values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with: Option<toml::Table>,
+    /// Why, for readers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
 }
 
 /// Lifecycle stage of a proposal.

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod call;
 pub mod capabilities;
 pub mod capability;
+pub mod plugin;
 pub mod plugins;
 pub mod proposal;
 pub mod registry;
@@ -15,7 +16,15 @@ use super::{context::Context, CliError};
 
 /// The fixed (not registry-derived) subcommands.
 pub fn fixed_commands() -> Vec<Command> {
-    vec![audit::cli(), call::cli(), capabilities::cli(), plugins::cli(), proposal::cli(), registry::cli()]
+    vec![
+        audit::cli(),
+        call::cli(),
+        capabilities::cli(),
+        plugin::cli(),
+        plugins::cli(),
+        proposal::cli(),
+        registry::cli(),
+    ]
 }
 
 /// Whether the command line runs a maintainer command that reads the registry's files itself
@@ -30,6 +39,7 @@ pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Resul
         "audit" => audit::exec(m, ctx),
         "call" => call::exec(m, ctx),
         "capabilities" => capabilities::exec(m, ctx),
+        "plugin" => plugin::exec(m, ctx),
         "plugins" => plugins::exec(m, ctx),
         "proposal" => proposal::exec(m, ctx),
         "registry" => registry::exec(m, ctx),
