@@ -146,6 +146,25 @@ fn a_damaged_tail_stops_mutating_calls_until_the_log_is_moved_aside() {
     ok(&sb.capvirt(&["audit", "verify"]));
 }
 
+/// A log written before records were chained (by an earlier capvirt) is moved aside once and
+/// a new chain started: an upgrade does not stop every mutating call.
+#[test]
+fn a_log_from_before_chaining_is_moved_aside_and_a_new_chain_started() {
+    let sb = Sandbox::new();
+    let path = sb.path("audit.jsonl");
+    let legacy = "{\"timestamp\":\"2026-11-25T09:46:48Z\",\"message\":\"audit\",\"capability\":\"domain.define\",\"outcome\":\"ok\"}\n";
+    fs::write(&path, legacy.repeat(3)).unwrap_or_else(|e| panic!("{e}"));
+    ok(&sb.capvirt(&["suspend", "test"]));
+    assert!(ok(&sb.capvirt(&["audit", "verify"])).contains("2 records"));
+    let aside: Vec<_> = fs::read_dir(path.parent().unwrap_or(&path))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit.jsonl.pre-chain-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the old log is kept beside the new one");
+    assert_eq!(fs::read_to_string(aside[0].path()).unwrap_or_default(), legacy.repeat(3));
+}
+
 #[test]
 fn concurrent_processes_extend_one_chain() {
     let sb = Sandbox::new();

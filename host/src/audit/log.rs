@@ -99,7 +99,7 @@ impl AuditLog {
         let state = &mut *state;
         let file = match &mut state.file {
             Some(file) => file,
-            slot => slot.insert(open(path)?),
+            slot => slot.insert(open_chained(path)?),
         };
         let io = |source: io::Error| AuditError::Write { path: path.to_path_buf(), source: Arc::new(source) };
         flock(&*file, FlockOperation::LockExclusive)
@@ -188,6 +188,55 @@ fn open(path: &Path) -> Result<File, AuditError> {
         let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
     }
     Ok(file)
+}
+
+/// Opens the log, first moving a log written before records were chained (every line a JSON
+/// record without `seq`) aside to `PATH.pre-chain-SECONDS`, so that an upgraded host starts
+/// a new chain instead of refusing every mutating call. A cut or otherwise damaged log is
+/// left as it is (the append then fails closed). Done under the log's lock, and only when
+/// the path still names the file that was checked, so concurrent processes move it once.
+fn open_chained(path: &Path) -> Result<File, AuditError> {
+    for _ in 0..3 {
+        let file = open(path)?;
+        let end = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if end == 0 || !last_line_is_legacy(&file, end) {
+            return Ok(file);
+        }
+        flock(&file, FlockOperation::LockExclusive)
+            .map_err(|e| AuditError::Lock { path: path.to_path_buf(), source: Arc::new(e.into()) })?;
+        let still_legacy = capvirt_plugin_api::state::same_file(&file, path)
+            && last_line_is_legacy(&file, file.metadata().map(|m| m.len()).unwrap_or(0));
+        if still_legacy {
+            let seconds = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".pre-chain-{seconds}"));
+            std::fs::rename(path, &aside)
+                .map_err(|e| AuditError::Write { path: path.to_path_buf(), source: Arc::new(e) })?;
+            tracing::warn!(
+                target: "capvirt::audit",
+                "audit log {} predates chained records: moved to {} and a new chain started",
+                path.display(),
+                Path::new(&aside).display()
+            );
+        }
+        let _ = flock(&file, FlockOperation::Unlock);
+    }
+    open(path)
+}
+
+/// Whether the log's last line is a complete JSON record of a capvirt that did not chain them.
+fn last_line_is_legacy(file: &File, end: u64) -> bool {
+    let len = end.min(MAX_LINE as u64 + 1);
+    let mut buf = vec![0u8; len as usize];
+    if file.read_exact_at(&mut buf, end - len).is_err() || buf.last() != Some(&b'\n') {
+        return false;
+    }
+    let body = &buf[..buf.len() - 1];
+    let line = body.iter().rposition(|&b| b == b'\n').map_or(body, |nl| &body[nl + 1..]);
+    matches!(
+        serde_json::from_slice::<serde_json::Value>(line),
+        Ok(serde_json::Value::Object(record)) if !record.contains_key("seq") && !record.contains_key("prev")
+    )
 }
 
 /// Reads the last line of a log `end` bytes long: its seq and hash continue the chain.

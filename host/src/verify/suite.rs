@@ -164,12 +164,13 @@ fn classify(registry: &Registry, info: &PluginInfo, emit: &mut dyn FnMut(Event))
     }
 }
 
-/// The URI a plugin is verified on when none is given: a private one per scheme.
+/// The URI a plugin is verified on when none is given: a private one per scheme — an
+/// in-memory test host, else the `session` instance on a private state root, the convention
+/// of drivers that keep state (`capvirt_plugin_api::state`); other drivers take `--uri`.
 pub fn default_uri(scheme: &str, scratch: &Path) -> String {
     match scheme {
         "test" => format!("test:///capvirt-verify-{}", std::process::id()),
-        "qemu" => format!("qemu:///session?root={}", percent_encode(&scratch.join("qemu").display().to_string())),
-        other => format!("{other}:///capvirt-verify"),
+        other => format!("{other}:///session?root={}", percent_encode(&scratch.join(other).display().to_string())),
     }
 }
 
