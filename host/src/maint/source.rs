@@ -4,6 +4,7 @@
 use std::{
     fs,
     io::{self, BufRead, BufReader, Read, Write},
+    os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
@@ -83,8 +84,58 @@ fn git(cwd: &Path) -> Command {
     cmd
 }
 
+/// Bound on one git command: a registry is a few dozen small files, so anything slower is a
+/// hung git (a lock, a credential prompt, a network filesystem) and is killed.
+const GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Kills the child `pid` unless the returned guard is dropped within [`GIT_TIMEOUT`]: git
+/// cannot hang a maintainer command (or CI) forever.
+fn watchdog(pid: u32) -> Watchdog {
+    use std::sync::atomic::Ordering;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = std::sync::Arc::clone(&done);
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + GIT_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if watching.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if !watching.load(Ordering::Acquire) {
+            if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    });
+    Watchdog(done)
+}
+
+/// Stops its [`watchdog`] when dropped (on every path out of a git exchange).
+struct Watchdog(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 fn git_output(cmd: &mut Command, what: &str) -> io::Result<Vec<u8>> {
-    let output = cmd.output().map_err(|e| io::Error::new(e.kind(), format!("cannot run git: {e}")))?;
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run git: {e}")))?;
+    let watch = watchdog(child.id());
+    let output = child.wait_with_output();
+    drop(watch);
+    let output = output.map_err(|e| io::Error::new(e.kind(), format!("git: {e}")))?;
+    if output.status.signal() == Some(9) {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what}: git did not finish within {} s", GIT_TIMEOUT.as_secs()),
+        ));
+    }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(io::Error::other(format!("{what}: {}", super::one_line(&stderr))));
@@ -133,6 +184,7 @@ pub fn read_git(cwd: &Path, rev: &str, dir: &str) -> io::Result<Vec<SourceFile>>
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run git: {e}")))?;
+    let _watch = watchdog(child.id());
     let mut stdin = child.stdin.take().ok_or_else(|| io::Error::other("git cat-file: no stdin"))?;
     let shas: String = blobs.iter().map(|(_, sha)| format!("{sha}\n")).collect();
     // Written from a thread: git's output fills its pipe while we are still writing.
