@@ -209,7 +209,8 @@ fn outcome_word(result: &Result<Value, CallError>) -> String {
         Err(CallError::InvalidArguments { .. }) => "invalid-argument".into(),
         Err(CallError::MalformedResult { .. }) => "malformed-result".into(),
         Err(CallError::NotImplemented { .. }) => "not-implemented".into(),
-        Err(other) => format!("denied ({other})"),
+        // The host refused it; `describe` adds the reason.
+        Err(_) => "denied".into(),
     }
 }
 
