@@ -85,6 +85,20 @@ pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), PluginErro
     crate::fs::write_atomic(path, to_toml(path, value)?.as_bytes()).map_err(|e| io_failure(path, "write", &e))
 }
 
+/// Total memory of the host in KiB, from `/proc/meminfo` (0 when unknown): the bound on a
+/// domain's memory and `host.info`'s figure.
+pub fn host_memory_kib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Whether the open `file` is still the one at `path` (not replaced or removed meanwhile).
 pub fn same_file(file: &File, path: &Path) -> bool {
     match (file.metadata(), fs::metadata(path)) {

@@ -188,7 +188,7 @@ impl ContainerDriver {
         let mut info = HostInfo::new(self.config.uri.clone(), "bubblewrap", self.version()?);
         info.hostname = rustix::system::uname().nodename().to_string_lossy().into_owned();
         info.cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
-        info.memory_kib = procfs::host_memory_kib();
+        info.memory_kib = capvirt_plugin_api::state::host_memory_kib();
         Ok(info.into_value())
     }
 
@@ -237,7 +237,7 @@ impl ContainerDriver {
 
     fn define(&self, spec: &Value) -> Result<Value, PluginError> {
         let spec = DomainSpec::from_value(spec)?;
-        let container = spec::validate(&spec, procfs::host_memory_kib() / 1024)?;
+        let container = spec::validate(&spec, capvirt_plugin_api::state::host_memory_kib() / 1024)?;
         let lock = self.store.lock(&container.name, true)?;
         if let Liveness::Alive(_) = self.store.liveness(&lock.paths)? {
             return Err(PluginError::invalid_state(format!(

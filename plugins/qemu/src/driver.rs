@@ -159,7 +159,7 @@ impl QemuDriver {
     }
 
     pub(crate) fn limits(&self) -> HostLimits {
-        HostLimits { memory_mib: qemu::host_memory_kib() / 1024 }
+        HostLimits { memory_mib: capvirt_plugin_api::state::host_memory_kib() / 1024 }
     }
 
     /// Drops this connection's monitor of `name` (QEMU restarted or gone).
@@ -729,7 +729,7 @@ impl QemuDriver {
         let mut info = HostInfo::new(self.config.uri.clone(), "QEMU", self.release()?.to_string());
         info.hostname = rustix::system::uname().nodename().to_string_lossy().into_owned();
         info.cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
-        info.memory_kib = qemu::host_memory_kib();
+        info.memory_kib = capvirt_plugin_api::state::host_memory_kib();
         Ok(info.into_value())
     }
 }

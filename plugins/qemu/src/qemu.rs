@@ -474,19 +474,6 @@ pub fn cpu_time_ns(pid: i32) -> u64 {
     (ticks(11) + ticks(12)).saturating_mul(1_000_000_000 / per_second)
 }
 
-/// Total memory of the host, from `/proc/meminfo`.
-pub fn host_memory_kib() -> u64 {
-    fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
