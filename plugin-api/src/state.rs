@@ -13,6 +13,72 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::PluginError;
 
+/// A parsed `SCHEME:///session|system[?root=DIR&KEY=VALUE…]` URI of a state-keeping driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalUri {
+    /// The state root: `root=DIR`, else the instance's default, normalized.
+    pub root: PathBuf,
+    /// `session` or `system`.
+    pub instance: String,
+    /// The other parameters, percent-decoded, each given once, in URI order.
+    pub params: Vec<(String, String)>,
+}
+
+/// Parses a local URI of `scheme`: remote hosts are unsupported, parameters must be in
+/// `known` (besides `root`) and appear once, `root` is a non-empty path without control
+/// characters, `system` needs root privileges (`privileged`) and defaults to
+/// `/var/lib/capvirt/SCHEME`, `session` to [`session_root`].
+pub fn parse_local_uri(uri: &str, scheme: &str, known: &[&str], privileged: bool) -> Result<LocalUri, PluginError> {
+    let invalid = |why: String| PluginError::invalid_argument(format!("{uri}: {why}"));
+    let rest = uri
+        .strip_prefix(scheme)
+        .and_then(|r| r.strip_prefix("://"))
+        .ok_or_else(|| PluginError::invalid_argument(format!("{uri:?} is not a {scheme}:// URI")))?;
+    let (location, query) = rest.split_once('?').map_or((rest, None), |(l, q)| (l, Some(q)));
+    let Some(instance) = location.strip_prefix('/') else {
+        return Err(PluginError::unsupported(format!(
+            "{uri}: remote hosts are not supported; use {scheme}:///session or {scheme}:///system"
+        )));
+    };
+    let mut root = None;
+    let mut params: Vec<(String, String)> = Vec::new();
+    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| invalid(format!("parameter `{key}` is not valid UTF-8")))?
+            .into_owned();
+        if (key == "root" && root.is_some()) || params.iter().any(|(k, _)| k == key) {
+            return Err(invalid(format!("parameter `{key}` given twice")));
+        }
+        if key == "root" {
+            if value.is_empty() || value.chars().any(char::is_control) {
+                return Err(invalid("`root` must be a non-empty path without control characters".into()));
+            }
+            root = Some(PathBuf::from(value));
+        } else if known.contains(&key) {
+            params.push((key.to_string(), value));
+        } else {
+            let known = std::iter::once("root").chain(known.iter().copied()).collect::<Vec<_>>().join(", ");
+            return Err(invalid(format!("unknown parameter `{key}` (known: {known})")));
+        }
+    }
+    let root = match (instance, root) {
+        ("session" | "system", Some(root)) => root,
+        ("session", None) => session_root(scheme)?,
+        ("system", None) if privileged => PathBuf::from("/var/lib/capvirt").join(scheme),
+        ("system", None) => {
+            return Err(PluginError::invalid_argument(format!(
+                "{scheme}:///system needs root privileges; use {scheme}:///session"
+            )))
+        }
+        (other, _) => {
+            return Err(invalid(format!("unknown instance {other:?}; use {scheme}:///session or {scheme}:///system")))
+        }
+    };
+    Ok(LocalUri { root: normalize_root(&root)?, instance: instance.to_string(), params })
+}
+
 /// `$XDG_STATE_HOME/capvirt/DRIVER`, else `~/.local/state/capvirt/DRIVER`: where the
 /// `DRIVER:///session` instance keeps its state.
 pub fn session_root(driver: &str) -> Result<PathBuf, PluginError> {
@@ -124,6 +190,31 @@ mod tests {
         let corrupt = read_toml::<std::collections::BTreeMap<String, u64>>(&path).err().map(|e| e.message.to_string());
         assert!(corrupt.unwrap_or_default().contains("is corrupt"));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn local_uris_give_root_and_known_parameters_once() {
+        let uri = parse_local_uri("x:///session?root=/tmp/a%20b&k=v%2C1", "x", &["k"], false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(uri.root, PathBuf::from("/tmp/a b"));
+        assert_eq!((uri.instance.as_str(), uri.params), ("session", vec![("k".into(), "v,1".into())]));
+        assert_eq!(
+            parse_local_uri("x:///system", "x", &[], true).map(|u| u.root).ok(),
+            Some(PathBuf::from("/var/lib/capvirt/x"))
+        );
+        for bad in [
+            "y:///session",
+            "x://host/system",
+            "x:///other",
+            "x:///system",
+            "x:///session?root=",
+            "x:///session?root=/a&root=/b",
+            "x:///session?k=1&k=2",
+            "x:///session?unknown=1",
+            "x:///session?k=%FF",
+        ] {
+            assert!(parse_local_uri(bad, "x", &["k"], false).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

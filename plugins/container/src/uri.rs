@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use capvirt_plugin_api::PluginError;
-use percent_encoding::percent_decode_str;
 
 /// What a URI selects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,59 +15,9 @@ pub struct Config {
 
 /// Parses a `container://` URI.
 pub fn parse(uri: &str) -> Result<Config, PluginError> {
-    let rest = uri
-        .strip_prefix("container://")
-        .ok_or_else(|| PluginError::invalid_argument(format!("{uri:?} is not a container:// URI")))?;
-    let (location, query) = match rest.split_once('?') {
-        Some((location, query)) => (location, Some(query)),
-        None => (rest, None),
-    };
-    let Some(path) = location.strip_prefix('/') else {
-        return Err(PluginError::unsupported(format!(
-            "{uri}: remote hosts are not supported; use container:///session or container:///system"
-        )));
-    };
-    let mut root = None;
-    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
-        let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode_str(raw)
-            .decode_utf8()
-            .map_err(|_| PluginError::invalid_argument(format!("{uri}: parameter `{key}` is not valid UTF-8")))?;
-        match key {
-            "root" if root.is_some() => {
-                return Err(PluginError::invalid_argument(format!("{uri}: parameter `root` given twice")))
-            }
-            "root" => {
-                if value.is_empty() || value.chars().any(char::is_control) {
-                    return Err(PluginError::invalid_argument(format!(
-                        "{uri}: `root` must be a non-empty path without control characters"
-                    )));
-                }
-                root = Some(PathBuf::from(value.as_ref()));
-            }
-            other => {
-                return Err(PluginError::invalid_argument(format!("{uri}: unknown parameter `{other}` (known: root)")))
-            }
-        }
-    }
-    let root = match (path, root) {
-        ("session" | "system", Some(root)) => root,
-        ("session", None) => capvirt_plugin_api::state::session_root("container")?,
-        ("system", None) => {
-            if !rustix::process::geteuid().is_root() {
-                return Err(PluginError::invalid_argument(
-                    "container:///system needs root privileges; use container:///session".to_string(),
-                ));
-            }
-            PathBuf::from("/var/lib/capvirt/container")
-        }
-        (other, _) => {
-            return Err(PluginError::invalid_argument(format!(
-                "{uri}: unknown instance {other:?}; use container:///session or container:///system"
-            )))
-        }
-    };
-    Ok(Config { uri: uri.to_string(), root: capvirt_plugin_api::state::normalize_root(&root)? })
+    let privileged = rustix::process::geteuid().is_root();
+    let local = capvirt_plugin_api::state::parse_local_uri(uri, "container", &[], privileged)?;
+    Ok(Config { uri: uri.to_string(), root: local.root })
 }
 
 #[cfg(test)]
