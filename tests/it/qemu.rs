@@ -654,6 +654,16 @@ fn a_real_guest_boots_prints_serves_writes_and_obeys_the_power_button() {
     let stats = sandbox.json_uri(&uri, &["domblkstat", "guest", "vda"]);
     assert!(stats["wr_bytes"].as_u64() > Some(0) && stats["wr_req"].as_u64() > Some(0), "{stats}");
 
+    // Reboot resets the running guest: it boots again within the same run (the console keeps
+    // both boots) and the domain stays running throughout.
+    sandbox.ok_uri(&uri, &["reboot", "guest"]);
+    assert_eq!(sandbox.json_uri(&uri, &["dominfo", "guest"])["state"], "running");
+    let came_back = wait_until(GUEST_BOOT, || {
+        text = console(&sandbox, &uri, "guest");
+        text.matches(GUEST_READY).count() == 2
+    });
+    assert!(came_back, "the guest did not boot again after reboot; console:\n{text}");
+
     // Graceful shutdown: the guest's init powers off on the ACPI power button.
     let started = Instant::now();
     let timeout = GUEST_POWEROFF_SECS.to_string();
