@@ -98,13 +98,16 @@ impl ExampleDriver {
         ))
     }
 
-    /// `DomainInfo`.
+    /// `DomainInfo` as registry 1.0.0 declares it. Registry 1.1.0 added the optional
+    /// `hypervisor_version`; a host with registry 1.0.0 checks results against its own
+    /// registry and refuses a field it does not know, so a plugin returns only the fields of
+    /// the registry version its manifest declares.
     fn info(&self, name: &str) -> Result<Value, PluginError> {
         let table = self.store.read()?;
         let domain = table.domains.get(name).ok_or_else(|| not_defined(name))?;
         let active = domain.state.is_active();
         let max_memory_kib = domain.memory_mib * 1024;
-        let mut info = Value::record([
+        Ok(Value::record([
             ("name", Value::string(name)),
             ("state", Value::from(domain.state.as_str())),
             ("vcpus", Value::UInt(domain.vcpus)),
@@ -112,11 +115,7 @@ impl ExampleDriver {
             ("max_memory_kib", Value::UInt(max_memory_kib)),
             ("cpu_time_ns", Value::UInt(domain.cpu_time_now())),
             ("persistent", Value::Bool(true)),
-        ]);
-        if active {
-            info.set("hypervisor_version", env!("CARGO_PKG_VERSION"));
-        }
-        Ok(info)
+        ]))
     }
 
     /// Stores a `DomainSpec` (already validated against the registry's type by the host). The
