@@ -11,6 +11,7 @@
 
 #![deny(unsafe_code)]
 
+mod abi_report;
 pub mod audit;
 pub mod cli;
 pub mod config;
