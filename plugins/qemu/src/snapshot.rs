@@ -379,7 +379,9 @@ impl QemuDriver {
                 "QEMU's {what} job of domain '{domain}' did not conclude within {} s and was cancelled",
                 JOB_TIMEOUT.as_secs()
             ))),
-            Some(error) => Err(PluginError::driver_failure(format!("QEMU's {what} job of domain '{domain}' failed: {error}"))),
+            Some(error) => {
+                Err(PluginError::driver_failure(format!("QEMU's {what} job of domain '{domain}' failed: {error}")))
+            }
         }
     }
 
