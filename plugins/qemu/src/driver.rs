@@ -22,7 +22,7 @@ use crate::{
     monitor::{self, Monitor, OpenError},
     qemu::{self, StartMode},
     qmp::{Qmp, QmpError},
-    screenshot,
+    screenshot, snapshot,
     spec::{self, HostLimits, Kind, Live, Machine},
     store::{self, DomainPaths, Liveness, Store},
     uri::{self, Config},
@@ -52,6 +52,10 @@ pub const CAPABILITIES: &[&str] = &[
     "domain.restore",
     "domain.screenshot",
     "domain.console-read",
+    "domain.snapshot-create",
+    "domain.snapshot-list",
+    "domain.snapshot-revert",
+    "domain.snapshot-delete",
 ];
 
 /// How long a call waits for a free monitor channel of a domain.
@@ -113,6 +117,12 @@ impl Plugin for QemuDriver {
             "domain.console-read" => {
                 self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
             }
+            "domain.snapshot-create" => {
+                self.snapshot_create(args.str("domain")?, args.str("name")?, args.opt_str("description")?, ctx)
+            }
+            "domain.snapshot-list" => self.snapshot_list(args.str("domain")?),
+            "domain.snapshot-revert" => self.snapshot_revert(args.str("domain")?, args.str("name")?, ctx),
+            "domain.snapshot-delete" => self.snapshot_delete(args.str("domain")?, args.str("name")?, ctx),
             "host.info" => self.host_info(),
             other => Err(PluginError::unsupported(format!("the qemu driver does not implement `{other}`"))),
         }
@@ -416,6 +426,7 @@ impl QemuDriver {
         if let Liveness::Alive(_) = self.store.liveness(&lock.paths)? {
             return Err(PluginError::invalid_state(format!("domain '{name}' is running; destroy it first")));
         }
+        snapshot::check_undefine(&lock.paths)?;
         self.forget(name);
         store::remove_domain(&lock.paths)?;
         Ok(Value::Unit)

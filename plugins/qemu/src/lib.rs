@@ -22,6 +22,7 @@ mod monitor;
 mod qemu;
 mod qmp;
 mod screenshot;
+mod snapshot;
 mod spec;
 pub mod store;
 mod uri;

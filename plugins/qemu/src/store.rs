@@ -5,6 +5,7 @@
 //! ROOT/domains/NAME/domain.toml   definition (written atomically)
 //!                   lock          flock'ed by every operation that changes the domain
 //!                   console.log   the serial console's output since the last start (console.rs)
+//!                   snapshots.toml  the domain's snapshot records (snapshot.rs; written atomically)
 //!                   run/          0700; qemu.pid, qemu.log, live.toml, qmpN.sock, qmpN.lock
 //! ```
 //!
@@ -27,6 +28,9 @@ pub use capvirt_plugin_api::state::{io_failure, make_private_dir, not_defined, r
 use capvirt_plugin_api::PluginError;
 
 use crate::spec::{check_name, Machine};
+
+/// The domain's snapshot records, beside the definition (`snapshot.rs`).
+pub const SNAPSHOTS_FILE: &str = "snapshots.toml";
 
 /// How long an operation waits for another one holding the same domain's lock.
 pub const LOCK_WAIT: Duration = Duration::from_secs(60);
@@ -237,7 +241,7 @@ pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
 /// Removes a whole domain directory (undefine), the lock file last.
 pub fn remove_domain(paths: &DomainPaths) -> Result<(), PluginError> {
     remove_runtime(paths)?;
-    for path in [&paths.console, &paths.definition, &paths.lock] {
+    for path in [&paths.console, &paths.dir.join(SNAPSHOTS_FILE), &paths.definition, &paths.lock] {
         match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -15,7 +15,7 @@ use capvirt_plugin_api::{
 };
 
 use crate::{
-    screenshot,
+    screenshot, snapshot,
     state::{self, one_line, Domain, DomainEntry, State, StateFile},
 };
 
@@ -43,6 +43,10 @@ const CAPABILITIES: &[&str] = &[
     "domain.restore",
     "domain.screenshot",
     "domain.console-read",
+    "domain.snapshot-create",
+    "domain.snapshot-list",
+    "domain.snapshot-revert",
+    "domain.snapshot-delete",
 ];
 
 /// CPU time the test guest "consumes" between two observations while running.
@@ -113,6 +117,15 @@ impl Plugin for TestDriver {
             "domain.console-read" => {
                 self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
             }
+            "domain.snapshot-create" => snapshot::create(
+                &mut *self.lock()?,
+                args.str("domain")?,
+                args.str("name")?,
+                args.opt_str("description")?,
+            ),
+            "domain.snapshot-list" => snapshot::list(&*self.lock()?, args.str("domain")?),
+            "domain.snapshot-revert" => snapshot::revert(&mut *self.lock()?, args.str("domain")?, args.str("name")?),
+            "domain.snapshot-delete" => snapshot::delete(&mut *self.lock()?, args.str("domain")?, args.str("name")?),
             "host.info" => Ok(self.host_info()),
             other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
         }
@@ -223,6 +236,7 @@ impl TestDriver {
         if domain.state.is_active() {
             return Err(PluginError::invalid_state(format!("domain '{name}' is active; destroy it first")));
         }
+        snapshot::check_undefine(&state, name)?;
         state.domains.remove(name);
         Ok(Value::Unit)
     }

@@ -13,6 +13,7 @@
 
 mod driver;
 mod screenshot;
+mod snapshot;
 mod state;
 
 pub use driver::TestDriver;

@@ -64,6 +64,8 @@ pub fn boot_console(name: &str) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub struct State {
     pub domains: BTreeMap<String, Domain>,
+    /// Snapshots by domain name, oldest first (`snapshot.rs`).
+    pub snapshots: BTreeMap<String, Vec<crate::snapshot::Snapshot>>,
 }
 
 impl State {
