@@ -41,6 +41,7 @@
 mod abi;
 mod error;
 mod export;
+pub mod events;
 pub mod fs;
 mod manifest;
 mod sdk;

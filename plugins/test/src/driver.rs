@@ -15,7 +15,7 @@ use capvirt_plugin_api::{
 };
 
 use crate::{
-    screenshot,
+    events, screenshot,
     state::{self, one_line, Domain, DomainEntry, State, StateFile},
 };
 
@@ -43,6 +43,7 @@ const CAPABILITIES: &[&str] = &[
     "domain.restore",
     "domain.screenshot",
     "domain.console-read",
+    "domain.events",
 ];
 
 /// CPU time the test guest "consumes" between two observations while running.
@@ -55,7 +56,7 @@ pub struct TestDriver {
 }
 
 impl TestDriver {
-    fn lock(&self) -> Result<MutexGuard<'_, State>, PluginError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, State>, PluginError> {
         self.state.lock().map_err(|_| PluginError::internal("test driver state poisoned by an earlier panic"))
     }
 }
@@ -73,7 +74,13 @@ impl Plugin for TestDriver {
     }
 
     fn invoke(&self, capability: &str, args: &Args<'_>, ctx: &Context<'_>) -> Result<Value, PluginError> {
-        match capability {
+        // Lifecycle changes publish their events in the order they are applied.
+        let publishing = events::mutates_lifecycle(capability).then(events::order);
+        let existed = match &publishing {
+            Some(_) => self.lock().ok().and_then(|state| events::before(&state, capability, args)),
+            None => None,
+        };
+        let result = match capability {
             "domain.info" => self.info(args.str("domain")?),
             "domain.list" => self.list(args.bool_or("all", false)?),
             "domain.suspend" => self.transition(args.str("domain")?, &[DomainState::Running], "not running", |d| {
@@ -114,12 +121,33 @@ impl Plugin for TestDriver {
                 self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
             }
             "host.info" => Ok(self.host_info()),
+            "domain.events" => self.events(args, ctx),
             other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
+        };
+        if let (Some(_order), Ok(value)) = (&publishing, &result) {
+            self.publish(capability, args, value, existed);
         }
+        result
     }
 }
 
 impl TestDriver {
+    /// Publishes a successful lifecycle change to the watchers of this host (and, for a
+    /// migration, of the destination host).
+    /// The change has happened: a failure here loses events, never the call's result.
+    fn publish(&self, capability: &str, args: &Args<'_>, result: &Value, existed: Option<bool>) {
+        if let Ok(mut state) = self.lock() {
+            events::publish(&mut state, capability, args, result, existed);
+        }
+        if let (Ok(dest_uri), Ok(name)) = (args.str("dest_uri"), args.str("domain")) {
+            if let Ok(dest) = state::state_for(dest_uri) {
+                if let Ok(mut dest) = dest.lock() {
+                    events::publish_arrival(&mut dest, name);
+                }
+            }
+        }
+    }
+
     fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
         let state = self.lock()?;
         let console = &state.domain(name)?.console;

@@ -64,6 +64,8 @@ pub fn boot_console(name: &str) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub struct State {
     pub domains: BTreeMap<String, Domain>,
+    /// The event streams (`domain.events` calls) currently watching this host.
+    pub watchers: Vec<std::sync::mpsc::Sender<capvirt_plugin_api::events::DomainEvent>>,
 }
 
 impl State {
