@@ -98,7 +98,8 @@ impl DomainEvent {
     }
 
     pub fn into_value(self) -> Value {
-        let mut record = Value::record([("domain", Value::from(self.domain)), ("kind", Value::from(self.kind.as_str()))]);
+        let mut record =
+            Value::record([("domain", Value::from(self.domain)), ("kind", Value::from(self.kind.as_str()))]);
         if let Some(origin) = self.origin {
             record.set("origin", origin.as_str());
         }
@@ -206,7 +207,8 @@ impl<'c, 'a> Stream<'c, 'a> {
 
     /// The call's result (registry type `EventsSummary`).
     pub fn summary(self, ended: Ended) -> Value {
-        let mut record = Value::record([("events", Value::from(self.delivered)), ("ended", Value::from(ended.as_str()))]);
+        let mut record =
+            Value::record([("events", Value::from(self.delivered)), ("ended", Value::from(ended.as_str()))]);
         if let Some(last) = self.last {
             record.set("last", last.into_value());
         }

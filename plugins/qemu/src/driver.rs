@@ -52,6 +52,7 @@ pub const CAPABILITIES: &[&str] = &[
     "domain.restore",
     "domain.screenshot",
     "domain.console-read",
+    "domain.events",
 ];
 
 /// How long a call waits for a free monitor channel of a domain.
@@ -114,6 +115,7 @@ impl Plugin for QemuDriver {
                 self.console_read(args.str("domain")?, args.u64("offset")?, args.u64("max_bytes")?)
             }
             "host.info" => self.host_info(),
+            "domain.events" => self.events(args, ctx),
             other => Err(PluginError::unsupported(format!("the qemu driver does not implement `{other}`"))),
         }
     }
