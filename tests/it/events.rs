@@ -298,7 +298,7 @@ fn test_driver_events_reach_a_library_watcher_from_another_thread() {
     assert_eq!(vm[5].get("origin").and_then(Value::as_str), Some("guest"), "{}", vm[5]);
     assert_eq!(vm[4].get("origin").and_then(Value::as_str), Some("host"), "{}", vm[4]);
     assert_eq!(vm[2].get("state").and_then(Value::as_str), Some("paused"), "{}", vm[2]);
-    assert!(vm[7].get("state").map_or(true, Value::is_unit), "{}", vm[7]);
+    assert!(vm[7].get("state").is_none_or(Value::is_unit), "{}", vm[7]);
 }
 
 #[test]
