@@ -59,6 +59,10 @@ impl DomainPaths {
     pub fn monitor_lock(&self, channel: usize) -> PathBuf {
         self.run.join(format!("qmp{channel}.lock"))
     }
+    /// The serial console's socket (QEMU serves one client at a time).
+    pub fn console_socket(&self) -> PathBuf {
+        self.run.join("console.sock")
+    }
 }
 
 /// Whether a domain's QEMU process exists.

@@ -44,6 +44,7 @@ const CAPABILITIES: &[&str] = &[
     "domain.screenshot",
     "domain.console-read",
     "domain.events",
+    "domain.console-write",
 ];
 
 /// CPU time the test guest "consumes" between two observations while running.
@@ -122,6 +123,7 @@ impl Plugin for TestDriver {
             }
             "host.info" => Ok(self.host_info()),
             "domain.events" => self.events(args, ctx),
+            "domain.console-write" => self.console_write(args.str("domain")?, args.str("text")?),
             other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
         };
         if let (Some(_order), Ok(value)) = (&publishing, &result) {
@@ -146,6 +148,27 @@ impl TestDriver {
                 }
             }
         }
+    }
+
+    /// The in-memory console echoes a typed line like a terminal does.
+    fn console_write(&self, name: &str, text: &str) -> Result<Value, PluginError> {
+        if let Some(bad) = text.chars().find(|c| c.is_control() && *c != '\t') {
+            return Err(PluginError::invalid_argument(format!(
+                "console line contains control character U+{:04X}; only printable text and tabs can be typed",
+                u32::from(bad)
+            )));
+        }
+        let mut state = self.lock()?;
+        let domain = state.domain_mut(name)?;
+        if domain.state != DomainState::Running {
+            return Err(PluginError::invalid_state(format!(
+                "domain '{name}' is not running (state: {})",
+                domain.state.as_str()
+            )));
+        }
+        domain.console.extend_from_slice(text.as_bytes());
+        domain.console.extend_from_slice(b"\r\n");
+        Ok(Value::Unit)
     }
 
     fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
