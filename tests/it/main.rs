@@ -3,6 +3,7 @@
 
 mod audit;
 mod cli;
+mod console;
 mod container;
 mod dispatch;
 mod events;
