@@ -1,7 +1,13 @@
 //! `domain.console-write` / `capvirt console-write DOMAIN TEXT`: a line typed on the serial
 //! console reaches the guest, on real QEMU with the test guest and on the test driver.
 
-use std::time::Duration;
+use std::{
+    io::{Read, Write},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 
 use capvirt_host::{Host, HostConfig, Value};
 use capvirt_tests::{
@@ -64,7 +70,125 @@ fn a_line_typed_on_the_qemu_console_reaches_the_guest() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("U+0003"));
     let out = write(&sandbox, &uri, "nosuch", "x");
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // `capvirt console` with piped input: a line goes in, the guest's echo comes out, Ctrl-]
+    // leaves with exit code 0.
+    let mut cmd = sandbox.capvirt_uri(&uri);
+    cmd.args(ENABLE).args(["console", "guest"]);
+    let mut attached = Attached::spawn(cmd);
+    attached.send(b"piped-line 7\n");
+    let out = attached.wait_for("piped-line 7\r\n", ECHO_WAIT);
+    assert!(!out.contains(GUEST_READY), "console showed output from before it attached: {out:?}");
+    attached.send(&[0x1d]);
+    assert_eq!(attached.exit_code(), Some(0));
     sandbox.ok_uri(&uri, &["destroy", "guest"]);
+}
+
+/// A `capvirt console` child with piped standard input and output, killed when dropped.
+struct Attached {
+    child: Child,
+    output: mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl Attached {
+    fn spawn(mut cmd: Command) -> Attached {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn: {e}"));
+        let mut stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let (sender, output) = mpsc::channel();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || sender.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Attached { child, output, seen: Vec::new() }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        let stdin = self.child.stdin.as_mut().unwrap_or_else(|| panic!("no stdin"));
+        stdin.write_all(bytes).and_then(|()| stdin.flush()).unwrap_or_else(|e| panic!("write: {e}"));
+    }
+
+    /// Waits until the output holds `text`; returns all output so far.
+    fn wait_for(&mut self, text: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let shown = String::from_utf8_lossy(&self.seen).into_owned();
+            if shown.contains(text) {
+                return shown;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(chunk) => self.seen.extend(chunk),
+                Err(_) => panic!("no {text:?} from capvirt console within {within:?}; output: {shown:?}"),
+            }
+        }
+    }
+
+    /// All output until the child closes it (bounded).
+    fn rest(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(chunk) = self.output.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.extend(chunk);
+        }
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
+    fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap_or_else(|e| panic!("wait: {e}")) {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "capvirt console did not leave on Ctrl-]");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_interactive_console_restores_the_terminal_and_leaves_on_ctrl_bracket() {
+    // A real terminal: `script` gives the command a pseudo-terminal; the terminal's settings
+    // are printed before and after, and must be equal.
+    let sandbox = capvirt_tests::Sandbox::new();
+    let capvirt = capvirt_tests::artifacts().capvirt.display().to_string();
+    let inner = format!(
+        "stty -g; {capvirt} --enable domain.console-read --enable domain.console-write console test; echo exit=$?; stty -g"
+    );
+    let template = capvirt_tests::capvirt(&sandbox.plugins, sandbox.state.path());
+    let mut script = Command::new("script");
+    script.args(["-qec", &format!("sh -c '{inner}'"), "/dev/null"]);
+    for (key, value) in template.get_envs() {
+        match value {
+            Some(value) => script.env(key, value),
+            None => script.env_remove(key),
+        };
+    }
+    let mut attached = Attached::spawn(script);
+    attached.wait_for("escape character is ^]", ECHO_WAIT);
+    // Typed text is echoed locally, then replaced by the guest's echo on Enter; Ctrl-C is no
+    // console input (a bell), Ctrl-] leaves.
+    attached.send(b"typed here\x03\r");
+    attached.wait_for("typed here\r\n", ECHO_WAIT);
+    attached.send(&[0x1d]);
+    attached.wait_for("exit=0", ECHO_WAIT);
+    let text = attached.rest();
+    assert!(text.contains('\u{7}'), "no bell for Ctrl-C: {text:?}");
+    let settings: Vec<&str> = text.lines().map(str::trim).filter(|l| l.matches(':').count() > 10).collect();
+    assert_eq!(settings.len(), 2, "expected the settings before and after: {text:?}");
+    assert_eq!(settings[0], settings[1], "the terminal was not restored: {text:?}");
+    assert_eq!(attached.exit_code(), Some(0), "{text:?}");
 }
 
 #[test]
