@@ -88,7 +88,7 @@ pub fn write_line(paths: &DomainPaths, text: &str) -> Result<(), PluginError> {
         }
         if Instant::now() >= deadline {
             return Err(PluginError::timeout(format!(
-                "the console of domain '{}' did not take the line within {} s (another client may be attached to it)",
+                "the serial port of domain '{}' did not take the line within {} s (the guest does not read its console, or another client is attached to it)",
                 paths.name,
                 WRITE_TIMEOUT.as_secs()
             )));
