@@ -40,7 +40,7 @@ const CHUNK: u64 = 65536;
 
 pub fn cli() -> Command {
     Command::new("console")
-        .about("Attach the terminal to a domain's serial console; Ctrl-] leaves [experimental: --enable domain.console-read --enable domain.console-write]")
+        .about("Attach to a domain's serial console; Ctrl-] leaves [experimental]")
         .long_about(
             "Attach the terminal to the running domain's first serial console, like `virsh console`: what the \
              guest prints from now on is shown, each line typed is sent when Enter is pressed (edit it with \
