@@ -170,6 +170,20 @@ fn qemu_lifecycle_events_reach_a_watching_cli_in_order_and_ctrl_c_ends_it_cleanl
     capvirt_tests::qemu::signal(sandbox.qemu_pid("e", "guest"), rustix::process::Signal::KILL);
     assert_eq!(watcher.expect("guest", "crashed")["state"], "crashed");
     sandbox.ok_uri(&uri, &["destroy", "guest"]);
+
+    // A save pauses the guest, then ends the run as saved; a restore starts it again.
+    sandbox.ok_uri(&uri, &["start", "guest"]);
+    watcher.expect("guest", "started");
+    let saved = sandbox.path().join("guest.save");
+    let saved = saved.to_str().unwrap_or_default();
+    sandbox.ok_uri(&uri, &["save", "guest", saved]);
+    assert_eq!(watcher.expect("guest", "suspended")["detail"], "save");
+    watcher.expect("guest", "saved");
+    assert_eq!(watcher.expect("guest", "stopped")["detail"], "saved");
+    sandbox.ok_uri(&uri, &["restore", saved]);
+    assert_eq!(watcher.expect("guest", "restored")["state"], "running");
+    sandbox.ok_uri(&uri, &["destroy", "guest"]);
+    assert_eq!(watcher.expect("guest", "stopped")["detail"], "destroyed");
     sandbox.ok_uri(&uri, &["undefine", "guest"]);
     watcher.expect("guest", "undefined");
 

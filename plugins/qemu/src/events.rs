@@ -46,17 +46,40 @@ const MONITOR_RETRY: Duration = Duration::from_secs(2);
 /// reported without.
 const START_REPORT_WAIT: Duration = Duration::from_secs(5);
 
-/// File in a domain's runtime directory naming the outgoing stream under way (`saved` or
-/// `migrated`).
+/// File in a domain's directory naming the outgoing stream of one QEMU (`saved PID` or
+/// `migrated PID`): beside the definition, not in the runtime directory, because the driver
+/// removes that as soon as the QEMU quits, possibly before a watcher read its last events.
 const OUTGOING: &str = "outgoing";
 /// File in a domain's runtime directory naming how its QEMU got its state (`restored` or
 /// `migrated`).
 const INCOMING: &str = "incoming";
 
-/// Marks (`Some`) or clears (`None`) the outgoing stream of a running domain, before it starts
-/// (best effort: without it, watchers report the stop as `destroyed`).
-pub(crate) fn mark_outgoing(paths: &DomainPaths, what: Option<EventKind>) {
-    mark(paths, OUTGOING, what);
+/// Marks (`Some`) or clears (`None`) the outgoing stream of the domain's QEMU `pid`, before it
+/// starts (best effort: without it, watchers report the stop as `destroyed`).
+pub(crate) fn mark_outgoing(paths: &DomainPaths, pid: i32, what: Option<EventKind>) {
+    let path = paths.dir.join(OUTGOING);
+    match what {
+        Some(kind) => {
+            let _ = store::write_atomic(&path, format!("{} {pid}", kind.as_str()).as_bytes());
+        }
+        None => {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// The outgoing stream of the QEMU `pid`, if one was marked before `time_ms` (an event read
+/// late must not be explained by a stream that began after it).
+fn outgoing(paths: &DomainPaths, pid: Option<i32>, time_ms: Option<u64>) -> Option<String> {
+    let path = paths.dir.join(OUTGOING);
+    let written = fs::metadata(&path).ok()?.modified().ok()?;
+    let written_ms = written.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    if time_ms.is_some_and(|t| written_ms > u128::from(t)) {
+        return None;
+    }
+    let text = fs::read_to_string(&path).ok()?;
+    let (kind, marked_pid) = text.trim().split_once(' ')?;
+    (pid.is_some() && marked_pid.parse::<i32>().ok() == pid).then(|| kind.to_string())
 }
 
 /// Marks how a QEMU started for an incoming stream gets its state (best effort: without it,
@@ -66,14 +89,8 @@ pub(crate) fn mark_incoming(paths: &DomainPaths, what: EventKind) {
 }
 
 fn mark(paths: &DomainPaths, file: &str, what: Option<EventKind>) {
-    let path = paths.run.join(file);
-    match what {
-        Some(kind) => {
-            let _ = store::write_atomic(&path, kind.as_str().as_bytes());
-        }
-        None => {
-            let _ = fs::remove_file(path);
-        }
+    if let Some(kind) = what {
+        let _ = store::write_atomic(&paths.run.join(file), kind.as_str().as_bytes());
     }
 }
 
@@ -301,6 +318,11 @@ fn attach(watched: &mut Watched, emit: &mut Emit<'_>, stream: &mut Stream<'_, '_
 
 /// A QEMU waiting for a state stream: reports its start once the stream is in.
 fn poll_incoming(watched: &mut Watched, emit: &mut Emit<'_>, stream: &mut Stream<'_, '_>) {
+    // The restore or migration holds the domain's lock until it resumed the guest (or left
+    // it paused, as saved): only then is the state the one to report.
+    if operation_in_progress(&watched.paths) {
+        return;
+    }
     let Some(monitor) = watched.monitor.as_mut() else { return };
     let Ok(status) = monitor.qmp.execute_watching::<_, serde_json::Value>(&qmp::query_status {}) else { return };
     let word = status.get("status").and_then(|s| s.as_str()).unwrap_or("");
@@ -355,6 +377,10 @@ fn translate(watched: &mut Watched, event: &Event, emit: &mut Emit<'_>, stream: 
     let guest = event.data.get("guest").and_then(serde_json::Value::as_bool);
     let reason = event.data.get("reason").and_then(|r| r.as_str()).map(str::to_string);
     let origin = if guest == Some(true) { Origin::Guest } else { Origin::Host };
+    let pid = match watched.life {
+        Liveness::Alive(pid) => Some(pid),
+        _ => None,
+    };
     let at = |e: DomainEvent| match event.time_ms {
         Some(t) => e.at(t),
         None => e,
@@ -363,7 +389,7 @@ fn translate(watched: &mut Watched, event: &Event, emit: &mut Emit<'_>, stream: 
         "STOP" if !watched.paused && !watched.incoming => {
             watched.paused = true;
             let mut e = DomainEvent::new(name, EventKind::Suspended, Some(DomainState::Paused));
-            match read_mark(&watched.paths, OUTGOING).as_deref() {
+            match outgoing(&watched.paths, pid, event.time_ms).as_deref() {
                 Some("saved") => e = e.detail("save"),
                 Some("migrated") => e = e.detail("migration"),
                 _ => {}
@@ -380,7 +406,7 @@ fn translate(watched: &mut Watched, event: &Event, emit: &mut Emit<'_>, stream: 
         }
         "SHUTDOWN" => match reason.as_deref() {
             // `quit` from the driver: destroy, or the end of an outgoing stream.
-            Some("host-qmp-quit") => match read_mark(&watched.paths, OUTGOING).as_deref() {
+            Some("host-qmp-quit") => match outgoing(&watched.paths, pid, None).as_deref() {
                 Some("saved") => {
                     watched.stop_detail = Some("saved");
                     emit(stream, at(DomainEvent::new(name, EventKind::Saved, Some(DomainState::Paused))));

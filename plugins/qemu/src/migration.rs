@@ -95,10 +95,10 @@ impl QemuDriver {
         }
         let previous = dest_store.definition(&dest_lock.paths)?;
         store::write_toml(&dest_lock.paths.definition, &definition)?;
-        events::mark_outgoing(&lock.paths, Some(EventKind::Migrated));
+        events::mark_outgoing(&lock.paths, pid, Some(EventKind::Migrated));
         let outcome = self.migrate_to(name, &dest_store, &dest_lock.paths, &live, &dest.emulator, ctx);
         if outcome.is_err() {
-            events::mark_outgoing(&lock.paths, None);
+            events::mark_outgoing(&lock.paths, pid, None);
         }
         match outcome {
             Ok(()) => {
@@ -207,7 +207,7 @@ impl QemuDriver {
             .mode(0o600)
             .open(&temporary)
             .map_err(|e| PluginError::invalid_argument(format!("cannot create {}: {e}", temporary.display())))?;
-        events::mark_outgoing(&lock.paths, Some(EventKind::Saved));
+        events::mark_outgoing(&lock.paths, pid, Some(EventKind::Saved));
         let written = (|| {
             write_header(&mut file, &header)?;
             if running {
@@ -224,7 +224,7 @@ impl QemuDriver {
             publish(&temporary, &target)
         })();
         if let Err(e) = written {
-            events::mark_outgoing(&lock.paths, None);
+            events::mark_outgoing(&lock.paths, pid, None);
             let _ = fs::remove_file(&temporary);
             let _ = self.with_monitor(Op::new(name, "migrate_cancel"), |q| q.execute(&qmp::migrate_cancel {}));
             if running {

@@ -241,7 +241,8 @@ pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
 /// Removes a whole domain directory (undefine), the lock file last.
 pub fn remove_domain(paths: &DomainPaths) -> Result<(), PluginError> {
     remove_runtime(paths)?;
-    for path in [&paths.console, &paths.definition, &paths.lock] {
+    // `outgoing`: the last save or migration's mark for `domain.events` watchers.
+    for path in [&paths.console, &paths.dir.join("outgoing"), &paths.definition, &paths.lock] {
         match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
