@@ -239,7 +239,7 @@ fn nodeinfo_and_capabilities() {
         .filter(|c| c["implemented"] == true)
         .filter_map(|c| c["id"].as_str())
         .collect();
-    assert_eq!(implemented.len(), 23);
+    assert_eq!(implemented.len(), 25);
     assert!(!implemented.contains(&"domain.monitor-command"));
 }
 

@@ -3,8 +3,10 @@
 
 mod audit;
 mod cli;
+mod console;
 mod container;
 mod dispatch;
+mod events;
 mod maint;
 mod plugins;
 mod qemu;

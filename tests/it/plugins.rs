@@ -327,7 +327,7 @@ fn plugins_exits_zero_only_when_nothing_was_refused() {
     let sb = Sandbox::new();
     let run = sb.capvirt(&["plugins"]);
     assert_eq!((run.code, run.stderr.as_str()), (0, ""), "{}", run.stdout);
-    assert!(run.stdout.contains("loaded (23 capabilities)"), "{}", run.stdout);
+    assert!(run.stdout.contains("loaded (25 capabilities)"), "{}", run.stdout);
 }
 
 #[test]

@@ -56,6 +56,8 @@ pub const CAPABILITIES: &[&str] = &[
     "domain.snapshot-list",
     "domain.snapshot-revert",
     "domain.snapshot-delete",
+    "domain.events",
+    "domain.console-write",
 ];
 
 /// How long a call waits for a free monitor channel of a domain.
@@ -124,6 +126,8 @@ impl Plugin for QemuDriver {
             "domain.snapshot-revert" => self.snapshot_revert(args.str("domain")?, args.str("name")?, ctx),
             "domain.snapshot-delete" => self.snapshot_delete(args.str("domain")?, args.str("name")?, ctx),
             "host.info" => self.host_info(),
+            "domain.events" => self.events(args, ctx),
+            "domain.console-write" => self.console_write(args.str("domain")?, args.str("text")?),
             other => Err(PluginError::unsupported(format!("the qemu driver does not implement `{other}`"))),
         }
     }
@@ -711,6 +715,10 @@ impl QemuDriver {
         if !matches!(self.store.liveness(paths)?, Liveness::Alive(_)) {
             return Ok(());
         }
+        // QEMU writes the log itself (see `console`); only QEMUs of older drivers have a ring.
+        if console::has_socket(paths) {
+            return Ok(());
+        }
         // QEMU refuses only when the ring is missing: a QEMU started by a driver without it.
         let op = Op::new(&paths.name, "console read (ringbuf-read)").refused_as(ErrorKind::Unsupported);
         let drained = self.with_monitor(op, |q| {
@@ -726,6 +734,27 @@ impl QemuDriver {
             Err(e) if e.kind == ErrorKind::InvalidState => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn console_write(&self, name: &str, text: &str) -> Result<Value, PluginError> {
+        if let Some(bad) = text.chars().find(|c| c.is_control() && *c != '\t') {
+            return Err(PluginError::invalid_argument(format!(
+                "console line contains control character U+{:04X}; only printable text and tabs can be typed",
+                u32::from(bad)
+            )));
+        }
+        let (paths, _) = self.store.require(name)?;
+        let (state, _) = self.active_pid(&paths)?;
+        if state != DomainState::Running {
+            return Err(wrong_state(name, "is not running", state));
+        }
+        if !console::has_socket(&paths) {
+            return Err(PluginError::unsupported(format!(
+                "domain '{name}' runs on a QEMU started by an older driver, whose console takes no input; restart it"
+            )));
+        }
+        console::write_line(&paths, text)?;
+        Ok(Value::Unit)
     }
 
     /// Keeps the console output of a QEMU about to be stopped or asked to power off (best

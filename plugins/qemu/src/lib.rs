@@ -17,6 +17,7 @@ mod cache;
 mod console;
 mod driver;
 mod emulator;
+mod events;
 mod migration;
 mod monitor;
 mod qemu;

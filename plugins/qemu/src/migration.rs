@@ -18,13 +18,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capvirt_plugin_api::{prelude::*, types::DomainState};
+use capvirt_plugin_api::{events::EventKind, prelude::*, types::DomainState};
 use qapi::qmp;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     driver::{check_images_exist, Op, QemuDriver},
     emulator::{self, Emulator},
+    events,
     monitor::{self, Monitor},
     qemu::{self, StartMode},
     qmp::{Qmp, QmpError},
@@ -94,7 +95,11 @@ impl QemuDriver {
         }
         let previous = dest_store.definition(&dest_lock.paths)?;
         store::write_toml(&dest_lock.paths.definition, &definition)?;
+        events::mark_outgoing(&lock.paths, pid, Some(EventKind::Migrated));
         let outcome = self.migrate_to(name, &dest_store, &dest_lock.paths, &live, &dest.emulator, ctx);
+        if outcome.is_err() {
+            events::mark_outgoing(&lock.paths, pid, None);
+        }
         match outcome {
             Ok(()) => {
                 // The source ends shut off; its definition stays.
@@ -127,6 +132,7 @@ impl QemuDriver {
         ctx: &Context<'_>,
     ) -> Result<(), PluginError> {
         qemu::launch(dest_store, dest_paths, live, StartMode::Incoming, emulator)?;
+        events::mark_incoming(dest_paths, EventKind::Migrated);
         let mut dest = open_fresh(dest_paths)?;
         let (source_end, dest_end) =
             UnixStream::pair().map_err(|e| PluginError::driver_failure(format!("cannot create a socketpair: {e}")))?;
@@ -201,6 +207,7 @@ impl QemuDriver {
             .mode(0o600)
             .open(&temporary)
             .map_err(|e| PluginError::invalid_argument(format!("cannot create {}: {e}", temporary.display())))?;
+        events::mark_outgoing(&lock.paths, pid, Some(EventKind::Saved));
         let written = (|| {
             write_header(&mut file, &header)?;
             if running {
@@ -217,6 +224,7 @@ impl QemuDriver {
             publish(&temporary, &target)
         })();
         if let Err(e) = written {
+            events::mark_outgoing(&lock.paths, pid, None);
             let _ = fs::remove_file(&temporary);
             let _ = self.with_monitor(Op::new(name, "migrate_cancel"), |q| q.execute(&qmp::migrate_cancel {}));
             if running {
@@ -260,6 +268,7 @@ impl QemuDriver {
         self.forget(&name);
         let restored = (|| {
             let pid = qemu::launch(&self.store, &lock.paths, &live, StartMode::Incoming, &self.config.emulator)?;
+            events::mark_incoming(&lock.paths, EventKind::Restored);
             let mut monitor = open_fresh(&lock.paths)?;
             let op = || Op::new(&name, "restore (migrate-incoming)");
             let q = &mut monitor.qmp;

@@ -60,11 +60,23 @@ const FIRST_GREETING_WAIT: Duration = Duration::from_millis(300);
 /// A channel whose socket is gone, refused, held by a foreign client or silent is skipped;
 /// only when every socket is gone is QEMU taken for gone.
 pub fn open(paths: &DomainPaths, wait: Duration) -> Result<Monitor, OpenError> {
+    open_in(paths, wait, false)
+}
+
+/// [`open`] trying the channels from the last one down: for a call that keeps its channel a
+/// long time (`domain.events`), so that ordinary calls, which try from the first one up, keep
+/// finding theirs at once.
+pub fn open_spare(paths: &DomainPaths, wait: Duration) -> Result<Monitor, OpenError> {
+    open_in(paths, wait, true)
+}
+
+fn open_in(paths: &DomainPaths, wait: Duration, from_last: bool) -> Result<Monitor, OpenError> {
     let deadline = Instant::now() + wait;
     let mut greeting_wait = FIRST_GREETING_WAIT;
     loop {
         let (mut gone, mut silent) = (0, 0);
-        for channel in 0..CHANNELS {
+        for index in 0..CHANNELS {
+            let channel = if from_last { CHANNELS - 1 - index } else { index };
             let claim = match OpenOptions::new()
                 .read(true)
                 .write(true)

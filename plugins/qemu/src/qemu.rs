@@ -37,6 +37,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// First file descriptor number of the monitor sockets handed to QEMU.
 const FIRST_CHANNEL_FD: i32 = 3;
+/// The console's listening socket and log, after the monitor sockets.
+const CONSOLE_SOCKET_FD: i32 = FIRST_CHANNEL_FD + CHANNELS as i32;
+const CONSOLE_LOG_FD: i32 = CONSOLE_SOCKET_FD + 1;
 
 /// How a QEMU is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,8 +219,9 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
         );
         args.json("-device", &device)?;
     }
-    // The first serial port, on a ring buffer the driver drains (`domain.console-read`).
-    args.0.extend(crate::console::options().map(OsString::from));
+    // The first serial port, on a socket that logs what the guest prints (`domain.console-read`)
+    // and takes typed lines (`domain.console-write`).
+    args.0.extend(crate::console::options(CONSOLE_SOCKET_FD, CONSOLE_LOG_FD).map(OsString::from));
     if let Some(boot) = &machine.boot {
         // Plain file names and the guest's command line: none is parsed as QEMU options.
         args.0.extend(["-kernel".into(), boot.kernel.clone().into_os_string()]);
@@ -330,6 +334,16 @@ fn launch_in(
             .map_err(|e| store::io_failure(&socket, "bind monitor socket", &e))?;
         mappings.push(FdMapping { parent_fd: OwnedFd::from(listener), child_fd: FIRST_CHANNEL_FD + channel as i32 });
     }
+    let console = paths.console_socket();
+    let listener = with_socket_path(&console, |path| UnixListener::bind(path))
+        .map_err(|e| store::io_failure(&console, "bind console socket", &e))?;
+    mappings.push(FdMapping { parent_fd: OwnedFd::from(listener), child_fd: CONSOLE_SOCKET_FD });
+    // Write-only, as QEMU opens a chardev log (an fd set hands out matching descriptors only).
+    let console_log = OpenOptions::new()
+        .append(true)
+        .open(&paths.console)
+        .map_err(|e| store::io_failure(&paths.console, "open", &e))?;
+    mappings.push(FdMapping { parent_fd: OwnedFd::from(console_log), child_fd: CONSOLE_LOG_FD });
     let log = OpenOptions::new()
         .create(true)
         .append(true)

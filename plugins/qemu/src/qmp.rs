@@ -76,6 +76,20 @@ impl std::fmt::Display for QmpError {
 pub struct Event {
     pub name: String,
     pub data: serde_json::Value,
+    /// QEMU's own time of the event, in milliseconds since the Unix epoch.
+    pub time_ms: Option<u64>,
+}
+
+/// QMP's `{"seconds": S, "microseconds": U}` event timestamp.
+#[derive(Deserialize)]
+struct Timestamp {
+    seconds: u64,
+    microseconds: u64,
+}
+
+fn event_time_ms(raw: Option<&RawValue>) -> Option<u64> {
+    let t: Timestamp = serde_json::from_str(raw?.get()).ok()?;
+    t.seconds.checked_mul(1000)?.checked_add(t.microseconds / 1000)
 }
 
 /// The part of a QMP line needed to classify it; everything else is skipped unparsed.
@@ -89,6 +103,8 @@ struct Envelope<'a> {
     error: Option<&'a RawValue>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    timestamp: Option<&'a RawValue>,
 }
 
 /// A connected, negotiated QMP client.
@@ -171,23 +187,23 @@ impl Qmp {
 
     /// Runs a command and returns its typed result.
     pub fn execute<C: Command>(&mut self, command: &C) -> Result<C::Ok, QmpError> {
-        self.execute_as::<C, C::Ok>(command, None, COMMAND_TIMEOUT)
+        self.execute_as::<C, C::Ok>(command, None, COMMAND_TIMEOUT, false)
     }
 
     /// [`Qmp::execute`] with another bound.
     pub fn execute_within<C: Command>(&mut self, command: &C, timeout: Duration) -> Result<C::Ok, QmpError> {
-        self.execute_as::<C, C::Ok>(command, None, timeout)
+        self.execute_as::<C, C::Ok>(command, None, timeout, false)
     }
 
     /// Runs a command, reading its result as `T`: used where the `qapi` 0.13 result type has
     /// fields newer QEMUs dropped, so that only what the driver reads must be present.
     pub fn execute_loose<C: Command, T: DeserializeOwned>(&mut self, command: &C) -> Result<T, QmpError> {
-        self.execute_as::<C, T>(command, None, COMMAND_TIMEOUT)
+        self.execute_as::<C, T>(command, None, COMMAND_TIMEOUT, false)
     }
 
     /// Runs a command that takes a file descriptor, passed with SCM_RIGHTS alongside it.
     pub fn execute_with_fd<C: Command>(&mut self, command: &C, fd: BorrowedFd<'_>) -> Result<C::Ok, QmpError> {
-        self.execute_as::<C, C::Ok>(command, Some(fd), COMMAND_TIMEOUT)
+        self.execute_as::<C, C::Ok>(command, Some(fd), COMMAND_TIMEOUT, false)
     }
 
     /// Whether an event named `name` arrived between the last command and its response.
@@ -218,18 +234,65 @@ impl Qmp {
         }
     }
 
+    /// Runs a command on a channel that watches events (`domain.events`): events that arrived
+    /// before or with its response are kept for [`Qmp::read_events`], not dropped.
+    pub fn execute_watching<C: Command, T: DeserializeOwned>(&mut self, command: &C) -> Result<T, QmpError> {
+        self.pump()?;
+        self.execute_as::<C, T>(command, None, COMMAND_TIMEOUT, true)
+    }
+
+    /// The events that arrived so far, without waiting, oldest first. After QEMU closed the
+    /// connection they are the last ones and the client is broken.
+    pub fn read_events(&mut self) -> Result<Vec<Event>, QmpError> {
+        if !self.broken {
+            self.pump()?;
+        }
+        Ok(self.events.drain(..).collect())
+    }
+
+    /// Reads what QEMU already sent without waiting and keeps the events of its complete
+    /// lines; a clean end of stream marks the client broken (its events are still kept).
+    fn pump(&mut self) -> Result<(), QmpError> {
+        loop {
+            self.make_room();
+            match rustix::net::recv(self.stream.as_fd(), &mut self.buf[self.tail..], RecvFlags::DONTWAIT) {
+                Ok((0, _)) => {
+                    self.broken = true;
+                    break;
+                }
+                Ok((n, _)) => self.tail += n,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(self.fail(QmpError::Io(e.into()))),
+            }
+        }
+        while let Some(offset) = self.buf[self.head..self.tail].iter().position(|&b| b == b'\n') {
+            let line = (self.head, self.head + offset);
+            self.head += offset + 1;
+            // A late response to an earlier, abandoned command is no event: skipped.
+            if let Some(event) = self.parse_event(line)? {
+                self.events.push_back(event);
+            }
+        }
+        Ok(())
+    }
+
     fn execute_as<C: Command, T: DeserializeOwned>(
         &mut self,
         command: &C,
         fd: Option<BorrowedFd<'_>>,
         timeout: Duration,
+        watching: bool,
     ) -> Result<T, QmpError> {
         if self.broken {
             return Err(QmpError::Closed);
         }
         // Events already queued are older than this command: drop them, so that the ones
-        // seen before its response (e.g. STOP for `stop`) are known to be its effects.
-        self.discard_pending()?;
+        // seen before its response (e.g. STOP for `stop`) are known to be its effects
+        // (a watching channel keeps them instead, see `execute_watching`).
+        if !watching {
+            self.discard_pending()?;
+        }
         self.encode(command)?;
         self.send(fd)?;
         let deadline = Instant::now() + timeout;
@@ -244,6 +307,7 @@ impl Qmp {
                 let event = Event {
                     name: name.into_owned(),
                     data: envelope.data.and_then(|d| serde_json::from_str(d.get()).ok()).unwrap_or_default(),
+                    time_ms: event_time_ms(envelope.timestamp),
                 };
                 self.keep(event);
                 continue;
@@ -298,6 +362,7 @@ impl Qmp {
         Ok(envelope.event.map(|name| Event {
             name: name.into_owned(),
             data: envelope.data.and_then(|d| serde_json::from_str(d.get()).ok()).unwrap_or_default(),
+            time_ms: event_time_ms(envelope.timestamp),
         }))
     }
 

@@ -63,6 +63,10 @@ impl DomainPaths {
     pub fn monitor_lock(&self, channel: usize) -> PathBuf {
         self.run.join(format!("qmp{channel}.lock"))
     }
+    /// The serial console's socket (QEMU serves one client at a time).
+    pub fn console_socket(&self) -> PathBuf {
+        self.run.join("console.sock")
+    }
 }
 
 /// Whether a domain's QEMU process exists.
@@ -241,7 +245,10 @@ pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
 /// Removes a whole domain directory (undefine), the lock file last.
 pub fn remove_domain(paths: &DomainPaths) -> Result<(), PluginError> {
     remove_runtime(paths)?;
-    for path in [&paths.console, &paths.dir.join(SNAPSHOTS_FILE), &paths.definition, &paths.lock] {
+    // `outgoing`: the last save or migration's mark for `domain.events` watchers.
+    for path in
+        [&paths.console, &paths.dir.join(SNAPSHOTS_FILE), &paths.dir.join("outgoing"), &paths.definition, &paths.lock]
+    {
         match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

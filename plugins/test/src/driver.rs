@@ -15,7 +15,7 @@ use capvirt_plugin_api::{
 };
 
 use crate::{
-    screenshot, snapshot,
+    events, screenshot, snapshot,
     state::{self, one_line, Domain, DomainEntry, State, StateFile},
 };
 
@@ -47,6 +47,8 @@ const CAPABILITIES: &[&str] = &[
     "domain.snapshot-list",
     "domain.snapshot-revert",
     "domain.snapshot-delete",
+    "domain.events",
+    "domain.console-write",
 ];
 
 /// CPU time the test guest "consumes" between two observations while running.
@@ -59,7 +61,7 @@ pub struct TestDriver {
 }
 
 impl TestDriver {
-    fn lock(&self) -> Result<MutexGuard<'_, State>, PluginError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, State>, PluginError> {
         self.state.lock().map_err(|_| PluginError::internal("test driver state poisoned by an earlier panic"))
     }
 }
@@ -77,7 +79,13 @@ impl Plugin for TestDriver {
     }
 
     fn invoke(&self, capability: &str, args: &Args<'_>, ctx: &Context<'_>) -> Result<Value, PluginError> {
-        match capability {
+        // Lifecycle changes publish their events in the order they are applied.
+        let publishing = events::mutates_lifecycle(capability).then(events::order);
+        let existed = match &publishing {
+            Some(_) => self.lock().ok().and_then(|state| events::before(&state, capability, args)),
+            None => None,
+        };
+        let result = match capability {
             "domain.info" => self.info(args.str("domain")?),
             "domain.list" => self.list(args.bool_or("all", false)?),
             "domain.suspend" => self.transition(args.str("domain")?, &[DomainState::Running], "not running", |d| {
@@ -127,12 +135,55 @@ impl Plugin for TestDriver {
             "domain.snapshot-revert" => snapshot::revert(&mut *self.lock()?, args.str("domain")?, args.str("name")?),
             "domain.snapshot-delete" => snapshot::delete(&mut *self.lock()?, args.str("domain")?, args.str("name")?),
             "host.info" => Ok(self.host_info()),
+            "domain.events" => self.events(args, ctx),
+            "domain.console-write" => self.console_write(args.str("domain")?, args.str("text")?),
             other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
+        };
+        if let (Some(_order), Ok(value)) = (&publishing, &result) {
+            self.publish(capability, args, value, existed);
         }
+        result
     }
 }
 
 impl TestDriver {
+    /// Publishes a successful lifecycle change to the watchers of this host (and, for a
+    /// migration, of the destination host).
+    /// The change has happened: a failure here loses events, never the call's result.
+    fn publish(&self, capability: &str, args: &Args<'_>, result: &Value, existed: Option<bool>) {
+        if let Ok(mut state) = self.lock() {
+            events::publish(&mut state, capability, args, result, existed);
+        }
+        if let (Ok(dest_uri), Ok(name)) = (args.str("dest_uri"), args.str("domain")) {
+            if let Ok(dest) = state::state_for(dest_uri) {
+                if let Ok(mut dest) = dest.lock() {
+                    events::publish_arrival(&mut dest, name);
+                }
+            }
+        }
+    }
+
+    /// The in-memory console echoes a typed line like a terminal does.
+    fn console_write(&self, name: &str, text: &str) -> Result<Value, PluginError> {
+        if let Some(bad) = text.chars().find(|c| c.is_control() && *c != '\t') {
+            return Err(PluginError::invalid_argument(format!(
+                "console line contains control character U+{:04X}; only printable text and tabs can be typed",
+                u32::from(bad)
+            )));
+        }
+        let mut state = self.lock()?;
+        let domain = state.domain_mut(name)?;
+        if domain.state != DomainState::Running {
+            return Err(PluginError::invalid_state(format!(
+                "domain '{name}' is not running (state: {})",
+                domain.state.as_str()
+            )));
+        }
+        domain.console.extend_from_slice(text.as_bytes());
+        domain.console.extend_from_slice(b"\r\n");
+        Ok(Value::Unit)
+    }
+
     fn console_read(&self, name: &str, offset: u64, max_bytes: u64) -> Result<Value, PluginError> {
         let state = self.lock()?;
         let console = &state.domain(name)?.console;

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod driver;
+mod events;
 mod screenshot;
 mod snapshot;
 mod state;

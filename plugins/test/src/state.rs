@@ -66,6 +66,8 @@ pub struct State {
     pub domains: BTreeMap<String, Domain>,
     /// Snapshots by domain name, oldest first (`snapshot.rs`).
     pub snapshots: BTreeMap<String, Vec<crate::snapshot::Snapshot>>,
+    /// The event streams (`domain.events` calls) currently watching this host.
+    pub watchers: Vec<std::sync::mpsc::Sender<capvirt_plugin_api::events::DomainEvent>>,
 }
 
 impl State {
