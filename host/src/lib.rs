@@ -11,7 +11,9 @@
 
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod audit;
+pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod convert;
@@ -26,6 +28,7 @@ pub mod registry;
 pub mod validate;
 pub mod verify;
 
+pub use caller::Caller;
 pub use capvirt_plugin_api::{ErrorKind, PluginError, Value};
 pub use driver::CallObserver;
 pub use error::{CallError, ErrorCategory, HostError};

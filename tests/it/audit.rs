@@ -197,10 +197,21 @@ fn mutating_calls_are_refused_before_the_driver_when_the_log_cannot_be_written()
         assert!(err.contains(sink) && err.contains("not a regular file"), "{err}");
     }
 
-    // Only the host config can let calls through unaudited, and says so.
+    // A user's config cannot let calls through unaudited…
     fs::create_dir_all(sb.path("capvirt")).unwrap_or_else(|e| panic!("{e}"));
     sb.write("capvirt/config.toml", "[audit]\nfail_open = true\n");
-    let run = sb.capvirt_env(&["save", "test", &saved], &[("CAPVIRT_AUDIT_LOG", &unwritable)]);
+    let err = failed(&sb.capvirt_env(&["save", "test", &saved], &[("CAPVIRT_AUDIT_LOG", &unwritable)]), 2);
+    assert!(err.contains("[audit] is set only by root") && err.contains("/etc/capvirt/capvirt.toml"), "{err}");
+    assert!(!sb.path("saved.toml").exists());
+    fs::remove_file(sb.path("capvirt/config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    // …only root's system config can, and the call says so.
+    fs::create_dir_all(sb.path("etc")).unwrap_or_else(|e| panic!("{e}"));
+    sb.write("etc/capvirt.toml", "[audit]\nfail_open = true\n");
+    let sysconf = sb.path("etc").display().to_string();
+    let run = sb.capvirt_env(
+        &["save", "test", &saved],
+        &[("CAPVIRT_AUDIT_LOG", &unwritable), ("CAPVIRT_SYSCONFDIR", &sysconf)],
+    );
     ok(&run);
     assert!(run.stderr.contains("unaudited"), "{}", run.stderr);
     assert!(sb.path("saved.toml").exists());
