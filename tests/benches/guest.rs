@@ -27,7 +27,7 @@ fn main() {
     let guest = guest();
     let sandbox = Sandbox::new();
     let uri = sandbox.uri("root", "&accel=tcg");
-    let policy = Policy { enabled: ["domain.console-read".to_string()].into_iter().collect() };
+    let policy = Policy { enabled: ["domain.console-read".to_string()].into_iter().collect(), ..Default::default() };
     let host =
         Host::new(HostConfig { plugin_dirs: vec![qemu_plugin_dir().to_path_buf()], policy, ..Default::default() })
             .unwrap_or_else(|e| panic!("host: {e}"));
