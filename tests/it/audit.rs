@@ -254,3 +254,41 @@ fn an_overriding_registry_cannot_turn_auditing_off() {
         sb.audit_records().iter().map(|r| format!("{} {}", r["event"], r["capability"])).collect();
     assert_eq!(events, [r#""intent" "domain.suspend""#, r#""outcome" "domain.suspend""#]);
 }
+
+#[test]
+fn a_system_connection_is_audited_where_root_configured_not_where_the_caller_says() {
+    let sb = Sandbox::with_plugins(capvirt_tests::qemu::qemu_plugin_dir().to_path_buf());
+    fs::create_dir_all(sb.path("etc")).unwrap_or_else(|e| panic!("{e}"));
+    let system_log = sb.path("system-audit.jsonl").display().to_string();
+    sb.write("etc/capvirt.toml", &format!("[audit]\npath = \"{system_log}\"\n"));
+    let sysconf = sb.path("etc").display().to_string();
+    let uri = format!("qemu:///system?root={}", sb.path("state").display());
+    let mine = sb.path("mine.jsonl").display().to_string();
+
+    let refused =
+        sb.capvirt_env(&["--audit-log", &mine, "-c", &uri, "suspend", "vm1"], &[("CAPVIRT_SYSCONFDIR", &sysconf)]);
+    let err = failed(&refused, 2);
+    assert!(err.contains("--audit-log") && err.contains(&system_log) && err.contains("capvirt.toml"), "{err}");
+    assert!(!sb.path("mine.jsonl").exists() && !sb.path("system-audit.jsonl").exists());
+
+    // The harness's CAPVIRT_AUDIT_LOG is ignored, with a warning; the attempt is in root's log.
+    let run = sb.capvirt_env(&["-c", &uri, "suspend", "vm1"], &[("CAPVIRT_SYSCONFDIR", &sysconf)]);
+    failed(&run, 5);
+    assert!(run.stderr.contains("CAPVIRT_AUDIT_LOG is ignored"), "{}", run.stderr);
+    assert!(sb.audit_records().is_empty(), "the caller's log got a system connection's records");
+    let text = fs::read_to_string(&system_log).unwrap_or_else(|e| panic!("{system_log}: {e}"));
+    let events: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}")))
+        .map(|r| format!("{} {} {}", r["event"], r["capability"], r["outcome"]))
+        .collect();
+    assert_eq!(events, [r#""intent" "domain.suspend" null"#, r#""outcome" "domain.suspend" "failed""#]);
+    // Naming the configured file itself is fine.
+    failed(
+        &sb.capvirt_env(
+            &["--audit-log", &system_log, "-c", &uri, "suspend", "vm1"],
+            &[("CAPVIRT_SYSCONFDIR", &sysconf)],
+        ),
+        5,
+    );
+}
