@@ -66,8 +66,8 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
 ///
 /// - a `*:///system` connection: always the system config's log (`[audit] path`, default
 ///   `/var/log/capvirt/audit.jsonl`); `--audit-log` naming another file is refused (exit 2) and
-///   `CAPVIRT_AUDIT_LOG` ignored with a warning: the caller does not choose where a system
-///   connection's records go;
+///   `CAPVIRT_AUDIT_LOG` ignored (logged at info level): the caller does not choose where a
+///   system connection's records go;
 /// - otherwise `--audit-log`, else `CAPVIRT_AUDIT_LOG`, else for root the system config's log,
 ///   for other users `$XDG_STATE_HOME/capvirt/audit.jsonl` (`~/.local/state/…`); `None` when
 ///   none can be derived (mutating calls are then refused).
@@ -84,8 +84,10 @@ pub(crate) fn log_path(globals: &GlobalOptions, system: &SystemConfig, uri: &str
                 crate::config::SYSTEM_FILE
             )));
         }
+        // Ambient (an exported variable), unlike the explicit option: noted, not an error,
+        // and not a warning on every call of a shell that exports it.
         if env.as_ref().is_some_and(|p| *p != configured) {
-            tracing::warn!(target: "capvirt::audit", "CAPVIRT_AUDIT_LOG is ignored for {uri}: a system connection is audited to {}", configured.display());
+            tracing::info!(target: "capvirt::audit", "CAPVIRT_AUDIT_LOG is ignored for {uri}: a system connection is audited to {}", configured.display());
         }
         return Ok(Some(configured));
     }
