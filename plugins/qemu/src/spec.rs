@@ -378,6 +378,10 @@ impl ImagePolicy {
         };
         let meta = std::fs::metadata(&resolved)
             .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot access {given}: {e}")))?;
+        if !meta.is_file() {
+            // Not a regular file: refused by the open that follows, which says exactly that.
+            return Ok(());
+        }
         self.check(given, &resolved, &meta, what)
     }
 }
