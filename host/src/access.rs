@@ -42,6 +42,8 @@ const MAX_FILE: u64 = 1 << 20;
 pub struct AccessPolicy {
     /// The file it came from; `None`: the built-in policy.
     source: Option<PathBuf>,
+    /// For the built-in policy: the file that was looked for and is absent.
+    absent: Option<PathBuf>,
     default: Rule,
     users: Vec<(u32, Rule)>,
     groups: Vec<(u32, Rule)>,
@@ -102,6 +104,7 @@ impl AccessPolicy {
     pub fn built_in() -> AccessPolicy {
         AccessPolicy {
             source: None,
+            absent: None,
             default: Rule { label: "default".into(), patterns: vec![Pattern::Readonly], text: readonly() },
             users: Vec::new(),
             groups: Vec::new(),
@@ -118,7 +121,7 @@ impl AccessPolicy {
     pub fn load(dir: &Path) -> Result<AccessPolicy, AccessError> {
         let path = dir.join(ACCESS_FILE);
         match config::read_root_owned(&path, MAX_FILE) {
-            Ok(None) => Ok(AccessPolicy::built_in()),
+            Ok(None) => Ok(AccessPolicy { absent: Some(path), ..AccessPolicy::built_in() }),
             Ok(Some(text)) => AccessPolicy::parse(&path, &text),
             Err(config::RootOwnedError::Io(source)) => Err(AccessError::Read { path, source }),
             Err(config::RootOwnedError::Unsafe(why)) => Err(AccessError::Unsafe { path, why }),
@@ -137,6 +140,7 @@ impl AccessPolicy {
         };
         let mut policy = AccessPolicy {
             source: Some(path.to_path_buf()),
+            absent: None,
             default: rule("default".into(), file.default)?,
             users: Vec::new(),
             groups: Vec::new(),
@@ -195,8 +199,8 @@ impl AccessPolicy {
         let change = if mutates { " (it changes state)" } else { "" };
         match &self.source {
             None => format!(
-                "the built-in access policy{change} lets users other than root call only capabilities that do not change state (no {} in the system config directory)",
-                ACCESS_FILE
+                "it changes state, and the built-in access policy lets only root call such capabilities (there is no {})",
+                self.absent.as_deref().map_or_else(|| ACCESS_FILE.to_string(), |p| p.display().to_string())
             ),
             Some(path) => {
                 let rules: Vec<String> =
@@ -258,7 +262,7 @@ mod tests {
         let root = Caller::with_groups(0, 0, vec![]);
         assert!(policy.check(&nobody, capability(&registry, "domain.info")).is_ok());
         let denied = policy.check(&nobody, capability(&registry, "domain.suspend"));
-        assert!(denied.is_err_and(|why| why.contains("built-in") && why.contains("changes state")));
+        assert!(denied.is_err_and(|why| why.contains("built-in access policy") && why.contains("changes state")));
         assert!(policy.check(&root, capability(&registry, "domain.suspend")).is_ok());
     }
 
