@@ -453,3 +453,18 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_system_uri;
+
+    #[test]
+    fn system_uris_are_the_local_system_instances() {
+        for system in ["qemu:///system", "container:///system?root=/x", "qemu:///system/", "xen:///system#f"] {
+            assert!(is_system_uri(system), "{system}");
+        }
+        for other in ["qemu:///session", "test:///default", "qemu://host/system", "qemu:///systems", "system"] {
+            assert!(!is_system_uri(other), "{other}");
+        }
+    }
+}
