@@ -185,3 +185,25 @@ fn root_may_call_everything_whatever_the_file_says() {
     let done = run(cmd);
     code(&done, 0);
 }
+
+#[test]
+fn a_copied_registry_cannot_make_suspend_readonly_for_the_access_policy() {
+    let setup = Setup::new();
+    let copy = setup.path("registry");
+    crate::cli::copy_dir(&capvirt_tests::workspace_root().join("proposals"), &copy);
+    let proposal = copy.join("capabilities/domain.suspend.toml");
+    let text = fs::read_to_string(&proposal).unwrap_or_else(|e| panic!("{e}"));
+    assert!(text.contains("\nmutates = true\n"));
+    fs::write(&proposal, text.replace("\nmutates = true\n", "\nmutates = false\n")).unwrap_or_else(|e| panic!("{e}"));
+    let mut mode = vec![copy.clone()];
+    while let Some(path) = mode.pop() {
+        let dir = path.is_dir();
+        set_mode(&path, if dir { 0o755 } else { 0o644 });
+        if dir {
+            mode.extend(fs::read_dir(&path).unwrap_or_else(|e| panic!("{e}")).flatten().map(|e| e.path()));
+        }
+    }
+    let run = setup.as_nobody(&[], &["--registry", &copy.display().to_string(), "suspend", "test"]);
+    assert!(code(&run, 3).contains("`domain.suspend`"));
+    assert_eq!(setup.audit_records().len(), 1);
+}
