@@ -1,7 +1,8 @@
-//! The host configuration file: settings an administrator makes once per user instead of on
-//! every command line: the experimental capabilities enabled on this host, optional SHA-256
-//! pins of plugin files (written by `capvirt plugins --pin`; a pinned file that changed is
-//! refused), and whether mutating calls may proceed when the audit log cannot be written:
+//! Configuration files.
+//!
+//! **The user's config** (`config.toml`): settings made once per user instead of on every
+//! command line: the experimental capabilities enabled, and optional SHA-256 pins of plugin
+//! files (written by `capvirt plugins --pin`; a pinned file that changed is refused):
 //!
 //! ```toml
 //! # ~/.config/capvirt/config.toml
@@ -9,13 +10,26 @@
 //!
 //! [pins]
 //! "/usr/lib/capvirt/plugins/libcapvirt_driver_qemu.so" = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-//!
-//! [audit]
-//! fail_open = true   # default false: refuse mutating calls that cannot be audited
 //! ```
 //!
 //! Found at `$CAPVIRT_CONFIG` when set (the file must then exist), else
 //! `$XDG_CONFIG_HOME/capvirt/config.toml` (`~/.config/…`), which may be absent.
+//!
+//! **The system config** (`capvirt.toml` in the system config directory, [`system_dir`]):
+//! what only root decides. Like `access.toml` next to it ([`crate::access`]) it is used only
+//! when it and every directory above it are owned by root and not writable by group or others:
+//!
+//! ```toml
+//! # /etc/capvirt/capvirt.toml
+//! [audit]
+//! path = "/var/log/capvirt/audit.jsonl"  # the log of root and of every *:///system connection
+//! fail_open = false                       # true: mutating calls proceed when it cannot be written
+//!
+//! [images]
+//! # Where disk images, kernels and save files may be; absent: anywhere but the deny list
+//! # (/etc, /proc, /sys, /boot, /dev and device nodes), which only an entry inside it lifts.
+//! allow = ["/var/lib/capvirt/images", "/srv/vm"]
+//! ```
 
 use std::{
     collections::BTreeMap,
@@ -26,7 +40,7 @@ use std::{
 use serde::Deserialize;
 
 /// `config.toml`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostFileConfig {
     /// Experimental capabilities callable on this host, as with `--enable ID`.
@@ -35,17 +49,156 @@ pub struct HostFileConfig {
     /// SHA-256 pins of plugin files: canonical path → `sha256:<64 lowercase hex digits>`.
     #[serde(default)]
     pub pins: BTreeMap<PathBuf, String>,
+    /// Only to say where `[audit]` went: a user cannot loosen auditing.
     #[serde(default)]
-    pub audit: AuditFileConfig,
+    audit: Option<toml::Value>,
 }
 
-/// `[audit]` in `config.toml`.
+/// The system config directory: `$CAPVIRT_SYSCONFDIR` when set (tests, staging; the same
+/// ownership checks apply), else `/etc/capvirt`.
+pub fn system_dir() -> PathBuf {
+    std::env::var_os("CAPVIRT_SYSCONFDIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(SYSTEM_DIR), PathBuf::from)
+}
+
+/// The default system config directory.
+pub const SYSTEM_DIR: &str = "/etc/capvirt";
+/// The system config's file name in [`system_dir`].
+pub const SYSTEM_FILE: &str = "capvirt.toml";
+/// Where root's and `*:///system` connections' audit records go unless `capvirt.toml` says.
+pub const SYSTEM_AUDIT_LOG: &str = "/var/log/capvirt/audit.jsonl";
+
+/// `capvirt.toml`: what only root decides.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuditFileConfig {
+pub struct SystemConfig {
+    #[serde(default)]
+    pub audit: SystemAudit,
+    #[serde(default)]
+    pub images: SystemImages,
+    /// The file it came from (`None`: absent, defaults).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[audit]` in `capvirt.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemAudit {
+    /// The log of root and of `*:///system` connections ([`SYSTEM_AUDIT_LOG`] when absent).
+    pub path: Option<PathBuf>,
     /// Let mutating calls proceed (with a warning) when the audit log cannot be written.
     #[serde(default)]
     pub fail_open: bool,
+}
+
+/// `[images]` in `capvirt.toml`, passed to drivers as the `image_allow` connect option.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemImages {
+    /// Absolute directories (or files) images may be in; empty: anywhere but the deny list.
+    #[serde(default)]
+    pub allow: Vec<PathBuf>,
+}
+
+impl SystemConfig {
+    /// The log root's calls and `*:///system` connections are audited to.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit.path.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_AUDIT_LOG))
+    }
+
+    /// Reads `DIR/capvirt.toml` (defaults when absent), refusing a file root does not control.
+    pub fn load(dir: &Path) -> Result<SystemConfig, ConfigError> {
+        let path = dir.join(SYSTEM_FILE);
+        let text = match read_root_owned(&path, 1 << 20) {
+            Ok(None) => return Ok(SystemConfig::default()),
+            Ok(Some(text)) => text,
+            Err(RootOwnedError::Io(source)) => return Err(ConfigError::Read { path, source }),
+            Err(RootOwnedError::Unsafe(why)) => return Err(ConfigError::Invalid { path, message: why }),
+        };
+        SystemConfig::parse(&path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<SystemConfig, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
+        let mut config: SystemConfig =
+            toml::from_str(text).map_err(|e| invalid(crate::maint::one_line(&e.to_string())))?;
+        let relative = config.audit.path.iter().chain(&config.images.allow).find(|p| !p.is_absolute());
+        if let Some(relative) = relative {
+            return Err(invalid(format!("{} is not an absolute path", relative.display())));
+        }
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+}
+
+/// Why [`read_root_owned`] did not return a file's text.
+#[derive(Debug)]
+pub enum RootOwnedError {
+    Io(io::Error),
+    /// Someone other than root could have written it.
+    Unsafe(String),
+}
+
+/// Reads a file only root can have written: it and every directory above it (after resolving
+/// symlinks) owned by root and not writable by group or others — a world-writable directory
+/// with the sticky bit (`/tmp`) passes, since no one else can replace root's entries in it.
+/// `Ok(None)` when it does not exist; at most `cap` bytes.
+pub fn read_root_owned(path: &Path, cap: u64) -> Result<Option<String>, RootOwnedError> {
+    use std::{
+        io::Read,
+        os::unix::fs::{MetadataExt, OpenOptionsExt},
+    };
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        // A FIFO would block the open; it is refused below like any non-regular file.
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(RootOwnedError::Io(e)),
+    };
+    let meta = file.metadata().map_err(RootOwnedError::Io)?;
+    if !meta.is_file() {
+        return Err(RootOwnedError::Unsafe("it is not a regular file".into()));
+    }
+    owned_by_root_only(&meta, "it", false)?;
+    let canonical = fs::canonicalize(path).map_err(RootOwnedError::Io)?;
+    for dir in canonical.ancestors().skip(1) {
+        let meta = fs::metadata(dir).map_err(RootOwnedError::Io)?;
+        owned_by_root_only(&meta, &format!("directory {}", dir.display()), true)?;
+    }
+    let mut bytes = Vec::new();
+    file.take(cap + 1).read_to_end(&mut bytes).map_err(RootOwnedError::Io)?;
+    if bytes.len() as u64 > cap {
+        return Err(RootOwnedError::Unsafe(format!("it is larger than {} KiB", cap >> 10)));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| RootOwnedError::Unsafe("it is not UTF-8 text".into()))?;
+    return Ok(Some(text));
+
+    fn owned_by_root_only(meta: &fs::Metadata, what: &str, sticky_ok: bool) -> Result<(), RootOwnedError> {
+        let mode = meta.mode();
+        if meta.uid() != 0 {
+            return Err(RootOwnedError::Unsafe(format!(
+                "{what} is owned by uid {}, not root; it must be owned by root and writable only by root",
+                meta.uid()
+            )));
+        }
+        if mode & 0o022 != 0 && !(sticky_ok && mode & 0o1000 != 0) {
+            let by = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                (true, true) => "group and others",
+                (true, false) => "group",
+                _ => "others",
+            };
+            return Err(RootOwnedError::Unsafe(format!(
+                "{what} is writable by {by} (mode {:04o}); it must be writable only by root",
+                mode & 0o7777
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Why a pin value is not `sha256:<64 lowercase hex digits>`, if it is not.
@@ -96,6 +249,11 @@ impl HostFileConfig {
         let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
         let config: HostFileConfig =
             toml::from_str(text).map_err(|e| invalid(crate::maint::one_line(&e.to_string())))?;
+        if config.audit.is_some() {
+            return Err(invalid(format!(
+                "[audit] is set only by root, in {SYSTEM_DIR}/{SYSTEM_FILE} (a user cannot loosen auditing)"
+            )));
+        }
         for (file, value) in &config.pins {
             let problem = pin_problem(value);
             if let Some(problem) = problem {
@@ -171,9 +329,8 @@ mod tests {
         let path = Path::new("c.toml");
         let ok = HostFileConfig::parse(path, "enable = [\"a.b\"]\n").map_err(|e| e.to_string());
         assert_eq!(ok, Ok(HostFileConfig { enable: vec!["a.b".into()], ..Default::default() }));
-        let audit = HostFileConfig::parse(path, "[audit]\nfail_open = true\n").map(|c| c.audit.fail_open);
-        assert!(matches!(audit, Ok(true)));
-        assert!(HostFileConfig::parse(path, "[audit]\nfail_opne = true\n").is_err());
+        let audit = HostFileConfig::parse(path, "[audit]\nfail_open = true\n").map(|_| ()).map_err(|e| e.to_string());
+        assert!(audit.is_err_and(|e| e.contains("only by root") && e.contains("/etc/capvirt/capvirt.toml")));
         let unknown = HostFileConfig::parse(path, "enabled = []\n").map(|_| ()).map_err(|e| e.to_string());
         assert!(unknown.is_err_and(|e| e.contains("c.toml") && e.contains("enabled")));
         assert!(HostFileConfig::parse(path, "enable = \"a.b\"\n").is_err());
@@ -199,6 +356,47 @@ mod tests {
             let err = HostFileConfig::parse(path, &text).map(|_| ()).map_err(|e| e.to_string());
             assert!(err.is_err_and(|e| e.contains("/p/x.so") && e.contains("sha256:<64")), "{bad}");
         }
+    }
+
+    #[test]
+    fn system_config_parses_and_wants_absolute_paths() {
+        let path = Path::new("/etc/capvirt/capvirt.toml");
+        let text = "[audit]\npath = \"/var/log/x.jsonl\"\nfail_open = true\n[images]\nallow = [\"/srv/vm\"]\n";
+        let config = SystemConfig::parse(path, text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.audit_path(), PathBuf::from("/var/log/x.jsonl"));
+        assert!(config.audit.fail_open);
+        assert_eq!(config.images.allow, [PathBuf::from("/srv/vm")]);
+        assert_eq!(SystemConfig::default().audit_path(), PathBuf::from(SYSTEM_AUDIT_LOG));
+        assert!(SystemConfig::parse(path, "[images]\nallow = [\"vm\"]\n").is_err());
+        assert!(SystemConfig::parse(path, "[audit]\nfailopen = true\n").is_err());
+    }
+
+    #[test]
+    fn only_files_root_controls_are_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("capvirt-root-owned-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("f.toml");
+        fs::write(&file, "x = 1\n").unwrap_or_else(|e| panic!("{e}"));
+        let read = |p: &Path| match read_root_owned(p, 100) {
+            Ok(text) => Ok(text),
+            Err(RootOwnedError::Unsafe(why)) => Err(why),
+            Err(RootOwnedError::Io(e)) => Err(e.to_string()),
+        };
+        assert_eq!(read(&dir.join("absent")), Ok(None));
+        if rustix::process::geteuid().is_root() {
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(read(&file), Ok(Some("x = 1\n".into())));
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o664)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(read(&file).is_err_and(|why| why.contains("writable by group")));
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap_or_else(|e| panic!("{e}"));
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(read(&file).is_err_and(|why| why.contains("directory") && why.contains("others")));
+        } else {
+            assert!(read(&file).is_err_and(|why| why.contains("not root")));
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum CallError {
     /// A mutating capability on a read-only connection.
     #[error("capability `{id}` changes state, and the connection to {uri} is read-only")]
     ReadOnly { id: String, uri: String },
+    /// The access policy does not let this caller (OS identity) call the capability.
+    #[error("{caller} may not call `{id}`: {rule}")]
+    AccessDenied { id: String, caller: String, rule: String },
     /// The argument record does not match the declared parameters.
     #[error("invalid arguments for `{id}`: {error}")]
     InvalidArguments { id: String, error: ValidationError },
@@ -59,7 +62,8 @@ impl CallError {
             CallError::Unknown { .. }
             | CallError::Refused { .. }
             | CallError::NotEnabled { .. }
-            | CallError::ReadOnly { .. } => ErrorCategory::Denied,
+            | CallError::ReadOnly { .. }
+            | CallError::AccessDenied { .. } => ErrorCategory::Denied,
             CallError::InvalidArguments { .. } => ErrorCategory::Usage,
             CallError::NotImplemented { .. } => ErrorCategory::Unsupported,
             CallError::Driver { error, .. } => match error.kind {

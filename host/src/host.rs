@@ -11,6 +11,7 @@ use crate::{
         redact::{self, Redacted},
         AuditLog, AuditSetting, Entry, Event,
     },
+    caller::Caller,
     driver::{CallObserver, DriverHandle, NoObserver},
     error::{CallError, HostError},
     plugins::{LoadedPlugin, PluginSet},
@@ -46,6 +47,9 @@ pub struct HostConfig {
     pub pins: crate::plugins::Pins,
     /// Where audit records go; off by default for library users, always a log in the CLI.
     pub audit: AuditSetting,
+    /// Where drivers may open images (the system config's `[images] allow`; empty: anywhere
+    /// but their deny list). Passed to every driver as the `image_allow` connect option.
+    pub image_allow: Vec<PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -57,6 +61,7 @@ impl Default for HostConfig {
             pins: Default::default(),
             audit: AuditSetting::default(),
             check_results: true,
+            image_allow: Vec::new(),
         }
     }
 }
@@ -68,6 +73,7 @@ pub struct Host {
     policy: Arc<Policy>,
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
+    image_allow: Vec<PathBuf>,
 }
 
 impl Host {
@@ -99,7 +105,14 @@ impl Host {
             AuditSetting::Off => None,
             AuditSetting::Log { path, fail_open } => Some(Arc::new(AuditLog::new(path, fail_open))),
         };
-        Host { registry, plugins, policy: Arc::new(config.policy), check_results: config.check_results, audit }
+        Host {
+            registry,
+            plugins,
+            policy: Arc::new(config.policy),
+            check_results: config.check_results,
+            audit,
+            image_allow: config.image_allow,
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -119,8 +132,15 @@ impl Host {
         self.audit.as_deref()
     }
 
-    /// Opens a connection to `uri` through the plugin serving its scheme.
+    /// Opens a connection to `uri` through the plugin serving its scheme, for this process's
+    /// caller ([`Caller::current`]).
     pub fn connect(&self, uri: &str, readonly: bool) -> Result<Connection, HostError> {
+        self.connect_as(uri, readonly, Caller::current().clone())
+    }
+
+    /// Opens a connection whose calls are made on behalf of `caller` (a daemon passes its
+    /// peer's credentials): the access policy decides on, and audit records carry, its ids.
+    pub fn connect_as(&self, uri: &str, readonly: bool, caller: Caller) -> Result<Connection, HostError> {
         let scheme = uri_scheme(uri)?;
         let plugin = self.plugins.for_scheme(scheme).ok_or_else(|| {
             let refused: Vec<String> = self
@@ -142,7 +162,7 @@ impl Host {
             };
             HostError::NoDriver { uri: uri.to_string(), scheme: scheme.to_string(), hint }
         })?;
-        let options = Value::record([("readonly", Value::Bool(readonly))]);
+        let options = Value::record([("readonly", Value::Bool(readonly)), ("image_allow", self.image_allow_option())]);
         let driver = (plugin.module.connect())(uri.into(), &options)
             .into_result()
             .map_err(|error| HostError::Connect { uri: uri.to_string(), error })?;
@@ -156,7 +176,12 @@ impl Host {
             policy: Arc::clone(&self.policy),
             check_results: self.check_results,
             audit: self.audit.clone(),
+            caller: Arc::new(caller),
         })
+    }
+
+    fn image_allow_option(&self) -> Value {
+        Value::List(self.image_allow.iter().map(|p| Value::string(&p.to_string_lossy())).collect::<Vec<_>>().into())
     }
 }
 
@@ -167,6 +192,15 @@ pub fn uri_scheme(uri: &str) -> Result<&str, HostError> {
     uri.split_once("://")
         .map(|(scheme, _)| scheme)
         .ok_or_else(|| HostError::BadUri { uri: uri.to_string(), why: "missing scheme".into() })
+}
+
+/// Whether `uri` names a host's system instance (`qemu:///system`, `container:///system`):
+/// its audit log and policy come from root's config, never from the caller.
+pub fn is_system_uri(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(_, rest)| {
+        let path = rest.split(['?', '#']).next().unwrap_or_default();
+        path == "/system" || path == "/system/"
+    })
 }
 
 /// An open connection. Calls may come from several threads.
@@ -181,6 +215,8 @@ pub struct Connection {
     policy: Arc<Policy>,
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
+    /// On whose behalf calls are made unless [`Connection::call_as`] names another caller.
+    caller: Arc<Caller>,
 }
 
 impl Connection {
@@ -200,19 +236,53 @@ impl Connection {
         &self.registry
     }
 
+    /// The caller this connection's calls are made for.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
     /// Calls capability `id` with an argument record (`Value::Unit` for none).
     pub fn call(&self, id: &str, args: Value) -> Result<Value, CallError> {
-        self.call_observed(id, args, &NoObserver)
+        self.dispatch(&self.caller, id, args, &NoObserver)
     }
 
     /// [`Connection::call`], reporting progress and events to `observer`.
     pub fn call_observed(&self, id: &str, args: Value, observer: &dyn CallObserver) -> Result<Value, CallError> {
+        self.dispatch(&self.caller, id, args, observer)
+    }
+
+    /// [`Connection::call`] on behalf of `caller` (a daemon serving several peers over one
+    /// connection): the access policy decides on, and audit records carry, its ids.
+    pub fn call_as(&self, caller: &Caller, id: &str, args: Value) -> Result<Value, CallError> {
+        self.dispatch(caller, id, args, &NoObserver)
+    }
+
+    /// [`Connection::call_as`], reporting progress and events to `observer`.
+    pub fn call_observed_as(
+        &self,
+        caller: &Caller,
+        id: &str,
+        args: Value,
+        observer: &dyn CallObserver,
+    ) -> Result<Value, CallError> {
+        self.dispatch(caller, id, args, observer)
+    }
+
+    /// The one dispatch path: registry → policy (stage, read-only, access by `caller`) →
+    /// validation → driver → audit.
+    fn dispatch(
+        &self,
+        caller: &Caller,
+        id: &str,
+        args: Value,
+        observer: &dyn CallObserver,
+    ) -> Result<Value, CallError> {
         // Registry: an id it does not declare is refused before anything else (and audited:
         // probing for capabilities is an attempt too).
         let Some(declared) = self.registry.lookup(id) else {
             let error = CallError::Unknown { id: id.to_string(), registry_version: self.registry.version().clone() };
             if self.audit.is_some() {
-                self.refused(id, &redact::args(&args), &error, None);
+                self.refused(caller, id, &redact::args(&args), &error, None);
             }
             return Err(error);
         };
@@ -220,15 +290,15 @@ impl Connection {
         if let Some(log) = self.audit.as_deref() {
             // `mutates` is the reviewed registry's whatever `--registry` says (see `with_registry`).
             if declared.mutates() {
-                return self.call_audited(log, declared, id, args, observer);
+                return self.call_audited(log, caller, declared, id, args, observer);
             }
         }
         // Policy. Denials are audited whether or not the capability mutates.
-        let grant = match self.authorize(declared, id) {
+        let grant = match self.authorize(caller, declared, id) {
             Ok(grant) => grant,
             Err(error) => {
                 if self.audit.is_some() {
-                    self.refused(id, &redact::args(&args), &error, None);
+                    self.refused(caller, id, &redact::args(&args), &error, None);
                 }
                 return Err(error);
             }
@@ -248,6 +318,7 @@ impl Connection {
     fn call_audited(
         &self,
         log: &AuditLog,
+        caller: &Caller,
         declared: &Capability,
         id: &str,
         args: Value,
@@ -256,27 +327,28 @@ impl Connection {
         let started = Some(Instant::now());
         // Taken now: validation consumes the arguments.
         let recorded = redact::args(&args);
-        let grant = match self.authorize(declared, id) {
+        let grant = match self.authorize(caller, declared, id) {
             Ok(grant) => grant,
             Err(error) => {
-                self.refused(id, &recorded, &error, started);
+                self.refused(caller, id, &recorded, &error, started);
                 return Err(error);
             }
         };
         let args = match validate::validate(&self.registry, &grant, args) {
             Ok(args) => args,
             Err(error) => {
-                self.refused(id, &recorded, &error, started);
+                self.refused(caller, id, &recorded, &error, started);
                 return Err(error);
             }
         };
         if !self.plugin.implements(grant.capability().index) {
             let error = self.not_implemented(id);
-            self.refused(id, &recorded, &error, started);
+            self.refused(caller, id, &recorded, &error, started);
             return Err(error);
         }
         // The intent, synced, before the driver acts: fail closed.
-        let intent = match log.append(&self.entry(Event::Intent, id, Some(&recorded.json), None, None, started)) {
+        let intent = match log.append(&self.entry(caller, Event::Intent, id, Some(&recorded.json), None, None, started))
+        {
             Ok(seq) => Some(seq),
             Err(error) if log.fail_open() => {
                 tracing::warn!(target: "capvirt::audit", "{error}; calling `{id}` unaudited (audit fail_open is set)");
@@ -292,7 +364,7 @@ impl Connection {
                 Ok(_) => "ok",
                 Err(e) => e.audit_outcome(),
             };
-            let entry = self.entry(Event::Outcome { intent }, id, None, Some(word), error.as_deref(), started);
+            let entry = self.entry(caller, Event::Outcome { intent }, id, None, Some(word), error.as_deref(), started);
             if let Err(error) = log.append(&entry) {
                 tracing::warn!(target: "capvirt::audit", "{error}; the outcome of `{id}` (intent seq {intent}) is not recorded");
             }
@@ -303,8 +375,8 @@ impl Connection {
     /// The policy step, with the deprecation warning.
     // Inlined into both dispatch paths: as a call it cost the unaudited path ~15 instructions.
     #[inline(always)]
-    fn authorize<'r>(&'r self, declared: &'r Capability, id: &str) -> Result<Grant<'r>, CallError> {
-        let grant = policy::authorize_capability(declared, &self.policy, &self.uri, self.readonly)?;
+    fn authorize<'r>(&'r self, caller: &Caller, declared: &'r Capability, id: &str) -> Result<Grant<'r>, CallError> {
+        let grant = policy::authorize_capability(declared, &self.policy, caller, &self.uri, self.readonly)?;
         if grant.deprecated {
             let replacement =
                 grant.capability().doc.replaced_by.as_deref().map(|r| format!("; use `{r}`")).unwrap_or_default();
@@ -336,19 +408,28 @@ impl Connection {
 
     /// Records a refusal; the call is refused anyway, so a failure to record it only warns.
     #[cold]
-    fn refused(&self, id: &str, recorded: &Redacted, error: &CallError, started: Option<Instant>) {
+    fn refused(&self, caller: &Caller, id: &str, recorded: &Redacted, error: &CallError, started: Option<Instant>) {
         let Some(log) = self.audit.as_deref() else { return };
         let message = redact::message(&error.to_string(), &recorded.secrets);
         let id = redact::cut(id, redact::MAX_TEXT);
-        let entry =
-            self.entry(Event::Refused, &id, Some(&recorded.json), Some(error.audit_outcome()), Some(&message), started);
+        let entry = self.entry(
+            caller,
+            Event::Refused,
+            &id,
+            Some(&recorded.json),
+            Some(error.audit_outcome()),
+            Some(&message),
+            started,
+        );
         if let Err(e) = log.append(&entry) {
             tracing::warn!(target: "capvirt::audit", "{e}; the refusal of `{id}` is not recorded");
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn entry<'a>(
         &'a self,
+        caller: &'a Caller,
         event: Event,
         id: &'a str,
         args: Option<&'a serde_json::Value>,
@@ -357,6 +438,7 @@ impl Connection {
         started: Option<Instant>,
     ) -> Entry<'a> {
         Entry {
+            caller,
             event,
             capability: id,
             uri: &self.audit_uri,
@@ -368,6 +450,21 @@ impl Connection {
                 Event::Intent => None,
                 _ => started.map(|s| s.elapsed()),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_system_uri;
+
+    #[test]
+    fn system_uris_are_the_local_system_instances() {
+        for system in ["qemu:///system", "container:///system?root=/x", "qemu:///system/", "xen:///system#f"] {
+            assert!(is_system_uri(system), "{system}");
+        }
+        for other in ["qemu:///session", "test:///default", "qemu://host/system", "qemu:///systems", "system"] {
+            assert!(!is_system_uri(other), "{other}");
         }
     }
 }

@@ -12,7 +12,9 @@
 #![deny(unsafe_code)]
 
 mod abi_report;
+pub mod access;
 pub mod audit;
+pub mod caller;
 pub mod cli;
 pub mod config;
 pub mod convert;
@@ -27,6 +29,7 @@ pub mod registry;
 pub mod validate;
 pub mod verify;
 
+pub use caller::Caller;
 pub use capvirt_plugin_api::{ErrorKind, PluginError, Value};
 pub use driver::CallObserver;
 pub use error::{CallError, ErrorCategory, HostError};

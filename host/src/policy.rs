@@ -1,9 +1,13 @@
 //! The policy step of the dispatch path. Deny by default: the only way to obtain a [`Grant`]
-//! is [`authorize`], and a driver cannot be invoked without one.
+//! is [`authorize`], and a driver cannot be invoked without one. A grant is always for one
+//! [`Caller`]: the stage, the connection's read-only flag and the access policy by OS identity
+//! ([`AccessPolicy`]) are all checked before it exists.
 
 use std::collections::BTreeSet;
 
 use crate::{
+    access::AccessPolicy,
+    caller::Caller,
     error::CallError,
     registry::{Capability, Registry, Stage},
 };
@@ -13,6 +17,8 @@ use crate::{
 pub struct Policy {
     /// Experimental capabilities enabled explicitly (`--enable ID` or host config).
     pub enabled: BTreeSet<String>,
+    /// Who may call what (default: the built-in policy, root everything, others read-only).
+    pub access: AccessPolicy,
 }
 
 /// Proof that a call passed the policy step. Only [`authorize`] creates one.
@@ -29,11 +35,12 @@ impl<'r> Grant<'r> {
     }
 }
 
-/// Looks `id` up in the registry and decides whether it may be called on a connection with
+/// Looks `id` up in the registry and decides whether `caller` may call it on a connection with
 /// the given read-only flag.
 pub fn authorize<'r>(
     registry: &'r Registry,
     policy: &Policy,
+    caller: &Caller,
     id: &str,
     uri: &str,
     readonly: bool,
@@ -41,13 +48,15 @@ pub fn authorize<'r>(
     let capability = registry
         .lookup(id)
         .ok_or_else(|| CallError::Unknown { id: id.to_string(), registry_version: registry.version().clone() })?;
-    authorize_capability(capability, policy, uri, readonly)
+    authorize_capability(capability, policy, caller, uri, readonly)
 }
 
-/// The policy decision for an already looked-up capability.
+/// The policy decision for an already looked-up capability. `capability.mutates()` must be
+/// the reviewed flag (the host's registry keeps the embedded one's, see `Host::with_registry`).
 pub fn authorize_capability<'r>(
     capability: &'r Capability,
     policy: &Policy,
+    caller: &Caller,
     uri: &str,
     readonly: bool,
 ) -> Result<Grant<'r>, CallError> {
@@ -73,6 +82,9 @@ pub fn authorize_capability<'r>(
     };
     if readonly && capability.mutates() {
         return Err(CallError::ReadOnly { id: id.to_string(), uri: uri.to_string() });
+    }
+    if let Err(rule) = policy.access.check(caller, capability) {
+        return Err(CallError::AccessDenied { id: id.to_string(), caller: caller.describe(), rule });
     }
     Ok(Grant { capability, deprecated })
 }
@@ -101,29 +113,50 @@ mod tests {
         Registry::from_sources(&files).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    fn root() -> &'static Caller {
+        static ROOT: std::sync::OnceLock<Caller> = std::sync::OnceLock::new();
+        ROOT.get_or_init(|| Caller::with_groups(0, 0, vec![]))
+    }
+
+    #[test]
+    fn every_grant_passed_the_access_policy() {
+        let registry = registry();
+        let policy = Policy::default();
+        let nobody = Caller::with_groups(65534, 65534, vec![]);
+        let denied = authorize(&registry, &policy, &nobody, "domain.suspend", "test:///default", false);
+        let message = denied.map(|_| ()).map_err(|e| (e.category(), e.to_string()));
+        assert!(
+            matches!(&message, Err((crate::error::ErrorCategory::Denied, m)) if m.contains("uid 65534") && m.contains("`domain.suspend`") && m.contains("built-in")),
+            "{message:?}"
+        );
+        assert!(authorize(&registry, &policy, &nobody, "domain.info", "test:///default", false).is_ok());
+        assert!(authorize(&registry, &policy, root(), "domain.suspend", "test:///default", false).is_ok());
+    }
+
     #[test]
     fn stages_gate_calls() {
         let registry = registry();
         let none = Policy::default();
-        let enabled = Policy { enabled: ["test.experimental".to_string()].into() };
+        let enabled = Policy { enabled: ["test.experimental".to_string()].into(), ..Default::default() };
         let uri = "test:///default";
-        assert!(authorize(&registry, &none, "domain.info", uri, false).is_ok());
+        assert!(authorize(&registry, &none, root(), "domain.info", uri, false).is_ok());
         assert!(matches!(
-            authorize(&registry, &none, "test.experimental", uri, false),
+            authorize(&registry, &none, root(), "test.experimental", uri, false),
             Err(CallError::NotEnabled { .. })
         ));
-        assert!(authorize(&registry, &enabled, "test.experimental", uri, false).is_ok());
-        let deprecated = authorize(&registry, &none, "test.deprecated", uri, false).unwrap_or_else(|e| panic!("{e}"));
+        assert!(authorize(&registry, &enabled, root(), "test.experimental", uri, false).is_ok());
+        let deprecated =
+            authorize(&registry, &none, root(), "test.deprecated", uri, false).unwrap_or_else(|e| panic!("{e}"));
         assert!(deprecated.deprecated);
         for refused in ["test.draft", "test.removed", "domain.monitor-command"] {
             assert!(
-                matches!(authorize(&registry, &enabled, refused, uri, false), Err(CallError::Refused { .. })),
+                matches!(authorize(&registry, &enabled, root(), refused, uri, false), Err(CallError::Refused { .. })),
                 "{refused}"
             );
         }
-        let removed = authorize(&registry, &none, "test.removed", uri, false).expect_err("removed");
+        let removed = authorize(&registry, &none, root(), "test.removed", uri, false).expect_err("removed");
         assert!(removed.to_string().contains("use `domain.info`"), "{removed}");
-        assert!(matches!(authorize(&registry, &none, "nope.nope", uri, false), Err(CallError::Unknown { .. })));
+        assert!(matches!(authorize(&registry, &none, root(), "nope.nope", uri, false), Err(CallError::Unknown { .. })));
     }
 
     #[test]
@@ -131,9 +164,9 @@ mod tests {
         let registry = registry();
         let policy = Policy::default();
         assert!(matches!(
-            authorize(&registry, &policy, "domain.suspend", "test:///default", true),
+            authorize(&registry, &policy, root(), "domain.suspend", "test:///default", true),
             Err(CallError::ReadOnly { .. })
         ));
-        assert!(authorize(&registry, &policy, "domain.info", "test:///default", true).is_ok());
+        assert!(authorize(&registry, &policy, root(), "domain.info", "test:///default", true).is_ok());
     }
 }

@@ -32,7 +32,7 @@ fn main() {
     let sandbox = Sandbox::new();
     let uri = sandbox.uri("root", "&accel=tcg");
     let enabled = ["domain.console-read", "domain.snapshot-create", "domain.snapshot-revert", "domain.snapshot-delete"];
-    let policy = Policy { enabled: enabled.iter().map(|id| id.to_string()).collect() };
+    let policy = Policy { enabled: enabled.iter().map(|id| id.to_string()).collect(), ..Default::default() };
     let host =
         Host::new(HostConfig { plugin_dirs: vec![qemu_plugin_dir().to_path_buf()], policy, ..Default::default() })
             .unwrap_or_else(|e| panic!("host: {e}"));

@@ -197,10 +197,21 @@ fn mutating_calls_are_refused_before_the_driver_when_the_log_cannot_be_written()
         assert!(err.contains(sink) && err.contains("not a regular file"), "{err}");
     }
 
-    // Only the host config can let calls through unaudited, and says so.
+    // A user's config cannot let calls through unaudited…
     fs::create_dir_all(sb.path("capvirt")).unwrap_or_else(|e| panic!("{e}"));
     sb.write("capvirt/config.toml", "[audit]\nfail_open = true\n");
-    let run = sb.capvirt_env(&["save", "test", &saved], &[("CAPVIRT_AUDIT_LOG", &unwritable)]);
+    let err = failed(&sb.capvirt_env(&["save", "test", &saved], &[("CAPVIRT_AUDIT_LOG", &unwritable)]), 2);
+    assert!(err.contains("[audit] is set only by root") && err.contains("/etc/capvirt/capvirt.toml"), "{err}");
+    assert!(!sb.path("saved.toml").exists());
+    fs::remove_file(sb.path("capvirt/config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    // …only root's system config can, and the call says so.
+    fs::create_dir_all(sb.path("etc")).unwrap_or_else(|e| panic!("{e}"));
+    sb.write("etc/capvirt.toml", "[audit]\nfail_open = true\n");
+    let sysconf = sb.path("etc").display().to_string();
+    let run = sb.capvirt_env(
+        &["save", "test", &saved],
+        &[("CAPVIRT_AUDIT_LOG", &unwritable), ("CAPVIRT_SYSCONFDIR", &sysconf)],
+    );
     ok(&run);
     assert!(run.stderr.contains("unaudited"), "{}", run.stderr);
     assert!(sb.path("saved.toml").exists());
@@ -242,4 +253,41 @@ fn an_overriding_registry_cannot_turn_auditing_off() {
     let events: Vec<String> =
         sb.audit_records().iter().map(|r| format!("{} {}", r["event"], r["capability"])).collect();
     assert_eq!(events, [r#""intent" "domain.suspend""#, r#""outcome" "domain.suspend""#]);
+}
+
+#[test]
+fn a_system_connection_is_audited_where_root_configured_not_where_the_caller_says() {
+    let sb = Sandbox::with_plugins(capvirt_tests::qemu::qemu_plugin_dir().to_path_buf());
+    fs::create_dir_all(sb.path("etc")).unwrap_or_else(|e| panic!("{e}"));
+    let system_log = sb.path("system-audit.jsonl").display().to_string();
+    sb.write("etc/capvirt.toml", &format!("[audit]\npath = \"{system_log}\"\n"));
+    let sysconf = sb.path("etc").display().to_string();
+    let uri = format!("qemu:///system?root={}", sb.path("state").display());
+    let mine = sb.path("mine.jsonl").display().to_string();
+
+    let refused =
+        sb.capvirt_env(&["--audit-log", &mine, "-c", &uri, "suspend", "vm1"], &[("CAPVIRT_SYSCONFDIR", &sysconf)]);
+    let err = failed(&refused, 2);
+    assert!(err.contains("--audit-log") && err.contains(&system_log) && err.contains("capvirt.toml"), "{err}");
+    assert!(!sb.path("mine.jsonl").exists() && !sb.path("system-audit.jsonl").exists());
+
+    // The harness's CAPVIRT_AUDIT_LOG is ignored; the attempt is in root's log.
+    let run = sb.capvirt_env(&["-c", &uri, "suspend", "vm1"], &[("CAPVIRT_SYSCONFDIR", &sysconf)]);
+    failed(&run, 5);
+    assert!(sb.audit_records().is_empty(), "the caller's log got a system connection's records");
+    let text = fs::read_to_string(&system_log).unwrap_or_else(|e| panic!("{system_log}: {e}"));
+    let events: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}")))
+        .map(|r| format!("{} {} {}", r["event"], r["capability"], r["outcome"]))
+        .collect();
+    assert_eq!(events, [r#""intent" "domain.suspend" null"#, r#""outcome" "domain.suspend" "failed""#]);
+    // Naming the configured file itself is fine.
+    failed(
+        &sb.capvirt_env(
+            &["--audit-log", &system_log, "-c", &uri, "suspend", "vm1"],
+            &[("CAPVIRT_SYSCONFDIR", &sysconf)],
+        ),
+        5,
+    );
 }

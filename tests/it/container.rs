@@ -393,6 +393,11 @@ fn without_root_limits_are_not_enforced_and_info_says_so() {
         chmod(plugins.path(), 0o755);
         std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap_or_else(|e| panic!("chown: {e}"));
     }
+    // Root's access policy lets this unprivileged user manage domains (the default: read-only).
+    let sysconf = sandbox.dir("etc");
+    chmod(&sysconf, 0o755);
+    fs::write(sysconf.join("access.toml"), "[users]\n\"65534\" = [\"*\"]\n").unwrap_or_else(|e| panic!("{e}"));
+    chmod(&sysconf.join("access.toml"), 0o644);
     let spec = home.join("c.toml");
     fs::write(&spec, spec_toml("plain", &["/bin/sleep", "1000"], "")).unwrap_or_else(|e| panic!("{e}"));
     chmod(&spec, 0o644);
@@ -410,6 +415,7 @@ fn without_root_limits_are_not_enforced_and_info_says_so() {
             .env("CAPVIRT_AUDIT_LOG", home.join("audit.jsonl"))
             .env("XDG_STATE_HOME", &home)
             .env("XDG_CONFIG_HOME", &home)
+            .env("CAPVIRT_SYSCONFDIR", &sysconf)
             .env("CAPVIRT_CHECK_RESULTS", "1")
             .env_remove("CAPVIRT_CONFIG")
             .env_remove("CAPVIRT_DEFAULT_URI")

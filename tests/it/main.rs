@@ -1,6 +1,7 @@
 //! capvirt's integration tests: one binary, one module per area. Every test loads real
 //! plugin cdylibs through the real host.
 
+mod access;
 mod audit;
 mod cli;
 mod console;

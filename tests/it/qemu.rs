@@ -713,3 +713,115 @@ fn interfaces_refuse_bridges_and_a_taken_host_port_fails_the_start_only() {
     assert_eq!(sandbox.state("a", "net"), "shut off");
     drop(holder);
 }
+
+/// A domain spec with one raw virtio disk at `path` (written as given: no escaping needed here).
+fn raw_disk_spec(name: &str, path: &str) -> String {
+    format!("name = \"{name}\"\nmemory_mib = 64\nvcpus = 1\n\n[[disks]]\npath = \"{path}\"\nformat = \"raw\"\nbus = \"virtio\"\n")
+}
+
+#[test]
+fn host_files_devices_and_symlinks_into_host_areas_are_refused_at_define_and_at_start() {
+    let sandbox = Sandbox::new();
+    let define = |name: &str, path: &str| {
+        let spec = sandbox.write(&format!("{name}.toml"), &raw_disk_spec(name, path));
+        sandbox.run("r", &["define", spec.to_str().unwrap_or_default()])
+    };
+    let etc = define("etc", "/etc/passwd");
+    assert_refused(&etc, 2, "disk vda: /etc/passwd is refused: nothing under /etc may be an image");
+
+    let link = sandbox.path().join("link.raw");
+    std::os::unix::fs::symlink("/etc/passwd", &link).unwrap_or_else(|e| panic!("symlink: {e}"));
+    let linked = define("linked", &link.display().to_string());
+    assert_refused(&linked, 2, "(resolved: /etc/passwd) is refused");
+
+    let block = sandbox.path().join("loop.blk");
+    let mut mknod = std::process::Command::new("mknod");
+    mknod.arg(&block).args(["b", "7", "0"]);
+    assert!(output_within(mknod, COMMAND_TIMEOUT).status.success(), "mknod failed");
+    assert_refused(&define("block", &block.display().to_string()), 2, "device nodes are images only when");
+    assert!(!sandbox.root("r").exists(), "a refused image wrote into the state root");
+
+    // A directory swapped for a symlink into /etc after define is caught at start.
+    let images = sandbox.path().join("images");
+    fs::create_dir(&images).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(images.join("passwd"), vec![0u8; 1 << 20]).unwrap_or_else(|e| panic!("{e}"));
+    sandbox.ok(
+        "r",
+        &[
+            "define",
+            sandbox
+                .write("swap.toml", &raw_disk_spec("swap", &images.join("passwd").display().to_string()))
+                .to_str()
+                .unwrap_or_default(),
+        ],
+    );
+    fs::rename(&images, sandbox.path().join("images.old")).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink("/etc", &images).unwrap_or_else(|e| panic!("symlink: {e}"));
+    assert_refused(&sandbox.run("r", &["start", "swap"]), 2, "(resolved: /etc/passwd) is refused");
+    assert_eq!(sandbox.state("r", "swap"), "shut off");
+    assert!(sandbox.processes().is_empty(), "a QEMU started: {:?}", sandbox.processes());
+
+    // Save and restore files are held to the same rules.
+    assert_refused(&sandbox.run("r", &["save", "swap", "/etc/capvirt-test.save"]), 2, "nothing under /etc");
+    assert!(!std::path::Path::new("/etc/capvirt-test.save").exists());
+    assert_refused(&sandbox.run("r", &["restore", "/proc/self/status"]), 2, "nothing under /proc");
+}
+
+#[test]
+fn an_allow_list_in_roots_system_config_confines_images() {
+    let sandbox = Sandbox::new();
+    let allowed = sandbox.path().join("allowed");
+    fs::create_dir(&allowed).unwrap_or_else(|e| panic!("{e}"));
+    fs::create_dir(sandbox.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
+    sandbox.write("etc/capvirt.toml", &format!("[images]\nallow = [\"{}\"]\n", allowed.display()));
+    let run = |args: &[&str]| {
+        let mut cmd = sandbox.capvirt_uri(&sandbox.uri("r", ""));
+        cmd.env("CAPVIRT_SYSCONFDIR", sandbox.path().join("etc")).args(args);
+        output_within(cmd, COMMAND_TIMEOUT)
+    };
+    let outside = sandbox.blank_image("outside", "raw");
+    let spec = sandbox.write("outside.toml", &raw_disk_spec("outside", &outside.display().to_string()));
+    assert_refused(&run(&["define", spec.to_str().unwrap_or_default()]), 2, "outside this host's image directories");
+    let inside = allowed.join("inside.raw");
+    fs::rename(&outside, &inside).unwrap_or_else(|e| panic!("{e}"));
+    let spec = sandbox.write("inside.toml", &raw_disk_spec("inside", &inside.display().to_string()));
+    let defined = run(&["define", spec.to_str().unwrap_or_default()]);
+    assert_eq!(defined.status.code(), Some(0), "{}", stderr(&defined));
+    // Without root's config the same URI accepts the outside image: the list is root's, not the URI's.
+    let outside = sandbox.blank_image("outside2", "raw");
+    let spec = sandbox.write("outside2.toml", &raw_disk_spec("outside2", &outside.display().to_string()));
+    sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
+}
+
+#[test]
+fn a_system_domains_qemu_runs_under_its_own_seccomp_filter() {
+    let sandbox = Sandbox::new();
+    // Root's config for the system connection: its audit log stays in the sandbox.
+    fs::create_dir(sandbox.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
+    let log = sandbox.path().join("system-audit.jsonl");
+    sandbox.write("etc/capvirt.toml", &format!("[audit]\npath = \"{}\"\n", log.display()));
+    let uri = sandbox.uri("sys", "").replacen("qemu:///session", "qemu:///system", 1);
+    let run = |args: &[&str]| {
+        let mut cmd = sandbox.capvirt_uri(&uri);
+        cmd.env("CAPVIRT_SYSCONFDIR", sandbox.path().join("etc")).args(args);
+        let out = output_within(cmd, COMMAND_TIMEOUT);
+        assert_eq!(out.status.code(), Some(0), "capvirt {args:?}: {}", stderr(&out));
+    };
+    let disk = sandbox.boot_disk("seccomp");
+    let spec = sandbox.write("seccomp.toml", &spec_toml("seccomp", 64, &disk, true));
+    run(&["define", spec.to_str().unwrap_or_default()]);
+    run(&["start", "seccomp"]);
+    let pid = sandbox.qemu_pid("sys", "seccomp");
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_else(|e| panic!("{e}"));
+    let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim);
+    assert_eq!(mode, Some("2"), "QEMU {pid} is not in seccomp filter mode:\n{status}");
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_else(|e| panic!("{e}"));
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let sandbox_arg = args.iter().position(|a| *a == b"-sandbox").and_then(|i| args.get(i + 1));
+    assert_eq!(
+        sandbox_arg.map(|a| String::from_utf8_lossy(a).into_owned()).as_deref(),
+        Some("on,obsolete=deny,resourcecontrol=deny")
+    );
+    run(&["destroy", "seccomp"]);
+    assert!(log.exists(), "the system connection was not audited to root's log");
+}

@@ -14,7 +14,7 @@ use rustix::fs::{flock, FlockOperation};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{process_identity, AuditError, Entry, Event, GENESIS, MAX_LINE};
+use super::{AuditError, Entry, Event, GENESIS, MAX_LINE};
 
 /// An audit log file. Opened on the first record, so commands that record nothing never touch it.
 #[derive(Debug)]
@@ -110,7 +110,7 @@ impl AuditLog {
                 Some(tail) if tail.end == end => tail.clone(),
                 _ => read_tail(file, end, path)?,
             };
-            let identity = process_identity();
+            let identity = entry.caller;
             let line = Line {
                 seq: tail.seq + 1,
                 prev: &tail.hash,
@@ -281,6 +281,7 @@ mod tests {
 
     fn entry() -> Entry<'static> {
         Entry {
+            caller: crate::caller::Caller::current(),
             event: Event::Refused,
             capability: "domain.suspend",
             uri: "test:///default",

@@ -19,24 +19,18 @@
 //! previous line's exact bytes without its newline ([`GENESIS`] for the first line), so an edited,
 //! inserted, reordered or deleted record and a cut tail break the chain ([`verify`]). `event` is
 //! `intent`, `outcome` (with `intent`: the seq of its intent) or `refused`; `outcome` is `ok`,
-//! `failed` or `denied`. `uid`/`gid` are the process's real ids and `user` the uid's name from
-//! the OS user database (`null` when it has none), never an environment variable. Arguments are
+//! `failed` or `denied`. `uid`/`gid` are the caller's ([`crate::caller::Caller`]: the process's
+//! real ids, or a daemon's socket peer's) and `user` the uid's name from the OS user database
+//! (`null` when it has none), never an environment variable; `pid` is the recording process. Arguments are
 //! bounded ([`redact`]) and secrets (fields named like `password`, `secret`, `token`, `key`)
 //! recorded as `"[redacted]"`.
 
-mod identity;
 mod log;
 pub mod redact;
 mod verify;
 
-use std::{
-    io,
-    path::PathBuf,
-    sync::{Arc, OnceLock},
-    time::Duration,
-};
+use std::{io, path::PathBuf, sync::Arc, time::Duration};
 
-pub use identity::Identity;
 pub use log::AuditLog;
 pub use verify::{verify, verify_file, BadRecord, Failure, VerifyError, VerifyReport};
 
@@ -95,6 +89,8 @@ pub enum Event {
 /// The fields of one record that the call path provides.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
+    /// On whose behalf the call was made.
+    pub caller: &'a crate::caller::Caller,
     pub event: Event,
     pub capability: &'a str,
     pub uri: &'a str,
@@ -105,10 +101,4 @@ pub struct Entry<'a> {
     pub outcome: Option<&'static str>,
     pub error: Option<&'a str>,
     pub elapsed: Option<Duration>,
-}
-
-/// The identity of this process, looked up once.
-pub(crate) fn process_identity() -> &'static Identity {
-    static IDENTITY: OnceLock<Identity> = OnceLock::new();
-    IDENTITY.get_or_init(Identity::of_process)
 }

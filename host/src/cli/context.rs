@@ -6,7 +6,9 @@ use clap::ArgMatches;
 
 use super::{opt_string, output::OutputFormat, CliError};
 use crate::{
+    access::AccessPolicy,
     audit::AuditSetting,
+    config::SystemConfig,
     host::{Connection, Host, HostConfig, RegistrySource, DEFAULT_URI},
     plugins,
     policy::Policy,
@@ -85,11 +87,35 @@ pub struct Context {
     pub globals: GlobalOptions,
     pub registry: Arc<Registry>,
     host: Option<Host>,
+    system: Option<(SystemConfig, AccessPolicy)>,
 }
 
 impl Context {
     pub fn new(globals: GlobalOptions, registry: Arc<Registry>) -> Self {
-        Context { globals, registry, host: None }
+        Context { globals, registry, host: None, system: None }
+    }
+
+    /// The root-owned system config and access policy ([`crate::config::system_dir`]); a file
+    /// there that root does not control, or that does not parse, fails the command (exit 1):
+    /// nothing is called under a policy that cannot be trusted.
+    pub fn system(&mut self) -> Result<&(SystemConfig, AccessPolicy), CliError> {
+        if self.system.is_none() {
+            let dir = crate::config::system_dir();
+            let config = SystemConfig::load(&dir).map_err(|e| CliError::other(e.to_string()))?;
+            let access = AccessPolicy::load(&dir).map_err(|e| CliError::other(e.to_string()))?;
+            self.system = Some((config, access));
+        }
+        self.system.as_ref().ok_or_else(|| CliError::other("system config unavailable"))
+    }
+
+    /// How this command audits: the log [`super::commands::audit::log_path`] picks, failing
+    /// open only when the system config says so.
+    pub fn audit_setting(&mut self) -> Result<AuditSetting, CliError> {
+        let uri = self.globals.uri();
+        let globals = self.globals.clone();
+        let (system, _) = self.system()?;
+        let path = super::commands::audit::log_path(&globals, system, &uri)?;
+        Ok(AuditSetting::Log { path, fail_open: system.audit.fail_open })
     }
 
     pub fn output(&self) -> OutputFormat {
@@ -109,20 +135,21 @@ impl Context {
             let file_config = crate::config::HostFileConfig::load(crate::config::locate_from_env().as_ref());
             let file_config = file_config.map_err(|e| CliError::usage(e.to_string()))?;
             enabled.extend(file_config.enable);
+            let audit = self.audit_setting()?;
+            let (system, access) = self.system()?;
+            let (access, image_allow) = (access.clone(), system.images.allow.clone());
             let config = HostConfig {
                 registry: match &self.globals.registry_dir {
                     Some(dir) => RegistrySource::Dir(dir.clone()),
                     None => RegistrySource::Embedded,
                 },
                 plugin_dirs,
-                policy: Policy { enabled },
+                policy: Policy { enabled, access },
                 // On unless turned off (`CAPVIRT_CHECK_RESULTS=0`).
                 check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").map_or(true, |v| v != "0"),
                 pins: file_config.pins,
-                audit: AuditSetting::Log {
-                    path: super::commands::audit::log_path(&self.globals),
-                    fail_open: file_config.audit.fail_open,
-                },
+                audit,
+                image_allow,
             };
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
         }

@@ -117,7 +117,7 @@ pub fn command(registry: &Registry) -> Command {
                 .long("audit-log")
                 .value_name("FILE")
                 .global(true)
-                .help("Append audit records to FILE, a regular file; mutating calls are refused when it cannot be written [default: $CAPVIRT_AUDIT_LOG, else the user's state directory]"),
+                .help("Append audit records to FILE, a regular file; mutating calls are refused when it cannot be written [default: $CAPVIRT_AUDIT_LOG, else root's log (/etc/capvirt/capvirt.toml) for root, else the user's state directory; *:///system connections always use root's log]"),
         );
     // Registry-derived (virsh-style) commands first, by name; then the fixed tools.
     let mut derived = commands::capability::commands(registry);

@@ -47,7 +47,7 @@ pub fn run(registry: Arc<Registry>, options: &SuiteOptions<'_>, emit: &mut dyn F
         .collect();
     let config = HostConfig {
         plugin_dirs: vec![options.plugin_dir.to_path_buf()],
-        policy: Policy { enabled },
+        policy: Policy { enabled, access: options.base.policy.access.clone() },
         check_results: true,
         ..options.base.clone()
     };

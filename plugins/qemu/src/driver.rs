@@ -86,8 +86,9 @@ impl Plugin for QemuDriver {
             .capabilities(CAPABILITIES.iter().copied())
     }
 
-    fn connect(uri: &str, _options: &Value) -> Result<Self, PluginError> {
-        let config = uri::parse(uri)?;
+    fn connect(uri: &str, options: &Value) -> Result<Self, PluginError> {
+        let mut config = uri::parse(uri)?;
+        config.images = spec::ImagePolicy::from_options(options)?;
         Ok(QemuDriver::new(config))
     }
 
@@ -172,8 +173,8 @@ impl QemuDriver {
         Ok(release)
     }
 
-    pub(crate) fn limits(&self) -> HostLimits {
-        HostLimits { memory_mib: capvirt_plugin_api::state::host_memory_kib() / 1024 }
+    pub(crate) fn limits(&self) -> HostLimits<'_> {
+        HostLimits { memory_mib: capvirt_plugin_api::state::host_memory_kib() / 1024, images: &self.config.images }
     }
 
     /// Drops this connection's monitor of `name` (QEMU restarted or gone).
@@ -442,7 +443,7 @@ impl QemuDriver {
         if let Liveness::Alive(pid) = self.store.liveness(&lock.paths)? {
             return Err(PluginError::invalid_state(format!("domain '{name}' is already running (pid {pid})")));
         }
-        check_images_exist(&machine)?;
+        check_images_exist(&machine, &self.config.images)?;
         let accel = qemu::resolve_accel(self.config.accel)?;
         self.release()?;
         self.forget(name);
@@ -571,7 +572,7 @@ impl QemuDriver {
     }
 
     fn attach(&self, name: &str, device: &DeviceSpec) -> Result<Value, PluginError> {
-        let device = spec::device(device)?;
+        let device = spec::device(device, &self.config.images)?;
         let lock = self.store.lock(name, false)?;
         let mut live = self.live(&lock.paths)?;
         let taken = live.machine.disks.iter().any(|d| d.target == device.id)
@@ -780,22 +781,30 @@ fn wrong_state(name: &str, why: &str, state: DomainState) -> PluginError {
 }
 
 /// Images can vanish or change between define and start: each must still exist and pass the
-/// checks of define (format, no backing or external data file) right before QEMU opens it.
-pub(crate) fn check_images_exist(machine: &Machine) -> Result<(), PluginError> {
-    let images = machine.disks.iter().map(|d| (d.target.as_str(), &d.path, d.format)).chain(
+/// checks of define (format, no backing or external data file, allowed place after resolving
+/// symlinks again) right before QEMU opens it; so must the kernel and initrd.
+pub(crate) fn check_images_exist(machine: &Machine, images: &spec::ImagePolicy) -> Result<(), PluginError> {
+    if let Some(boot) = &machine.boot {
+        for (what, path) in
+            std::iter::once(("boot.kernel", &boot.kernel)).chain(boot.initrd.iter().map(|p| ("boot.initrd", p)))
+        {
+            spec::check_boot_file(&path.to_string_lossy(), what, images)?;
+        }
+    }
+    let files = machine.disks.iter().map(|d| (d.target.as_str(), &d.path, d.format)).chain(
         machine.devices.iter().filter_map(|d| match (&d.path, d.format) {
             (Some(path), Some(format)) => Some((d.id.as_str(), path, format)),
             _ => None,
         }),
     );
-    for (id, path, format) in images {
+    for (id, path, format) in files {
         if !path.exists() {
             return Err(PluginError::not_found(format!("{id}: image {} no longer exists", path.display())));
         }
         let text = path.to_str().ok_or_else(|| {
             PluginError::invalid_argument(format!("{id}: image path {} is not valid UTF-8", path.display()))
         })?;
-        spec::check_image(text, format, id)?;
+        spec::check_image(text, format, id, images)?;
     }
     Ok(())
 }

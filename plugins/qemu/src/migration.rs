@@ -84,7 +84,7 @@ impl QemuDriver {
             )));
         }
         spec::validate(&definition.to_spec(), self.limits())?;
-        check_images_exist(&live.machine)?;
+        check_images_exist(&live.machine, &self.config.images)?;
         let dest_release = dest.emulator.probe()?;
         emulator::check_machine_type(live.machine_type.as_deref(), &dest_release, &dest.emulator)?;
 
@@ -194,6 +194,7 @@ impl QemuDriver {
 
     pub(crate) fn save(&self, name: &str, path: &str, ctx: &Context<'_>) -> Result<Value, PluginError> {
         let target = new_file_path(path)?;
+        self.config.images.check_new(path, &target, "save file")?;
         let lock = self.store.lock(name, false)?;
         let definition = self.store.definition(&lock.paths)?.ok_or_else(|| store::not_defined(name))?;
         let (state, pid) = self.active_pid(&lock.paths)?;
@@ -238,6 +239,7 @@ impl QemuDriver {
     }
 
     pub(crate) fn restore(&self, path: &str, ctx: &Context<'_>) -> Result<Value, PluginError> {
+        self.config.images.check_existing(path, "save file")?;
         let (header, file) = read_save(Path::new(path))?;
         // The file is caller data: its definition is validated like a define.
         let limits = self.limits();

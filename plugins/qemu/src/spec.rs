@@ -7,10 +7,11 @@
 
 use std::{
     collections::HashSet,
-    fs::File,
+    fs::{File, Metadata},
     io::Read,
     os::unix::fs::FileTypeExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use capvirt_plugin_api::{
@@ -18,7 +19,7 @@ use capvirt_plugin_api::{
         format_mac, parse_mac, random_mac, BootSpec, DeviceKind, DeviceSpec, DiskBus, DiskFormat, DiskSpec, DomainSpec,
         GraphicsAdapter, GraphicsSpec, InterfaceKind, InterfaceSpec, PortForward, PortProtocol,
     },
-    PluginError,
+    PluginError, Value,
 };
 use serde::{Deserialize, Serialize};
 
@@ -282,8 +283,107 @@ impl Machine {
 
 /// Facts about the host that bound what a domain may ask for.
 #[derive(Debug, Clone, Copy)]
-pub struct HostLimits {
+pub struct HostLimits<'a> {
     pub memory_mib: u64,
+    /// Where the connection's images may be.
+    pub images: &'a ImagePolicy,
+}
+
+/// Host areas no image, kernel or save file may be in unless the allow list names a path
+/// inside them: QEMU (as root for `qemu:///system`) would read or write host files there.
+pub const DENIED_AREAS: [&str; 5] = ["/etc", "/proc", "/sys", "/boot", "/dev"];
+
+/// Where a connection may open images, kernels and save files: the host's `image_allow`
+/// connect option (root's `[images] allow` in `/etc/capvirt/capvirt.toml`; URI parameters are
+/// the caller's and cannot widen it) and the fixed [`DENIED_AREAS`]. Paths are checked after
+/// resolving symlinks, at define and again at start, attach, save and restore.
+#[derive(Debug, Clone, Default)]
+pub struct ImagePolicy {
+    /// Canonical when they exist; empty: anywhere outside the denied areas.
+    allow: Arc<[PathBuf]>,
+}
+
+impl ImagePolicy {
+    /// From the connect options (`image_allow`: a list of absolute paths; absent: no list).
+    pub fn from_options(options: &Value) -> Result<ImagePolicy, PluginError> {
+        let Some(list) = options.get("image_allow") else { return Ok(ImagePolicy::default()) };
+        let bad = |why: String| PluginError::invalid_argument(format!("connect option image_allow: {why}"));
+        let items = list.as_list().ok_or_else(|| bad(format!("expected a list, got {}", list.kind_name())))?;
+        let mut allow = Vec::with_capacity(items.len());
+        for item in items {
+            let path =
+                Path::new(item.as_str().ok_or_else(|| bad(format!("expected paths, got {}", item.kind_name())))?);
+            if !path.is_absolute() {
+                return Err(bad(format!("{} is not an absolute path", path.display())));
+            }
+            allow.push(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+        }
+        Ok(ImagePolicy { allow: allow.into() })
+    }
+
+    /// An allow list as given (tests).
+    pub fn allowing(paths: &[&Path]) -> ImagePolicy {
+        ImagePolicy { allow: paths.iter().map(|p| p.to_path_buf()).collect::<Vec<_>>().into() }
+    }
+
+    /// Checks an existing, already resolved path (`given` as the caller wrote it, for messages).
+    pub fn check(&self, given: &str, resolved: &Path, meta: &Metadata, what: &str) -> Result<(), PluginError> {
+        let shown = if Path::new(given) == resolved {
+            given.to_string()
+        } else {
+            format!("{given} (resolved: {})", resolved.display())
+        };
+        let refuse = |rule: String| PluginError::invalid_argument(format!("{what}: {shown} is refused: {rule}"));
+        let mut allowing = self.allow.iter().filter(|a| resolved.starts_with(a));
+        if !self.allow.is_empty() && allowing.clone().next().is_none() {
+            return Err(refuse(format!(
+                "it is outside this host's image directories ({}; [images] allow in /etc/capvirt/capvirt.toml)",
+                self.allow.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let file_type = meta.file_type();
+        if file_type.is_block_device() || file_type.is_char_device() {
+            let listed = allowing.any(|a| a == resolved || a.starts_with("/dev"));
+            if !listed {
+                return Err(refuse(
+                    "device nodes are images only when [images] allow in /etc/capvirt/capvirt.toml names them".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if let Some(area) = DENIED_AREAS.iter().find(|area| resolved.starts_with(area)) {
+            let lifted = self.allow.iter().any(|a| resolved.starts_with(a) && a.starts_with(area));
+            if !lifted {
+                return Err(refuse(format!(
+                    "nothing under {area} may be an image, kernel or save file unless [images] allow in /etc/capvirt/capvirt.toml names a path inside it"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a file about to be created (`domain.save`): its directory resolved, the name kept.
+    pub fn check_new(&self, given: &str, target: &Path, what: &str) -> Result<(), PluginError> {
+        let dir = target.parent().unwrap_or(Path::new("/"));
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot access {}: {e}", dir.display())))?;
+        self.check(given, target, &meta, what)
+    }
+
+    /// Resolves and checks an existing file (`domain.restore`).
+    pub fn check_existing(&self, given: &str, what: &str) -> Result<(), PluginError> {
+        let Ok(resolved) = std::fs::canonicalize(given) else {
+            // Missing or unreadable: the open that follows reports it precisely.
+            return Ok(());
+        };
+        let meta = std::fs::metadata(&resolved)
+            .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot access {given}: {e}")))?;
+        if !meta.is_file() {
+            // Not a regular file: refused by the open that follows, which says exactly that.
+            return Ok(());
+        }
+        self.check(given, &resolved, &meta, what)
+    }
 }
 
 /// Checks a domain name before it becomes a directory name (the registry checked it too; this
@@ -308,7 +408,7 @@ pub fn check_device_id(id: &str, what: &str) -> Result<(), PluginError> {
 
 /// Resolves an image path: it must exist, be a regular file or block device, and hold the
 /// declared format (a qcow2 image declared raw would hand the guest the image's metadata).
-pub fn check_image(path: &str, format: Format, what: &str) -> Result<PathBuf, PluginError> {
+pub fn check_image(path: &str, format: Format, what: &str, images: &ImagePolicy) -> Result<PathBuf, PluginError> {
     if path.is_empty() || path.chars().any(char::is_control) {
         return Err(PluginError::invalid_argument(format!(
             "{what}: image path {path:?} is empty or has control characters"
@@ -326,6 +426,7 @@ pub fn check_image(path: &str, format: Format, what: &str) -> Result<PathBuf, Pl
     if !(meta.is_file() || meta.file_type().is_block_device()) {
         return Err(PluginError::invalid_argument(format!("{what}: {path} is not a regular file or block device")));
     }
+    images.check(path, &resolved, &meta, what)?;
     let header = read_header(&resolved)
         .map_err(|e| PluginError::invalid_argument(format!("{what}: cannot read image {path}: {e}")))?;
     let is_qcow2 = header.starts_with(&QCOW2_MAGIC);
@@ -376,13 +477,13 @@ fn check_qcow2_header(header: &[u8], path: &str, what: &str) -> Result<(), Plugi
 }
 
 /// Validates a device to attach (or listed in a spec): ids, backing image.
-pub fn device(device: &DeviceSpec) -> Result<Device, PluginError> {
+pub fn device(device: &DeviceSpec, images: &ImagePolicy) -> Result<Device, PluginError> {
     check_device_id(&device.id, "device")?;
     let backing = device.disk_backing()?;
     let (path, format) = match backing {
         Some((path, format)) => {
             let what = format!("device {}", device.id);
-            (Some(check_image(path, format.into(), &what)?), Some(Format::from(format)))
+            (Some(check_image(path, format.into(), &what, images)?), Some(Format::from(format)))
         }
         None => (None, None),
     };
@@ -390,7 +491,7 @@ pub fn device(device: &DeviceSpec) -> Result<Device, PluginError> {
 }
 
 /// The direct kernel boot a `[boot]` table asks for (`None`: boot the disks).
-fn kernel_boot(boot: &BootSpec) -> Result<Option<KernelBoot>, PluginError> {
+fn kernel_boot(boot: &BootSpec, images: &ImagePolicy) -> Result<Option<KernelBoot>, PluginError> {
     if !boot.init.is_empty() {
         return Err(PluginError::invalid_argument(
             "boot.init names a container's first process; a virtual machine boots its disks or boot.kernel".to_string(),
@@ -406,14 +507,14 @@ fn kernel_boot(boot: &BootSpec) -> Result<Option<KernelBoot>, PluginError> {
         return Err(PluginError::invalid_argument(format!("boot.cmdline {cmdline:?} has control characters")));
     }
     Ok(Some(KernelBoot {
-        kernel: check_boot_file(kernel, "boot.kernel")?,
-        initrd: boot.initrd.as_deref().map(|p| check_boot_file(p, "boot.initrd")).transpose()?,
+        kernel: check_boot_file(kernel, "boot.kernel", images)?,
+        initrd: boot.initrd.as_deref().map(|p| check_boot_file(p, "boot.initrd", images)).transpose()?,
         cmdline: boot.cmdline.clone(),
     }))
 }
 
 /// Resolves a kernel or initrd path: an existing regular file.
-fn check_boot_file(path: &str, what: &str) -> Result<PathBuf, PluginError> {
+pub fn check_boot_file(path: &str, what: &str, images: &ImagePolicy) -> Result<PathBuf, PluginError> {
     if path.is_empty() || path.chars().any(char::is_control) {
         return Err(PluginError::invalid_argument(format!("{what}: path {path:?} is empty or has control characters")));
     }
@@ -426,6 +527,7 @@ fn check_boot_file(path: &str, what: &str) -> Result<PathBuf, PluginError> {
     if !meta.is_file() {
         return Err(PluginError::invalid_argument(format!("{what}: {path} is not a regular file")));
     }
+    images.check(path, &resolved, &meta, what)?;
     Ok(resolved)
 }
 
@@ -526,7 +628,7 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
                 "{what}: QEMU's SATA disks cannot be read-only; use bus \"virtio\" or \"usb\""
             )));
         }
-        let path = check_image(&disk.path, disk.format.into(), &what)?;
+        let path = check_image(&disk.path, disk.format.into(), &what, limits.images)?;
         if !paths.insert(path.clone()) {
             return Err(PluginError::invalid_argument(format!("{what}: image {} is used twice", path.display())));
         }
@@ -541,7 +643,7 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
     }
     let mut devices = Vec::with_capacity(spec.devices.len());
     for dev in &spec.devices {
-        let dev = device(dev)?;
+        let dev = device(dev, limits.images)?;
         if !ids.insert(dev.id.clone()) {
             return Err(PluginError::invalid_argument(format!("device id {} is used twice", dev.id)));
         }
@@ -566,7 +668,7 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
                 .to_string(),
         ));
     }
-    let boot = spec.boot.as_ref().map(kernel_boot).transpose()?.flatten();
+    let boot = spec.boot.as_ref().map(|b| kernel_boot(b, limits.images)).transpose()?.flatten();
     let interfaces = interfaces(spec)?;
     let machine = Machine {
         name: spec.name.clone(),
@@ -644,9 +746,49 @@ mod tests {
     }
 
     #[test]
+    fn images_stay_out_of_host_areas_and_inside_the_allow_list() {
+        let dir = std::env::temp_dir().join(format!("capvirt-qemu-images-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let disk = dir.join("disk.raw");
+        std::fs::write(&disk, [0u8; 512]).unwrap_or_else(|e| panic!("{e}"));
+        let link = dir.join("passwd.raw");
+        let _ = std::os::unix::fs::symlink("/etc/passwd", &link);
+        let text = |p: &Path| p.display().to_string();
+        let message = |r: Result<PathBuf, PluginError>| r.err().map(|e| e.message.to_string()).unwrap_or_default();
+        let anywhere = ImagePolicy::default();
+        assert!(check_image(&text(&disk), Format::Raw, "disk vda", &anywhere).is_ok());
+        let etc = message(check_image("/etc/passwd", Format::Raw, "disk vda", &anywhere));
+        assert!(etc.contains("/etc/passwd is refused") && etc.contains("nothing under /etc"), "{etc}");
+        let via_link = message(check_image(&text(&link), Format::Raw, "disk vda", &anywhere));
+        assert!(via_link.contains("resolved: /etc/passwd") && via_link.contains("under /etc"), "{via_link}");
+        let kernel =
+            check_boot_file("/proc/self/status", "boot.kernel", &anywhere).err().map(|e| e.message.to_string());
+        assert!(kernel.is_some_and(|m| m.contains("/proc")));
+        // An allow list confines images to it, and only an entry inside a denied area lifts it.
+        let elsewhere = ImagePolicy::allowing(&[Path::new("/srv/nowhere")]);
+        assert!(message(check_image(&text(&disk), Format::Raw, "disk vda", &elsewhere)).contains("outside"));
+        let inside_etc = ImagePolicy::allowing(&[Path::new("/etc/passwd")]);
+        assert!(check_image("/etc/passwd", Format::Raw, "disk vda", &inside_etc).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_allow_list_comes_from_connect_options() {
+        let options = Value::record([("image_allow", Value::list(["/srv/vm"]))]);
+        let policy = ImagePolicy::from_options(&options).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&*policy.allow, [PathBuf::from("/srv/vm")]);
+        assert!(ImagePolicy::from_options(&Value::record([("image_allow", Value::list(["vm"]))])).is_err());
+        assert!(ImagePolicy::from_options(&Value::record([("image_allow", Value::from(true))])).is_err());
+        assert!(ImagePolicy::from_options(&Value::record_empty()).is_ok_and(|p| p.allow.is_empty()));
+    }
+
+    #[test]
     fn boot_tables_become_kernel_boots_or_are_refused() {
-        assert_eq!(kernel_boot(&BootSpec::default()).ok(), Some(None));
-        let refused = |boot: BootSpec| kernel_boot(&boot).err().map(|e| e.message.to_string()).unwrap_or_default();
+        let images = ImagePolicy::default();
+        assert_eq!(kernel_boot(&BootSpec::default(), &images).ok(), Some(None));
+        let refused =
+            |boot: BootSpec| kernel_boot(&boot, &images).err().map(|e| e.message.to_string()).unwrap_or_default();
         assert!(refused(BootSpec::init(["/bin/sh"])).contains("container"));
         let mut orphan = BootSpec::default();
         orphan.cmdline = Some("quiet".into());

@@ -36,6 +36,8 @@ pub struct Config {
     pub root: PathBuf,
     pub accel: Accel,
     pub emulator: Emulator,
+    /// Where images may be (the host's `image_allow` connect option; set by `connect`).
+    pub images: crate::spec::ImagePolicy,
 }
 
 /// Parses a `qemu://` URI.
@@ -61,7 +63,7 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
             }
         }
     }
-    Ok(Config { uri: uri.to_string(), root: local.root, accel, emulator })
+    Ok(Config { uri: uri.to_string(), root: local.root, accel, emulator, images: Default::default() })
 }
 
 #[cfg(test)]

@@ -160,17 +160,17 @@ fn child(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let scratch = dir.join(verify::RUN_DIR);
     // The registry source is the CLI's (an unreviewed `--registry DIR` is hardened as the
     // host does) and its calls are audited like every CLI call; the rest are the defaults.
-    let file_config = crate::config::HostFileConfig::load(crate::config::locate_from_env().as_ref())
-        .map_err(|e| CliError::usage(e.to_string()))?;
+    let audit = ctx.audit_setting()?;
+    let registry = match &ctx.globals.registry_dir {
+        Some(dir) => crate::host::RegistrySource::Dir(dir.clone()),
+        None => crate::host::RegistrySource::Embedded,
+    };
+    let (system, access) = ctx.system()?;
     let base = crate::host::HostConfig {
-        registry: match &ctx.globals.registry_dir {
-            Some(dir) => crate::host::RegistrySource::Dir(dir.clone()),
-            None => crate::host::RegistrySource::Embedded,
-        },
-        audit: crate::audit::AuditSetting::Log {
-            path: super::audit::log_path(&ctx.globals),
-            fail_open: file_config.audit.fail_open,
-        },
+        registry,
+        audit,
+        policy: crate::policy::Policy { access: access.clone(), ..Default::default() },
+        image_allow: system.images.allow.clone(),
         ..Default::default()
     };
     let options = suite::SuiteOptions { plugin_dir: &dir, uri: opt_string(m, "uri"), spec, scratch: &scratch, base };
