@@ -46,6 +46,8 @@ pub struct HostConfig {
     pub pins: crate::plugins::Pins,
     /// Where audit records go; off by default for library users, always a log in the CLI.
     pub audit: AuditSetting,
+    /// Run each connection's driver in a child process (`None`: in this process).
+    pub isolation: Option<crate::isolate::Isolation>,
 }
 
 impl Default for HostConfig {
@@ -57,6 +59,7 @@ impl Default for HostConfig {
             pins: Default::default(),
             audit: AuditSetting::default(),
             check_results: true,
+            isolation: None,
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct Host {
     policy: Arc<Policy>,
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
+    isolation: Option<crate::isolate::Isolation>,
+    pins: crate::plugins::Pins,
 }
 
 impl Host {
@@ -99,7 +104,15 @@ impl Host {
             AuditSetting::Off => None,
             AuditSetting::Log { path, fail_open } => Some(Arc::new(AuditLog::new(path, fail_open))),
         };
-        Host { registry, plugins, policy: Arc::new(config.policy), check_results: config.check_results, audit }
+        Host {
+            registry,
+            plugins,
+            policy: Arc::new(config.policy),
+            check_results: config.check_results,
+            audit,
+            isolation: config.isolation,
+            pins: config.pins,
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -142,16 +155,33 @@ impl Host {
             };
             HostError::NoDriver { uri: uri.to_string(), scheme: scheme.to_string(), hint }
         })?;
-        let options = Value::record([("readonly", Value::Bool(readonly))]);
-        let driver = (plugin.module.connect())(uri.into(), &options)
-            .into_result()
-            .map_err(|error| HostError::Connect { uri: uri.to_string(), error })?;
+        let connect_error = |error| HostError::Connect { uri: uri.to_string(), error };
+        let driver = match &self.isolation {
+            None => {
+                let options = Value::record([("readonly", Value::Bool(readonly))]);
+                let driver = (plugin.module.connect())(uri.into(), &options).into_result().map_err(connect_error)?;
+                DriverHandle::new(driver)
+            }
+            Some(isolation) => {
+                let pin = self.pins.get(&plugin.path).map(String::as_str);
+                let driver = crate::isolate::IsolatedDriver::start(
+                    &plugin.info.name,
+                    &plugin.path,
+                    pin,
+                    uri,
+                    readonly,
+                    isolation,
+                )
+                .map_err(connect_error)?;
+                DriverHandle::isolated(driver)
+            }
+        };
         Ok(Connection {
             uri: uri.to_string(),
             audit_uri: redact::cut(uri, redact::MAX_TEXT).into_owned(),
             readonly,
             plugin: Arc::clone(plugin),
-            driver: DriverHandle::new(driver),
+            driver,
             registry: Arc::clone(&self.registry),
             policy: Arc::clone(&self.policy),
             check_results: self.check_results,

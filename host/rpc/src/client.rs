@@ -75,6 +75,40 @@ impl Client {
             }))
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
+        Client::negotiate(channel, socket, ours, max_message_bytes).await
+    }
+
+    /// A client over one already connected socket (the host's end of an isolated driver's
+    /// socket pair). `name` stands for the far side in errors. Once that connection breaks,
+    /// every call fails: the far side is gone.
+    pub async fn over_stream(
+        stream: UnixStream,
+        name: &Path,
+        ours: Hello,
+        max_message_bytes: usize,
+    ) -> Result<Client, ClientError> {
+        let stream = std::sync::Mutex::new(Some(stream));
+        let channel = Endpoint::from_static("http://capvirt.pair")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let taken = stream.lock().ok().and_then(|mut s| s.take());
+                async move {
+                    taken.map(TokioIo::new).ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotConnected, "the connection was closed")
+                    })
+                }
+            }))
+            .await
+            .map_err(|e| ClientError::Unreachable { socket: name.to_path_buf(), reason: error_chain(&e) })?;
+        Client::negotiate(channel, name, ours, max_message_bytes).await
+    }
+
+    async fn negotiate(
+        channel: Channel,
+        socket: &Path,
+        ours: Hello,
+        max_message_bytes: usize,
+    ) -> Result<Client, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable { socket: socket.to_path_buf(), reason };
         let mut inner = CapvirtClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
@@ -100,6 +134,22 @@ impl Client {
     /// What the far side said in `Hello`.
     pub fn far_side(&self) -> &Hello {
         &self.far
+    }
+
+    /// Opens the far side's connection to `uri` (its driver may refuse the URI). The outer
+    /// error is the transport's, the inner one the far side's refusal.
+    pub async fn connect(&self, uri: &str, readonly: bool) -> Result<Result<(), CallFailure>, ClientError> {
+        let request = proto::OpenRequest { uri: uri.to_owned(), readonly };
+        match self.inner.clone().open(request).await {
+            Ok(_) => Ok(Ok(())),
+            Err(status) if status.code() == Code::Aborted => {
+                match <proto::CallFailure as Message>::decode(status.details()) {
+                    Ok(failure) => Ok(Err(CallFailure::from_wire(failure))),
+                    Err(e) => Err(ClientError::Rpc(format!("unreadable connect refusal: {e}"))),
+                }
+            }
+            Err(status) => Err(status.into()),
+        }
     }
 
     /// Calls `capability` on the far side's `uri`; `on_update` sees progress and events.
@@ -136,7 +186,7 @@ impl Client {
             }
             outcome = Some(match kind {
                 Kind::Result(result) => Ok(value::from_wire(result)?),
-                Kind::Error(failure) => Err(CallFailure { kind: failure.kind().into(), message: failure.message }),
+                Kind::Error(failure) => Err(CallFailure::from_wire(failure)),
                 Kind::Progress(_) | Kind::Event(_) => continue,
             });
         }

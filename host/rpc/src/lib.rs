@@ -17,7 +17,7 @@ pub mod proto {
 }
 
 pub use client::{Client, ClientError};
-pub use server::{serve_unix, CapvirtService, Executor, IncomingCall, PeerIdentity, Reporter};
+pub use server::{serve_connection, serve_unix, CapvirtService, Executor, IncomingCall, PeerIdentity, Reporter};
 pub use value::ValueError;
 
 /// The protocol major both sides must share; bumped only by an incompatible wire change.
@@ -135,11 +135,68 @@ impl From<proto::ErrorKind> for ErrorKind {
 pub struct CallFailure {
     pub kind: ErrorKind,
     pub message: String,
+    /// The driver's own error kind, when the failure is a driver error passed through unchanged
+    /// (an isolated driver's child reports these, so the host handles them as in process).
+    pub driver_kind: Option<capvirt_plugin_api::ErrorKind>,
 }
 
 impl CallFailure {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        CallFailure { kind, message: message.into() }
+        CallFailure { kind, message: message.into(), driver_kind: None }
+    }
+
+    /// A driver's error, kept exact.
+    pub fn from_driver(error: &capvirt_plugin_api::PluginError) -> Self {
+        use capvirt_plugin_api::ErrorKind as Driver;
+        let kind = match error.kind {
+            Driver::NotFound => ErrorKind::NotFound,
+            Driver::InvalidArgument => ErrorKind::InvalidArgument,
+            Driver::InvalidState => ErrorKind::InvalidState,
+            Driver::Unsupported => ErrorKind::Unsupported,
+            Driver::DriverFailure | Driver::Timeout | Driver::Internal => ErrorKind::Other,
+        };
+        CallFailure { kind, message: error.message.to_string(), driver_kind: Some(error.kind) }
+    }
+
+    /// The driver error this failure carries, if it is one.
+    pub fn driver_error(&self) -> Option<capvirt_plugin_api::PluginError> {
+        self.driver_kind.map(|kind| capvirt_plugin_api::PluginError::new(kind, self.message.clone()))
+    }
+
+    pub(crate) fn to_wire(&self) -> proto::CallFailure {
+        use capvirt_plugin_api::ErrorKind as Driver;
+        use proto::DriverErrorKind as Wire;
+        let driver_kind = match self.driver_kind {
+            None => Wire::Unspecified,
+            Some(Driver::NotFound) => Wire::NotFound,
+            Some(Driver::InvalidArgument) => Wire::InvalidArgument,
+            Some(Driver::InvalidState) => Wire::InvalidState,
+            Some(Driver::Unsupported) => Wire::Unsupported,
+            Some(Driver::DriverFailure) => Wire::DriverFailure,
+            Some(Driver::Timeout) => Wire::Timeout,
+            Some(Driver::Internal) => Wire::Internal,
+        };
+        proto::CallFailure {
+            kind: proto::ErrorKind::from(self.kind).into(),
+            message: self.message.clone(),
+            driver_kind: driver_kind.into(),
+        }
+    }
+
+    pub(crate) fn from_wire(failure: proto::CallFailure) -> Self {
+        use capvirt_plugin_api::ErrorKind as Driver;
+        use proto::DriverErrorKind as Wire;
+        let driver_kind = match failure.driver_kind() {
+            Wire::Unspecified => None,
+            Wire::NotFound => Some(Driver::NotFound),
+            Wire::InvalidArgument => Some(Driver::InvalidArgument),
+            Wire::InvalidState => Some(Driver::InvalidState),
+            Wire::Unsupported => Some(Driver::Unsupported),
+            Wire::DriverFailure => Some(Driver::DriverFailure),
+            Wire::Timeout => Some(Driver::Timeout),
+            Wire::Internal => Some(Driver::Internal),
+        };
+        CallFailure { kind: failure.kind().into(), message: failure.message, driver_kind }
     }
 }
 

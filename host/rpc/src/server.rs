@@ -2,12 +2,24 @@
 //! thread (drivers block), reports progress and events as they happen, and sees itself
 //! cancelled as soon as the client drops the response stream.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use capvirt_plugin_api::Value;
-use tokio::{net::UnixListener, sync::mpsc};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tonic::{transport::server::UdsConnectInfo, Request, Response, Status};
+use tonic::{
+    transport::server::{Connected, UdsConnectInfo},
+    Code, Request, Response, Status,
+};
 
 use crate::{
     proto::{self, call_update::Kind, capvirt_server::CapvirtServer},
@@ -39,6 +51,12 @@ pub trait Executor: Send + Sync + 'static {
     fn hello(&self) -> Hello;
     /// Performs one call on a blocking thread, reporting through `reporter`.
     fn call(&self, call: IncomingCall, reporter: &Reporter) -> Result<Value, CallFailure>;
+    /// Opens (or checks) the connection to `uri` before any call, on a blocking thread, so
+    /// a refused URI is reported at connect time. By default every URI is accepted here and
+    /// judged at its first call.
+    fn connect(&self, _uri: &str, _readonly: bool, _peer: Option<PeerIdentity>) -> Result<(), CallFailure> {
+        Ok(())
+    }
 }
 
 /// How a running call reports progress and events, and learns it was cancelled.
@@ -103,14 +121,28 @@ impl<E: Executor> proto::capvirt_server::Capvirt for CapvirtService<E> {
         Ok(Response::new(self.executor.hello().into()))
     }
 
+    async fn open(&self, request: Request<proto::OpenRequest>) -> Result<Response<proto::OpenReply>, Status> {
+        let peer = peer_identity(&request);
+        let request = request.into_inner();
+        let executor = Arc::clone(&self.executor);
+        let outcome = tokio::task::spawn_blocking(move || executor.connect(&request.uri, request.readonly, peer))
+            .await
+            .map_err(|e| Status::internal(format!("connect did not finish: {e}")))?;
+        match outcome {
+            Ok(()) => Ok(Response::new(proto::OpenReply {})),
+            // The failure travels in the status details, exact (see `Client::connect`).
+            Err(failure) => Err(Status::with_details(
+                Code::Aborted,
+                failure.message.clone(),
+                prost::Message::encode_to_vec(&failure.to_wire()).into(),
+            )),
+        }
+    }
+
     type CallStream = ReceiverStream<Result<proto::CallUpdate, Status>>;
 
     async fn call(&self, request: Request<proto::CallRequest>) -> Result<Response<Self::CallStream>, Status> {
-        let peer = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .map(|cred| PeerIdentity { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() });
+        let peer = peer_identity(&request);
         let request = request.into_inner();
         let args = value::from_wire_opt(request.args)
             .map_err(|e| Status::invalid_argument(format!("arguments of `{}`: {e}", request.capability)))?;
@@ -122,15 +154,71 @@ impl<E: Executor> proto::capvirt_server::Capvirt for CapvirtService<E> {
             let reporter = Reporter { tx };
             let last = match executor.call(call, &reporter) {
                 Ok(result) => Kind::Result(value::to_wire(&result)),
-                Err(failure) => Kind::Error(proto::CallFailure {
-                    kind: proto::ErrorKind::from(failure.kind).into(),
-                    message: failure.message,
-                }),
+                Err(failure) => Kind::Error(failure.to_wire()),
             };
             // A cancelled call's client is gone: nobody to tell.
             let _ = reporter.tx.blocking_send(Ok(update(last)));
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The caller's OS identity, when the transport is a Unix socket.
+fn peer_identity<T>(request: &Request<T>) -> Option<PeerIdentity> {
+    request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred).map(|cred| PeerIdentity {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    })
+}
+
+/// Serves `executor` on one already connected socket (an isolated driver's end of its
+/// socket pair) until the far side closes it or goes away.
+pub async fn serve_connection<E: Executor>(
+    stream: UnixStream,
+    executor: Arc<E>,
+    max_message_bytes: usize,
+) -> Result<(), tonic::transport::Error> {
+    let (closed_tx, closed_rx) = oneshot::channel();
+    let stream = WatchedStream { inner: stream, _closed: closed_tx };
+    // With one connection and no shutdown signal, tonic returns once it has handed the
+    // connection to its own task; the connection's end is seen when hyper drops the stream.
+    tonic::transport::Server::builder()
+        .add_service(CapvirtService::new(executor).into_server(max_message_bytes))
+        .serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(stream)))
+        .await?;
+    let _ = closed_rx.await;
+    Ok(())
+}
+
+/// A socket that says when it is dropped (its connection ended).
+struct WatchedStream {
+    inner: UnixStream,
+    _closed: oneshot::Sender<()>,
+}
+
+impl Connected for WatchedStream {
+    type ConnectInfo = UdsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
