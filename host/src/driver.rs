@@ -1,8 +1,8 @@
 //! The driver step of the dispatch path: one handle per open connection, whose only entry
 //! point demands a policy [`Grant`] and [`ValidArgs`], so an ungated call does not compile.
 //!
-//! Today a handle wraps an in-process plugin connection; an out-of-process (isolated) backend
-//! slots in here behind the same `invoke`.
+//! A handle wraps an in-process plugin connection or an isolated one (a child process, see
+//! [`crate::isolate`]) behind the same `invoke`.
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::RStr};
 use capvirt_plugin_api::{CallContext, CallContext_TO, DriverBox, PluginError, Value};
@@ -24,12 +24,21 @@ impl CallObserver for NoObserver {}
 
 /// An open connection to a driver.
 pub struct DriverHandle {
-    inner: DriverBox,
+    inner: Backend,
+}
+
+enum Backend {
+    InProcess(DriverBox),
+    Isolated(Box<crate::isolate::IsolatedDriver>),
 }
 
 impl DriverHandle {
     pub(crate) fn new(inner: DriverBox) -> Self {
-        DriverHandle { inner }
+        DriverHandle { inner: Backend::InProcess(inner) }
+    }
+
+    pub(crate) fn isolated(inner: crate::isolate::IsolatedDriver) -> Self {
+        DriverHandle { inner: Backend::Isolated(Box::new(inner)) }
     }
 
     /// Performs the granted capability with validated arguments.
@@ -47,9 +56,14 @@ impl DriverHandle {
                 capability.id()
             )));
         }
-        let bridge = ObserverBridge(observer);
-        let context = CallContext_TO::from_ptr(&bridge, TD_Opaque);
-        self.inner.invoke(RStr::from(capability.id()), args.value(), context).into_result()
+        match &self.inner {
+            Backend::InProcess(driver) => {
+                let bridge = ObserverBridge(observer);
+                let context = CallContext_TO::from_ptr(&bridge, TD_Opaque);
+                driver.invoke(RStr::from(capability.id()), args.value(), context).into_result()
+            }
+            Backend::Isolated(driver) => driver.invoke(capability.id(), args.value(), observer),
+        }
     }
 }
 

@@ -50,6 +50,8 @@ pub struct HostConfig {
     /// Where drivers may open images (the system config's `[images] allow`; empty: anywhere
     /// but their deny list). Passed to every driver as the `image_allow` connect option.
     pub image_allow: Vec<PathBuf>,
+    /// Run each connection's driver in a child process (`None`: in this process).
+    pub isolation: Option<crate::isolate::Isolation>,
 }
 
 impl Default for HostConfig {
@@ -62,6 +64,7 @@ impl Default for HostConfig {
             audit: AuditSetting::default(),
             check_results: true,
             image_allow: Vec::new(),
+            isolation: None,
         }
     }
 }
@@ -74,6 +77,8 @@ pub struct Host {
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
     image_allow: Vec<PathBuf>,
+    isolation: Option<crate::isolate::Isolation>,
+    pins: crate::plugins::Pins,
 }
 
 impl Host {
@@ -112,6 +117,8 @@ impl Host {
             check_results: config.check_results,
             audit,
             image_allow: config.image_allow,
+            isolation: config.isolation,
+            pins: config.pins,
         }
     }
 
@@ -162,16 +169,33 @@ impl Host {
             };
             HostError::NoDriver { uri: uri.to_string(), scheme: scheme.to_string(), hint }
         })?;
+        let connect_error = |error| HostError::Connect { uri: uri.to_string(), error };
         let options = Value::record([("readonly", Value::Bool(readonly)), ("image_allow", self.image_allow_option())]);
-        let driver = (plugin.module.connect())(uri.into(), &options)
-            .into_result()
-            .map_err(|error| HostError::Connect { uri: uri.to_string(), error })?;
+        let driver = match &self.isolation {
+            None => {
+                let driver = (plugin.module.connect())(uri.into(), &options).into_result().map_err(connect_error)?;
+                DriverHandle::new(driver)
+            }
+            Some(isolation) => {
+                let pin = self.pins.get(&plugin.path).map(String::as_str);
+                let driver = crate::isolate::IsolatedDriver::start(
+                    &plugin.info.name,
+                    &plugin.path,
+                    pin,
+                    uri,
+                    options,
+                    isolation,
+                )
+                .map_err(connect_error)?;
+                DriverHandle::isolated(driver)
+            }
+        };
         Ok(Connection {
             uri: uri.to_string(),
             audit_uri: redact::cut(uri, redact::MAX_TEXT).into_owned(),
             readonly,
             plugin: Arc::clone(plugin),
-            driver: DriverHandle::new(driver),
+            driver,
             registry: Arc::clone(&self.registry),
             policy: Arc::clone(&self.policy),
             check_results: self.check_results,

@@ -21,6 +21,7 @@ pub mod convert;
 pub mod driver;
 pub mod error;
 pub mod host;
+pub mod isolate;
 mod loader;
 pub mod maint;
 pub mod plugins;

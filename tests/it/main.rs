@@ -8,6 +8,7 @@ mod console;
 mod container;
 mod dispatch;
 mod events;
+mod isolate;
 mod maint;
 mod plugins;
 mod qemu;

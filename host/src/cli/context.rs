@@ -25,6 +25,8 @@ pub struct GlobalOptions {
     pub registry_dir: Option<PathBuf>,
     pub enable: Vec<String>,
     pub audit_log: Option<PathBuf>,
+    /// Drivers in child processes, with this idle bound per call.
+    pub isolate: Option<std::time::Duration>,
 }
 
 impl GlobalOptions {
@@ -40,6 +42,13 @@ impl GlobalOptions {
             registry_dir,
             enable: m.get_many::<String>("enable").map(|v| v.cloned().collect()).unwrap_or_default(),
             audit_log: opt_string(m, "audit-log").map(PathBuf::from),
+            isolate: (m.get_flag("isolate") || std::env::var_os("CAPVIRT_ISOLATE").is_some_and(|v| v == "1")).then(
+                || {
+                    m.get_one::<u64>("isolate-timeout")
+                        .map(|secs| std::time::Duration::from_secs(*secs))
+                        .unwrap_or(crate::isolate::Isolation::DEFAULT_IDLE_TIMEOUT)
+                },
+            ),
         }
     }
 
@@ -150,10 +159,19 @@ impl Context {
                 pins: file_config.pins,
                 audit,
                 image_allow,
+                isolation: self.isolation()?,
             };
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
         }
         self.host.as_ref().ok_or_else(|| CliError::other("host unavailable"))
+    }
+
+    /// Isolated drivers run as children of this very binary.
+    fn isolation(&self) -> Result<Option<crate::isolate::Isolation>, CliError> {
+        let Some(idle_timeout) = self.globals.isolate else { return Ok(None) };
+        let program = std::env::current_exe()
+            .map_err(|e| CliError::other(format!("--isolate: cannot find this program to run drivers: {e}")))?;
+        Ok(Some(crate::isolate::Isolation { program, idle_timeout }))
     }
 
     /// A connection to the selected URI.

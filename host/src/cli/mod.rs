@@ -113,6 +113,21 @@ pub fn command(registry: &Registry) -> Command {
                 .help("Allow calling an experimental capability (repeatable)"),
         )
         .arg(
+            Arg::new("isolate")
+                .long("isolate")
+                .action(ArgAction::SetTrue)
+                .global(true)
+                .help("Run the driver in a child process: a driver that crashes or hangs fails the call, not capvirt [default: $CAPVIRT_ISOLATE=1]"),
+        )
+        .arg(
+            Arg::new("isolate-timeout")
+                .long("isolate-timeout")
+                .value_name("SECS")
+                .value_parser(clap::value_parser!(u64).range(1..))
+                .global(true)
+                .help("With --isolate: stop a driver that reports nothing during a call for SECS seconds [default: 300]"),
+        )
+        .arg(
             Arg::new("audit-log")
                 .long("audit-log")
                 .value_name("FILE")

@@ -1,8 +1,9 @@
 //! A test-only plugin whose manifest and behaviour are chosen by `CAPVIRT_FIXTURE_MODE` when
 //! it is loaded:
 //!
-//! - `panic` (default): serves `fixture://`; `domain.info` panics, `domain.list` works,
-//!   `host.info` returns a result of the wrong shape;
+//! - `panic` (default): serves `fixture://`; `domain.info` panics (but for domain `segv` the
+//!   process dies of SIGSEGV, for `abort` it aborts, for `hang` the call never returns — the
+//!   isolation tests), `domain.list` works, `host.info` returns a result of the wrong shape;
 //! - `rejected`: declares the rejected `domain.monitor-command` (must be refused);
 //! - `unknown`: declares a capability the registry does not know (must be ignored);
 //! - `major`: built against registry 2.0.0 (must be refused);
@@ -68,7 +69,7 @@ impl Plugin for Fixture {
         }
         match capability {
             "domain.list" => Ok(Value::list(Vec::<Value>::new())),
-            "domain.info" => panic!("fixture panics in domain.info"),
+            "domain.info" => crash(args.str("domain")?),
             // Declared type is HostInfo; a bare string is malformed.
             "host.info" => Ok(Value::from("not a record")),
             other => Err(PluginError::unsupported(other.to_string())),
@@ -188,3 +189,21 @@ fn liar(capability: &str, args: &Args<'_>) -> Result<Value, PluginError> {
 }
 
 capvirt_plugin_api::export_plugin!(Fixture);
+
+/// Dies or hangs as the domain's name says (see the crate docs); otherwise panics.
+fn crash(domain: &str) -> Result<Value, PluginError> {
+    match domain {
+        "segv" => {
+            // Rust's runtime catches the first SIGSEGV (its stack-overflow check), finds no
+            // guard-page fault, restores the default action and returns; the second kills.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+            Err(PluginError::internal("SIGSEGV did not end the process"))
+        }
+        "abort" => std::process::abort(),
+        "hang" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
+        _ => panic!("fixture panics in domain.info"),
+    }
+}

@@ -6,6 +6,7 @@ pub mod call;
 pub mod capabilities;
 pub mod capability;
 pub mod console;
+pub mod driver_child;
 pub mod events;
 pub mod plugin;
 pub mod plugins;
@@ -24,6 +25,7 @@ pub fn fixed_commands() -> Vec<Command> {
         capabilities::cli(),
         console::cli(),
         events::cli(),
+        driver_child::cli(),
         plugin::cli(),
         plugins::cli(),
         proposal::cli(),
@@ -45,6 +47,7 @@ pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Resul
         "capabilities" => capabilities::exec(m, ctx),
         "console" => console::exec(m, ctx),
         "events" => events::exec(m, ctx),
+        "driver-child" => driver_child::exec(m, ctx),
         "plugin" => plugin::exec(m, ctx),
         "plugins" => plugins::exec(m, ctx),
         "proposal" => proposal::exec(m, ctx),

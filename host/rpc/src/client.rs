@@ -1,0 +1,212 @@
+//! The client side: a connection to a daemon's Unix socket, version negotiation at connect,
+//! and calls whose updates are handed to a callback as they arrive. Dropping a call's future
+//! cancels the call on the far side.
+
+use std::path::{Path, PathBuf};
+
+use capvirt_plugin_api::Value;
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use tokio::net::UnixStream;
+use tonic::{
+    transport::{Channel, Endpoint, Uri},
+    Code, Status,
+};
+
+use crate::{
+    proto::{self, call_update::Kind, capvirt_client::CapvirtClient},
+    value, CallFailure, Hello, Update, ValueError, PROTOCOL_MAJOR,
+};
+
+/// Why a call did not reach the far side or came back unreadable (a refusal *by* the far
+/// side is a [`CallFailure`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing accepted a connection on the socket.
+    #[error("cannot reach the capvirt daemon at {}: {reason}", socket.display())]
+    Unreachable { socket: PathBuf, reason: String },
+    /// The far side speaks another protocol major.
+    #[error("the capvirt daemon at {} refused this client: {reason}", socket.display())]
+    ProtocolMismatch { socket: PathBuf, reason: String },
+    /// A message exceeded the bound one side sets on message sizes.
+    #[error("message too large: {0}")]
+    TooLarge(String),
+    /// The far side refused the request at the protocol level, or the connection broke.
+    #[error("{0}")]
+    Rpc(String),
+    /// The far side sent a value that is not one.
+    #[error("malformed message from the far side: {0}")]
+    Malformed(#[from] ValueError),
+    /// The call's stream ended with no final message.
+    #[error("the far side ended the call without a result")]
+    NoResult,
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        match status.code() {
+            Code::OutOfRange | Code::ResourceExhausted => ClientError::TooLarge(format!(
+                "the far side refused it ({})",
+                status.message().trim_start_matches("Error, ")
+            )),
+            code => ClientError::Rpc(format!("{} ({code:?})", status.message())),
+        }
+    }
+}
+
+/// A connection to a daemon (cheap to clone; clones share the connection).
+#[derive(Clone)]
+pub struct Client {
+    inner: CapvirtClient<Channel>,
+    far: Hello,
+    max_message_bytes: usize,
+}
+
+impl Client {
+    /// Connects to the socket at `socket` and negotiates versions with `ours`.
+    pub async fn connect_unix(socket: &Path, ours: Hello, max_message_bytes: usize) -> Result<Client, ClientError> {
+        let path = socket.to_path_buf();
+        let unreachable = |reason: String| ClientError::Unreachable { socket: socket.to_path_buf(), reason };
+        // The authority is not used: every connection dials the socket.
+        let channel = Endpoint::from_static("http://capvirt.sock")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            }))
+            .await
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        Client::negotiate(channel, socket, ours, max_message_bytes).await
+    }
+
+    /// A client over one already connected socket (the host's end of an isolated driver's
+    /// socket pair). `name` stands for the far side in errors. Once that connection breaks,
+    /// every call fails: the far side is gone.
+    pub async fn over_stream(
+        stream: UnixStream,
+        name: &Path,
+        ours: Hello,
+        max_message_bytes: usize,
+    ) -> Result<Client, ClientError> {
+        let stream = std::sync::Mutex::new(Some(stream));
+        let channel = Endpoint::from_static("http://capvirt.pair")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let taken = stream.lock().ok().and_then(|mut s| s.take());
+                async move {
+                    taken.map(TokioIo::new).ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotConnected, "the connection was closed")
+                    })
+                }
+            }))
+            .await
+            .map_err(|e| ClientError::Unreachable { socket: name.to_path_buf(), reason: error_chain(&e) })?;
+        Client::negotiate(channel, name, ours, max_message_bytes).await
+    }
+
+    async fn negotiate(
+        channel: Channel,
+        socket: &Path,
+        ours: Hello,
+        max_message_bytes: usize,
+    ) -> Result<Client, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable { socket: socket.to_path_buf(), reason };
+        let mut inner = CapvirtClient::new(channel)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        let far: Hello = match inner.hello(proto::HelloMessage::from(ours)).await {
+            Ok(reply) => reply.into_inner().into(),
+            Err(status) if status.code() == Code::FailedPrecondition => {
+                return Err(ClientError::ProtocolMismatch {
+                    socket: socket.to_path_buf(),
+                    reason: status.message().to_owned(),
+                })
+            }
+            Err(status) => return Err(unreachable(status.message().to_owned())),
+        };
+        if far.protocol_major != PROTOCOL_MAJOR {
+            return Err(ClientError::ProtocolMismatch {
+                socket: socket.to_path_buf(),
+                reason: format!("it speaks capvirt protocol {}, this client {PROTOCOL_MAJOR}", far.protocol_major),
+            });
+        }
+        Ok(Client { inner, far, max_message_bytes })
+    }
+
+    /// What the far side said in `Hello`.
+    pub fn far_side(&self) -> &Hello {
+        &self.far
+    }
+
+    /// Opens the far side's connection to `uri` (its driver may refuse the URI). The outer
+    /// error is the transport's, the inner one the far side's refusal.
+    pub async fn connect(
+        &self,
+        uri: &str,
+        readonly: bool,
+        options: Option<&Value>,
+    ) -> Result<Result<(), CallFailure>, ClientError> {
+        let request = proto::OpenRequest { uri: uri.to_owned(), readonly, options: options.map(value::to_wire) };
+        match self.inner.clone().open(request).await {
+            Ok(_) => Ok(Ok(())),
+            Err(status) if status.code() == Code::Aborted => {
+                match <proto::CallFailure as Message>::decode(status.details()) {
+                    Ok(failure) => Ok(Err(CallFailure::from_wire(failure))),
+                    Err(e) => Err(ClientError::Rpc(format!("unreadable connect refusal: {e}"))),
+                }
+            }
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// Calls `capability` on the far side's `uri`; `on_update` sees progress and events.
+    /// The outer error is the transport's, the inner one the far side's refusal or failure.
+    pub async fn call(
+        &self,
+        uri: &str,
+        readonly: bool,
+        capability: &str,
+        args: &Value,
+        mut on_update: impl FnMut(Update),
+    ) -> Result<Result<Value, CallFailure>, ClientError> {
+        let request = proto::CallRequest {
+            uri: uri.to_owned(),
+            readonly,
+            capability: capability.to_owned(),
+            args: if args.is_unit() { None } else { Some(value::to_wire(args)) },
+        };
+        // Refused here with the sizes: tonic would only report an HTTP/2 error.
+        let size = request.encoded_len();
+        if size > self.max_message_bytes {
+            return Err(ClientError::TooLarge(format!(
+                "the request for `{capability}` is {size} bytes, over this client's limit of {} bytes",
+                self.max_message_bytes
+            )));
+        }
+        let mut stream = self.inner.clone().call(request).await?.into_inner();
+        let mut outcome = None;
+        while let Some(message) = stream.message().await? {
+            let Some(mut kind) = message.kind else { continue };
+            if let Some(update) = Update::from_wire(&mut kind) {
+                on_update(update?);
+                continue;
+            }
+            outcome = Some(match kind {
+                Kind::Result(result) => Ok(value::from_wire(result)?),
+                Kind::Error(failure) => Err(CallFailure::from_wire(failure)),
+                Kind::Progress(_) | Kind::Event(_) => continue,
+            });
+        }
+        outcome.ok_or(ClientError::NoResult)
+    }
+}
+
+/// An error and its causes on one line (tonic's own text is only "transport error").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

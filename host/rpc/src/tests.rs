@@ -1,0 +1,192 @@
+//! The protocol over a real Unix socket: a test executor stands in for the host.
+
+use std::{
+    sync::{mpsc as std_mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use capvirt_plugin_api::Value;
+use tokio::net::UnixListener;
+
+use crate::{
+    proto::{self, capvirt_client::CapvirtClient},
+    serve_unix, CallFailure, Client, ClientError, ErrorKind, Executor, Hello, IncomingCall, Reporter, Update,
+    PROTOCOL_MAJOR,
+};
+
+/// Answers by capability id: `echo` returns its arguments with the caller's uid, `fail`
+/// fails, `chatty` reports before answering, `wait` runs until cancelled.
+struct TestExecutor {
+    cancelled: Mutex<Option<std_mpsc::Sender<bool>>>,
+}
+
+impl Executor for TestExecutor {
+    fn hello(&self) -> Hello {
+        Hello::new("1.1.0".into(), vec!["echo".into(), "fail".into()], "test".into())
+    }
+
+    fn call(&self, call: IncomingCall, reporter: &Reporter) -> Result<Value, CallFailure> {
+        match call.capability.as_str() {
+            "echo" => Ok(Value::record([
+                ("uri", Value::from(call.uri)),
+                ("readonly", Value::Bool(call.readonly)),
+                ("args", call.args),
+                ("uid", Value::from(call.peer.map(|p| u64::from(p.uid)))),
+            ])),
+            "fail" => Err(CallFailure::new(ErrorKind::NotFound, "domain `nope` not found")),
+            "chatty" => {
+                reporter.progress(1, 2);
+                reporter.event("tick", &Value::record([("n", 1u64)]));
+                Ok(Value::Unit)
+            }
+            "wait" => {
+                let started = Instant::now();
+                while !reporter.is_cancelled() && started.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if let Some(tx) = self.cancelled.lock().ok().and_then(|mut g| g.take()) {
+                    let _ = tx.send(reporter.is_cancelled());
+                }
+                Ok(Value::Unit)
+            }
+            other => Err(CallFailure::new(ErrorKind::Denied, format!("capability `{other}` is not in the registry"))),
+        }
+    }
+}
+
+struct Served {
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    cancelled: std_mpsc::Receiver<bool>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn serve(max_message_bytes: usize) -> Served {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
+    let (tx, cancelled) = std_mpsc::channel();
+    let executor = Arc::new(TestExecutor { cancelled: Mutex::new(Some(tx)) });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_unix(listener, executor, max_message_bytes, async {
+        let _ = stopped.await;
+    }));
+    Served { _dir: dir, socket, cancelled, _stop: stop }
+}
+
+fn ours() -> Hello {
+    Hello::new("1.1.0".into(), vec!["echo".into()], "client".into())
+}
+
+const LIMIT: usize = 64 << 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_exchanges_registries_and_a_call_carries_everything() {
+    let served = serve(LIMIT).await;
+    let client = Client::connect_unix(&served.socket, ours(), LIMIT).await.expect("connects");
+    assert_eq!(client.far_side().registry_version, "1.1.0");
+    assert!(client.far_side().knows("fail") && !client.far_side().knows("chatty"));
+    let args = Value::record([("z", Value::Int(-1)), ("a", Value::UInt(1)), ("b", Value::from(vec![1u8, 2]))]);
+    let result = client.call("test:///default", true, "echo", &args, |_| {}).await.expect("transport ok");
+    let result = result.expect("call ok");
+    assert_eq!(result.get("uri"), Some(&Value::from("test:///default")));
+    assert_eq!(result.get("readonly"), Some(&Value::Bool(true)));
+    assert_eq!(result.get("args"), Some(&args));
+    // SO_PEERCRED: this very process.
+    assert_eq!(result.get("uid"), Some(&Value::UInt(u64::from(rustix_uid()))));
+}
+
+fn rustix_uid() -> u32 {
+    // The test process's uid, read the same way the kernel reports it for the peer.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").map(str::to_owned)))
+        .and_then(|l| l.split_whitespace().next().and_then(|u| u.parse().ok()))
+        .unwrap_or(u32::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_arrives_with_its_kind() {
+    let served = serve(LIMIT).await;
+    let client = Client::connect_unix(&served.socket, ours(), LIMIT).await.expect("connects");
+    let outcome = client.call("test:///default", false, "fail", &Value::Unit, |_| {}).await.expect("transport ok");
+    assert_eq!(outcome, Err(CallFailure::new(ErrorKind::NotFound, "domain `nope` not found")));
+    let outcome = client.call("test:///default", false, "nope", &Value::Unit, |_| {}).await.expect("transport ok");
+    assert_eq!(outcome.map_err(|f| f.kind), Err(ErrorKind::Denied));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_and_events_come_before_the_result() {
+    let served = serve(LIMIT).await;
+    let client = Client::connect_unix(&served.socket, ours(), LIMIT).await.expect("connects");
+    let mut updates = Vec::new();
+    let outcome = client.call("test:///default", false, "chatty", &Value::Unit, |u| updates.push(u)).await;
+    assert_eq!(outcome.expect("transport ok"), Ok(Value::Unit));
+    assert_eq!(
+        updates,
+        [
+            Update::Progress { done: 1, total: 2 },
+            Update::Event { name: "tick".into(), data: Value::record([("n", 1u64)]) }
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_call_cancels_it_on_the_far_side() {
+    let served = serve(LIMIT).await;
+    let client = Client::connect_unix(&served.socket, ours(), LIMIT).await.expect("connects");
+    let call = client.call("test:///default", false, "wait", &Value::Unit, |_| {});
+    // The call is under way after a moment; then its future (and stream) is dropped.
+    let timed_out = tokio::time::timeout(Duration::from_millis(200), call).await;
+    assert!(timed_out.is_err(), "`wait` only returns when cancelled");
+    let cancelled = tokio::task::spawn_blocking(move || served.cancelled.recv_timeout(Duration::from_secs(5)))
+        .await
+        .expect("joins");
+    assert_eq!(cancelled, Ok(true), "the executor saw the cancellation");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_by_either_side() {
+    let served = serve(1024).await;
+    let big = Value::record([("data", Value::from(vec![7u8; 4096]))]);
+    // The far side's bound.
+    let client = Client::connect_unix(&served.socket, ours(), LIMIT).await.expect("connects");
+    let error = client.call("test:///default", false, "echo", &big, |_| {}).await.expect_err("refused");
+    assert!(matches!(&error, ClientError::TooLarge(m) if m.contains("1024")), "{error}");
+    // This side's bound, before sending.
+    let client = Client::connect_unix(&served.socket, ours(), 1024).await.expect("connects");
+    let error = client.call("test:///default", false, "echo", &big, |_| {}).await.expect_err("refused");
+    assert!(matches!(&error, ClientError::TooLarge(m) if m.contains("1024")), "{error}");
+    // The connection still serves calls that fit.
+    let outcome = client.call("test:///default", false, "echo", &Value::Unit, |_| {}).await.expect("transport ok");
+    assert!(outcome.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_protocol_major_is_refused() {
+    let served = serve(LIMIT).await;
+    let path = served.socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://capvirt.sock")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+        }))
+        .await
+        .expect("connects");
+    let mut raw = CapvirtClient::new(channel);
+    let mut hello: proto::HelloMessage = ours().into();
+    hello.protocol_major = PROTOCOL_MAJOR + 1;
+    let status = raw.hello(hello).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains(&format!("protocol major {}", PROTOCOL_MAJOR + 1)), "{}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_daemon_is_a_clear_error_naming_the_socket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("absent");
+    let error = Client::connect_unix(&socket, ours(), LIMIT).await.err().expect("refused");
+    let text = error.to_string();
+    assert!(matches!(error, ClientError::Unreachable { .. }), "{text}");
+    assert!(text.contains(&socket.display().to_string()) && text.contains("No such file"), "{text}");
+}
