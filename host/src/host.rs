@@ -19,6 +19,8 @@ use crate::{
     validate::{self, ValidArgs},
 };
 
+pub use crate::connection::Connection;
+
 /// The URI used when none is given and `CAPVIRT_DEFAULT_URI` is unset.
 pub const DEFAULT_URI: &str = "test:///default";
 
@@ -121,6 +123,11 @@ impl Host {
 
     /// Opens a connection to `uri` through the plugin serving its scheme.
     pub fn connect(&self, uri: &str, readonly: bool) -> Result<Connection, HostError> {
+        // `DRIVER+unix://…`: the daemon runs the dispatch path; no local plugin is involved.
+        if let Some(target) = crate::remote::RemoteTarget::parse(uri)? {
+            let registry = Arc::clone(&self.registry);
+            return Ok(Connection::Remote(crate::remote::RemoteConnection::connect(uri, target, readonly, registry)?));
+        }
         let scheme = uri_scheme(uri)?;
         let plugin = self.plugins.for_scheme(scheme).ok_or_else(|| {
             let refused: Vec<String> = self
@@ -146,7 +153,7 @@ impl Host {
         let driver = (plugin.module.connect())(uri.into(), &options)
             .into_result()
             .map_err(|error| HostError::Connect { uri: uri.to_string(), error })?;
-        Ok(Connection {
+        Ok(Connection::Local(LocalConnection {
             uri: uri.to_string(),
             audit_uri: redact::cut(uri, redact::MAX_TEXT).into_owned(),
             readonly,
@@ -156,7 +163,7 @@ impl Host {
             policy: Arc::clone(&self.policy),
             check_results: self.check_results,
             audit: self.audit.clone(),
-        })
+        }))
     }
 }
 
@@ -169,8 +176,8 @@ pub fn uri_scheme(uri: &str) -> Result<&str, HostError> {
         .ok_or_else(|| HostError::BadUri { uri: uri.to_string(), why: "missing scheme".into() })
 }
 
-/// An open connection. Calls may come from several threads.
-pub struct Connection {
+/// An open connection to an in-process driver. Calls may come from several threads.
+pub struct LocalConnection {
     uri: String,
     /// The URI as audit records carry it (bounded).
     audit_uri: String,
@@ -183,7 +190,7 @@ pub struct Connection {
     audit: Option<Arc<AuditLog>>,
 }
 
-impl Connection {
+impl LocalConnection {
     pub fn uri(&self) -> &str {
         &self.uri
     }

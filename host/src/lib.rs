@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod convert;
 pub mod driver;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod maint;
 pub mod plugins;
 pub mod policy;
 pub mod registry;
+pub mod remote;
 pub mod validate;
 pub mod verify;
 

@@ -129,6 +129,12 @@ impl Context {
         self.host.as_ref().ok_or_else(|| CliError::other("host unavailable"))
     }
 
+    /// The host, owned: a long-running command (`daemon`) shares it across threads.
+    pub fn take_host(&mut self) -> Result<Host, CliError> {
+        self.host()?;
+        self.host.take().ok_or_else(|| CliError::other("host unavailable"))
+    }
+
     /// A connection to the selected URI.
     pub fn connect(&mut self) -> Result<Connection, CliError> {
         let uri = self.globals.uri();

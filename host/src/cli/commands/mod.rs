@@ -5,6 +5,7 @@ pub mod audit;
 pub mod call;
 pub mod capabilities;
 pub mod capability;
+pub mod daemon;
 pub mod plugin;
 pub mod plugins;
 pub mod proposal;
@@ -20,6 +21,7 @@ pub fn fixed_commands() -> Vec<Command> {
         audit::cli(),
         call::cli(),
         capabilities::cli(),
+        daemon::cli(),
         plugin::cli(),
         plugins::cli(),
         proposal::cli(),
@@ -39,6 +41,7 @@ pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Resul
         "audit" => audit::exec(m, ctx),
         "call" => call::exec(m, ctx),
         "capabilities" => capabilities::exec(m, ctx),
+        "daemon" => daemon::exec(m, ctx),
         "plugin" => plugin::exec(m, ctx),
         "plugins" => plugins::exec(m, ctx),
         "proposal" => proposal::exec(m, ctx),
