@@ -8,4 +8,5 @@ mod dispatch;
 mod maint;
 mod plugins;
 mod qemu;
+mod remote;
 mod verify;

@@ -2,6 +2,7 @@
 //! commands derived from the registry.
 
 pub mod audit;
+pub mod bench;
 pub mod call;
 pub mod capabilities;
 pub mod capability;
@@ -19,6 +20,7 @@ use super::{context::Context, CliError};
 pub fn fixed_commands() -> Vec<Command> {
     vec![
         audit::cli(),
+        bench::cli(),
         call::cli(),
         capabilities::cli(),
         daemon::cli(),
@@ -39,6 +41,7 @@ pub fn reads_registry_sources(argv: &[std::ffi::OsString]) -> bool {
 pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Result<(), CliError>> {
     Some(match name {
         "audit" => audit::exec(m, ctx),
+        "bench" => bench::exec(m, ctx),
         "call" => call::exec(m, ctx),
         "capabilities" => capabilities::exec(m, ctx),
         "daemon" => daemon::exec(m, ctx),
