@@ -18,8 +18,8 @@ use crate::{
 pub enum Connection {
     /// A plugin loaded in this process.
     Local(LocalConnection),
-    /// A daemon reached through a transport (`DRIVER+unix://…`).
-    Remote(RemoteConnection),
+    /// A daemon reached through a transport (`DRIVER+unix://…`); boxed: it carries a runtime.
+    Remote(Box<RemoteConnection>),
 }
 
 impl Connection {

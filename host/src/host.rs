@@ -126,7 +126,9 @@ impl Host {
         // `DRIVER+unix://…`: the daemon runs the dispatch path; no local plugin is involved.
         if let Some(target) = crate::remote::RemoteTarget::parse(uri)? {
             let registry = Arc::clone(&self.registry);
-            return Ok(Connection::Remote(crate::remote::RemoteConnection::connect(uri, target, readonly, registry)?));
+            return Ok(Connection::Remote(Box::new(crate::remote::RemoteConnection::connect(
+                uri, target, readonly, registry,
+            )?)));
         }
         let scheme = uri_scheme(uri)?;
         let plugin = self.plugins.for_scheme(scheme).ok_or_else(|| {
