@@ -54,6 +54,10 @@ pub enum CallError {
     /// A mutating call was not made because its intent could not be audited (fail closed).
     #[error("`{id}` was not called: {error}; mutating calls are refused while the audit log cannot be written")]
     AuditUnavailable { id: String, error: AuditError },
+    /// Refused or failed on the far side of a remote connection (the daemon's words and
+    /// category), or the connection to it failed.
+    #[error("{message}")]
+    Remote { id: String, category: ErrorCategory, message: String },
 }
 
 impl CallError {
@@ -74,6 +78,7 @@ impl CallError {
                 ErrorKind::DriverFailure | ErrorKind::Timeout | ErrorKind::Internal => ErrorCategory::Other,
             },
             CallError::MalformedResult { .. } | CallError::AuditUnavailable { .. } => ErrorCategory::Other,
+            CallError::Remote { category, .. } => *category,
         }
     }
 

@@ -20,6 +20,8 @@ use crate::{
     validate::{self, ValidArgs},
 };
 
+pub use crate::connection::Connection;
+
 /// The URI used when none is given and `CAPVIRT_DEFAULT_URI` is unset.
 pub const DEFAULT_URI: &str = "test:///default";
 
@@ -148,6 +150,13 @@ impl Host {
     /// Opens a connection whose calls are made on behalf of `caller` (a daemon passes its
     /// peer's credentials): the access policy decides on, and audit records carry, its ids.
     pub fn connect_as(&self, uri: &str, readonly: bool, caller: Caller) -> Result<Connection, HostError> {
+        // `DRIVER+unix://…`: the daemon runs the dispatch path; no local plugin is involved.
+        if let Some(target) = crate::remote::RemoteTarget::parse(uri)? {
+            let registry = Arc::clone(&self.registry);
+            return Ok(Connection::Remote(Box::new(crate::remote::RemoteConnection::connect(
+                uri, target, readonly, registry,
+            )?)));
+        }
         let scheme = uri_scheme(uri)?;
         let plugin = self.plugins.for_scheme(scheme).ok_or_else(|| {
             let refused: Vec<String> = self
@@ -190,7 +199,7 @@ impl Host {
                 DriverHandle::isolated(driver)
             }
         };
-        Ok(Connection {
+        Ok(Connection::Local(LocalConnection {
             uri: uri.to_string(),
             audit_uri: redact::cut(uri, redact::MAX_TEXT).into_owned(),
             readonly,
@@ -201,7 +210,7 @@ impl Host {
             check_results: self.check_results,
             audit: self.audit.clone(),
             caller: Arc::new(caller),
-        })
+        }))
     }
 
     fn image_allow_option(&self) -> Value {
@@ -227,8 +236,8 @@ pub fn is_system_uri(uri: &str) -> bool {
     })
 }
 
-/// An open connection. Calls may come from several threads.
-pub struct Connection {
+/// An open connection to an in-process driver. Calls may come from several threads.
+pub struct LocalConnection {
     uri: String,
     /// The URI as audit records carry it (bounded).
     audit_uri: String,
@@ -243,7 +252,7 @@ pub struct Connection {
     caller: Arc<Caller>,
 }
 
-impl Connection {
+impl LocalConnection {
     pub fn uri(&self) -> &str {
         &self.uri
     }

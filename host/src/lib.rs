@@ -17,6 +17,7 @@ pub mod audit;
 pub mod caller;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod convert;
 pub mod driver;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod maint;
 pub mod plugins;
 pub mod policy;
 pub mod registry;
+pub mod remote;
 pub mod validate;
 pub mod verify;
 

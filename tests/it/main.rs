@@ -12,5 +12,6 @@ mod isolate;
 mod maint;
 mod plugins;
 mod qemu;
+mod remote;
 mod snapshot;
 mod verify;

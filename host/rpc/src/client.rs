@@ -199,14 +199,17 @@ impl Client {
     }
 }
 
-/// An error and its causes on one line (tonic's own text is only "transport error").
+/// An error's causes on one line, each said once (tonic's own text is only "transport error",
+/// and an IO error often appears twice in the chain).
 fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if text != "transport error" && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = cause.source();
     }
-    text
+    parts.join(": ")
 }

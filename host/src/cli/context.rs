@@ -97,11 +97,14 @@ pub struct Context {
     pub registry: Arc<Registry>,
     host: Option<Host>,
     system: Option<(SystemConfig, AccessPolicy)>,
+    /// Set when the first thing built is a remote connection: the daemon's plugins serve it,
+    /// so the client loads none (a remote `list` starts as fast as a local one).
+    no_local_plugins: bool,
 }
 
 impl Context {
     pub fn new(globals: GlobalOptions, registry: Arc<Registry>) -> Self {
-        Context { globals, registry, host: None, system: None }
+        Context { globals, registry, host: None, system: None, no_local_plugins: false }
     }
 
     /// The root-owned system config and access policy ([`crate::config::system_dir`]); a file
@@ -136,7 +139,11 @@ impl Context {
         if self.host.is_none() {
             let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from));
             let env_dirs = std::env::var("CAPVIRT_PLUGIN_DIR").ok();
-            let plugin_dirs = plugins::search_path(&self.globals.plugin_dirs, env_dirs.as_deref(), exe_dir.as_deref());
+            let plugin_dirs = if self.no_local_plugins {
+                Vec::new()
+            } else {
+                plugins::search_path(&self.globals.plugin_dirs, env_dirs.as_deref(), exe_dir.as_deref())
+            };
             let mut enabled: std::collections::BTreeSet<String> = self.globals.enable.iter().cloned().collect();
             if let Ok(list) = std::env::var("CAPVIRT_ENABLE") {
                 enabled.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
@@ -174,10 +181,19 @@ impl Context {
         Ok(Some(crate::isolate::Isolation { program, idle_timeout }))
     }
 
+    /// The host, owned: a long-running command (`daemon`) shares it across threads.
+    pub fn take_host(&mut self) -> Result<Host, CliError> {
+        self.host()?;
+        self.host.take().ok_or_else(|| CliError::other("host unavailable"))
+    }
+
     /// A connection to the selected URI.
     pub fn connect(&mut self) -> Result<Connection, CliError> {
         let uri = self.globals.uri();
         let readonly = self.globals.readonly;
+        if self.host.is_none() && matches!(crate::remote::RemoteTarget::parse(&uri), Ok(Some(_))) {
+            self.no_local_plugins = true;
+        }
         Ok(self.host()?.connect(&uri, readonly)?)
     }
 }

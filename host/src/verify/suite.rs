@@ -359,7 +359,7 @@ impl Session<'_, '_> {
 
     /// Whether the plugin implements `id`.
     fn can(&self, id: &str) -> bool {
-        self.registry.lookup(id).is_some_and(|c| self.conn.plugin().implements(c.index))
+        self.registry.lookup(id).is_some_and(|c| self.conn.plugin().is_some_and(|p| p.implements(c.index)))
     }
 
     /// What the plugin lacks to set up `condition` and observe the state afterwards.

@@ -5,7 +5,10 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use capvirt_plugin_api::Value;
 
-use crate::cli::{args, commands::capability, context::Context, CliError};
+use crate::{
+    cli::{args, commands::capability, context::Context, CliError},
+    registry::Registry,
+};
 
 pub fn cli() -> Command {
     Command::new("call")
@@ -30,21 +33,7 @@ pub fn cli() -> Command {
 pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let id = m.get_one::<String>("capability").cloned().unwrap_or_default();
     let registry = std::sync::Arc::clone(&ctx.registry);
-    let mut record = Value::record_empty();
-    for pair in m.get_many::<String>("arg").into_iter().flatten() {
-        let (key, text) =
-            pair.split_once('=').ok_or_else(|| CliError::usage(format!("--arg {pair:?}: expected KEY=VALUE")))?;
-        if record.get(key).is_some() {
-            return Err(CliError::usage(format!("argument `{key}` given twice")));
-        }
-        // Unknown capabilities and keys are passed on as strings: the dispatch path refuses
-        // them with the proper policy or validation error.
-        let value = match registry.lookup(&id).and_then(|cap| cap.param(key)) {
-            Some(param) => args::parse_value(&registry.types, &param.ty, key, text)?,
-            None => Value::string(text),
-        };
-        record.set(key.to_string(), value);
-    }
+    let record = arg_record(&registry, &id, m)?;
     let out_file = m.get_one::<String>("out-file").map(std::path::PathBuf::from);
     match registry.lookup(&id) {
         Some(cap) => capability::perform(ctx, cap, record, out_file),
@@ -55,4 +44,24 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// The argument record of `--arg KEY=VALUE`s for capability `id` (also `capvirt bench call`).
+pub fn arg_record(registry: &Registry, id: &str, m: &ArgMatches) -> Result<Value, CliError> {
+    let mut record = Value::record_empty();
+    for pair in m.get_many::<String>("arg").into_iter().flatten() {
+        let (key, text) =
+            pair.split_once('=').ok_or_else(|| CliError::usage(format!("--arg {pair:?}: expected KEY=VALUE")))?;
+        if record.get(key).is_some() {
+            return Err(CliError::usage(format!("argument `{key}` given twice")));
+        }
+        // Unknown capabilities and keys are passed on as strings: the dispatch path refuses
+        // them with the proper policy or validation error.
+        let value = match registry.lookup(id).and_then(|cap| cap.param(key)) {
+            Some(param) => args::parse_value(&registry.types, &param.ty, key, text)?,
+            None => Value::string(text),
+        };
+        record.set(key.to_string(), value);
+    }
+    Ok(record)
 }

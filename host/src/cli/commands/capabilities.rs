@@ -11,7 +11,12 @@ pub fn cli() -> Command {
 pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let format = ctx.output();
     let conn = ctx.connect()?;
-    let plugin = conn.plugin();
+    let plugin = conn.plugin().ok_or_else(|| {
+        CliError::new(
+            crate::ErrorCategory::Unsupported,
+            format!("`capabilities` lists a local driver's support; {} is served by a daemon", conn.uri()),
+        )
+    })?;
     let registry = conn.registry();
     let rows: Vec<(String, String, bool, Option<u32>, String)> = registry
         .capabilities()

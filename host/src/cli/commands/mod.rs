@@ -2,10 +2,12 @@
 //! commands derived from the registry.
 
 pub mod audit;
+pub mod bench;
 pub mod call;
 pub mod capabilities;
 pub mod capability;
 pub mod console;
+pub mod daemon;
 pub mod driver_child;
 pub mod events;
 pub mod plugin;
@@ -21,11 +23,13 @@ use super::{context::Context, CliError};
 pub fn fixed_commands() -> Vec<Command> {
     vec![
         audit::cli(),
+        bench::cli(),
         call::cli(),
         capabilities::cli(),
         console::cli(),
         events::cli(),
         driver_child::cli(),
+        daemon::cli(),
         plugin::cli(),
         plugins::cli(),
         proposal::cli(),
@@ -43,11 +47,13 @@ pub fn reads_registry_sources(argv: &[std::ffi::OsString]) -> bool {
 pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Result<(), CliError>> {
     Some(match name {
         "audit" => audit::exec(m, ctx),
+        "bench" => bench::exec(m, ctx),
         "call" => call::exec(m, ctx),
         "capabilities" => capabilities::exec(m, ctx),
         "console" => console::exec(m, ctx),
         "events" => events::exec(m, ctx),
         "driver-child" => driver_child::exec(m, ctx),
+        "daemon" => daemon::exec(m, ctx),
         "plugin" => plugin::exec(m, ctx),
         "plugins" => plugins::exec(m, ctx),
         "proposal" => proposal::exec(m, ctx),

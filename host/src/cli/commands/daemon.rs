@@ -1,0 +1,174 @@
+//! `capvirt daemon --listen unix:PATH`: serves every URI this host's plugins serve to remote
+//! clients (`DRIVER+unix:///PATH?socket=…`). Registry, policy, validation and audit run here,
+//! for every call, in this process's host.
+
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use clap::{value_parser, Arg, ArgMatches, Command};
+use rustix::fs::{flock, FlockOperation};
+
+use crate::{
+    cli::{context::Context, CliError},
+    remote::{self, HostExecutor},
+    ErrorCategory,
+};
+
+pub fn cli() -> Command {
+    Command::new("daemon")
+        .about("Serve this host's drivers to remote clients (DRIVER+unix:// URIs)")
+        .long_about(
+            "Serve every URI this host's plugins serve on a Unix socket. Clients connect with \
+             DRIVER+unix:///PATH[?socket=SOCKET] (e.g. `capvirt -c test+unix:///default list`); every \
+             call goes through this daemon's registry, policy, validation and audit log. The socket is \
+             created mode 0600; a second daemon on the same socket is refused.",
+        )
+        .arg(Arg::new("listen").long("listen").value_name("unix:PATH").help(
+            "Where to listen [default: /run/capvirt/capvirt-sock for root, else $XDG_RUNTIME_DIR/capvirt/capvirt-sock]",
+        ))
+        .arg(
+            Arg::new("max-message-size")
+                .long("max-message-size")
+                .value_name("BYTES")
+                .value_parser(value_parser!(u64).range(1024..=(1 << 30)))
+                .help(format!(
+                    "Largest request or reply message [default: {}]",
+                    capvirt_rpc::DEFAULT_MAX_MESSAGE_BYTES
+                )),
+        )
+}
+
+pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
+    let socket = match m.get_one::<String>("listen") {
+        Some(listen) => match listen.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => PathBuf::from(path),
+            _ => {
+                return Err(CliError::usage(format!(
+                    "--listen {listen:?}: expected unix:PATH (the only transport so far)"
+                )))
+            }
+        },
+        None => {
+            remote::default_socket().map_err(|why| CliError::usage(format!("{why} (or give --listen unix:PATH)")))?
+        }
+    };
+    let max_message_bytes = m
+        .get_one::<u64>("max-message-size")
+        .map_or(capvirt_rpc::DEFAULT_MAX_MESSAGE_BYTES, |&n| usize::try_from(n).unwrap_or(usize::MAX));
+    let host = ctx.take_host()?;
+    let schemes: Vec<String> = host.plugins().loaded.iter().flat_map(|p| p.info.schemes.clone()).collect();
+    let executor = Arc::new(HostExecutor::new(host));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("capvirt-daemon")
+        .build()
+        .map_err(|e| CliError::other(format!("cannot start the daemon's runtime: {e}")))?;
+    runtime.block_on(async {
+        let socket = ListeningSocket::bind(&socket)?;
+        eprintln!(
+            "capvirt daemon: serving {} on unix:{}",
+            if schemes.is_empty() { "no schemes (no plugins loaded)".to_string() } else { schemes.join(", ") },
+            socket.path.display()
+        );
+        capvirt_rpc::serve_unix(socket.take_listener()?, executor, max_message_bytes, shutdown_signal())
+            .await
+            .map_err(|e| CliError::other(format!("the daemon stopped: {e}")))?;
+        drop(socket);
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        // Without signal handlers the daemon runs until killed.
+        _ => std::future::pending().await,
+    }
+}
+
+/// The daemon's socket: bound 0600 under an exclusive lock (`PATH.lock`), removed on drop.
+struct ListeningSocket {
+    path: PathBuf,
+    listener: Option<std::os::unix::net::UnixListener>,
+    /// Held for the daemon's lifetime: a second daemon on the same path fails to take it.
+    _lock: File,
+}
+
+impl ListeningSocket {
+    fn bind(path: &Path) -> Result<ListeningSocket, CliError> {
+        let fail = |what: &str, e: io::Error| CliError::other(format!("cannot {what} {}: {e}", path.display()));
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| fail("create the directory of", e))?;
+        }
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| fail("open the lock file of", e))?;
+        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Err(CliError::other(format!(
+                "another capvirt daemon is serving {} (its lock {} is held)",
+                path.display(),
+                PathBuf::from(lock_path).display()
+            )));
+        }
+        // Under the lock, an existing socket is a dead daemon's, unless something else listens.
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(CliError::other(format!("another process is listening on {}", path.display())));
+                }
+                fs::remove_file(path).map_err(|e| fail("remove the stale socket", e))?;
+            }
+            Ok(_) => {
+                return Err(CliError::new(
+                    ErrorCategory::Usage,
+                    format!("{} exists and is not a socket; refusing to replace it", path.display()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail("inspect", e)),
+        }
+        // Owner-only from the start: no window in which others could connect.
+        let old_mask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        rustix::process::umask(old_mask);
+        let listener = bound.map_err(|e| fail("listen on", e))?;
+        Ok(ListeningSocket { path: path.to_path_buf(), listener: Some(listener), _lock: lock })
+    }
+
+    fn take_listener(&self) -> Result<tokio::net::UnixListener, CliError> {
+        let listener = self.listener.as_ref().ok_or_else(|| CliError::other("listener already taken"))?;
+        let listener = listener.try_clone().and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        });
+        listener.map_err(|e| CliError::other(format!("cannot listen on {}: {e}", self.path.display())))
+    }
+}
+
+impl Drop for ListeningSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
