@@ -2,7 +2,11 @@
 //! them. [`Connection::call`] is the one dispatch path:
 //! registry → policy → validation → driver → audit.
 
-use std::{path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use capvirt_plugin_api::{PluginError, Value};
 
@@ -13,7 +17,7 @@ use crate::{
     },
     driver::{CallObserver, DriverHandle, NoObserver},
     error::{CallError, HostError},
-    plugins::{LoadedPlugin, PluginSet},
+    plugins::{Discovery, LoadedPlugin, PluginSet},
     policy::{self, Grant, Policy},
     registry::{source, Capability, Registry},
     validate::{self, ValidArgs},
@@ -46,6 +50,10 @@ pub struct HostConfig {
     pub pins: crate::plugins::Pins,
     /// Where audit records go; off by default for library users, always a log in the CLI.
     pub audit: AuditSetting,
+    /// The directory of the plugin manifest cache (`crate::plugin_cache`), which lets
+    /// [`Host::connect`] load only the plugin serving the URI; `None` (the default for library
+    /// users): every plugin is loaded on first use.
+    pub plugin_cache: Option<PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -57,6 +65,7 @@ impl Default for HostConfig {
             pins: Default::default(),
             audit: AuditSetting::default(),
             check_results: true,
+            plugin_cache: None,
         }
     }
 }
@@ -64,14 +73,17 @@ impl Default for HostConfig {
 /// A configured host.
 pub struct Host {
     registry: Arc<Registry>,
-    plugins: PluginSet,
+    discovery: Discovery,
+    /// Every plugin on the search path, loaded on first need (a connection served from the
+    /// manifest cache loads only its own).
+    plugins: OnceLock<PluginSet>,
     policy: Arc<Policy>,
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
 }
 
 impl Host {
-    /// Loads the registry and every plugin on the search path.
+    /// Loads the registry; plugins are loaded when first needed.
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
         let registry = match &config.registry {
             RegistrySource::Embedded => Registry::embedded()?,
@@ -91,23 +103,67 @@ impl Host {
                 Arc::new(hardened)
             }
         };
-        let plugins = PluginSet::discover_pinned(&registry, &config.plugin_dirs, &config.pins);
-        for warning in &plugins.warnings {
-            tracing::warn!(target: "capvirt::plugins", "{warning}");
-        }
+        let discovery = Discovery { dirs: config.plugin_dirs, pins: config.pins, cache_dir: config.plugin_cache };
         let audit = match config.audit {
             AuditSetting::Off => None,
             AuditSetting::Log { path, fail_open } => Some(Arc::new(AuditLog::new(path, fail_open))),
         };
-        Host { registry, plugins, policy: Arc::new(config.policy), check_results: config.check_results, audit }
+        Host {
+            registry,
+            discovery,
+            plugins: OnceLock::new(),
+            policy: Arc::new(config.policy),
+            check_results: config.check_results,
+            audit,
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
 
+    /// Every plugin on the search path, loaded or refused (loads them on first use).
     pub fn plugins(&self) -> &PluginSet {
-        &self.plugins
+        self.plugins.get_or_init(|| {
+            let plugins = self.discovery.discover_all(&self.registry);
+            for warning in &plugins.warnings {
+                tracing::warn!(target: "capvirt::plugins", "{warning}");
+            }
+            plugins
+        })
+    }
+
+    /// The plugin serving `scheme`: from the manifest cache when it can answer (only that
+    /// plugin is loaded), else from every plugin on the search path.
+    fn plugin_for(&self, uri: &str, scheme: &str) -> Result<Arc<LoadedPlugin>, HostError> {
+        if self.plugins.get().is_none() {
+            if let Some((plugin, warnings)) = self.discovery.cached_plugin(&self.registry, scheme) {
+                for warning in &warnings {
+                    tracing::warn!(target: "capvirt::plugins", "{warning}");
+                }
+                return Ok(Arc::new(plugin));
+            }
+        }
+        let plugins = self.plugins();
+        plugins.for_scheme(scheme).cloned().ok_or_else(|| {
+            let refused: Vec<String> = plugins
+                .refused
+                .iter()
+                .map(|r| {
+                    format!("{}: {}", r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), r.reason)
+                })
+                .collect();
+            let hint = if plugins.loaded.is_empty() && refused.is_empty() {
+                "no plugins found; see `capvirt plugins`".to_string()
+            } else if refused.is_empty() {
+                let schemes: Vec<&str> =
+                    plugins.loaded.iter().flat_map(|p| p.info.schemes.iter().map(String::as_str)).collect();
+                format!("served schemes: {}", schemes.join(", "))
+            } else {
+                format!("refused plugins: {}", refused.join("; "))
+            };
+            HostError::NoDriver { uri: uri.to_string(), scheme: scheme.to_string(), hint }
+        })
     }
 
     pub fn policy(&self) -> &Policy {
@@ -122,26 +178,7 @@ impl Host {
     /// Opens a connection to `uri` through the plugin serving its scheme.
     pub fn connect(&self, uri: &str, readonly: bool) -> Result<Connection, HostError> {
         let scheme = uri_scheme(uri)?;
-        let plugin = self.plugins.for_scheme(scheme).ok_or_else(|| {
-            let refused: Vec<String> = self
-                .plugins
-                .refused
-                .iter()
-                .map(|r| {
-                    format!("{}: {}", r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), r.reason)
-                })
-                .collect();
-            let hint = if self.plugins.loaded.is_empty() && refused.is_empty() {
-                "no plugins found; see `capvirt plugins`".to_string()
-            } else if refused.is_empty() {
-                let schemes: Vec<&str> =
-                    self.plugins.loaded.iter().flat_map(|p| p.info.schemes.iter().map(String::as_str)).collect();
-                format!("served schemes: {}", schemes.join(", "))
-            } else {
-                format!("refused plugins: {}", refused.join("; "))
-            };
-            HostError::NoDriver { uri: uri.to_string(), scheme: scheme.to_string(), hint }
-        })?;
+        let plugin = self.plugin_for(uri, scheme)?;
         let options = Value::record([("readonly", Value::Bool(readonly))]);
         let driver = (plugin.module.connect())(uri.into(), &options)
             .into_result()
@@ -150,7 +187,7 @@ impl Host {
             uri: uri.to_string(),
             audit_uri: redact::cut(uri, redact::MAX_TEXT).into_owned(),
             readonly,
-            plugin: Arc::clone(plugin),
+            plugin,
             driver: DriverHandle::new(driver),
             registry: Arc::clone(&self.registry),
             policy: Arc::clone(&self.policy),

@@ -20,6 +20,7 @@ pub mod error;
 pub mod host;
 mod loader;
 pub mod maint;
+pub mod plugin_cache;
 pub mod plugins;
 pub mod policy;
 pub mod registry;

@@ -119,6 +119,7 @@ impl Context {
                 // On unless turned off (`CAPVIRT_CHECK_RESULTS=0`).
                 check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").map_or(true, |v| v != "0"),
                 pins: file_config.pins,
+                plugin_cache: crate::plugin_cache::default_dir(),
                 audit: AuditSetting::Log {
                     path: super::commands::audit::log_path(&self.globals),
                     fail_open: file_config.audit.fail_open,
