@@ -43,7 +43,7 @@ pub fn default_dir() -> Option<PathBuf> {
 }
 
 /// A file's identity: equal identities mean equal bytes (see the module documentation).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Identity {
     dev: u64,
     ino: u64,
@@ -66,7 +66,7 @@ impl Identity {
 
 /// A search directory as the plugin checks saw it: absent, or its identity, owner and mode
 /// (a directory that becomes group-writable refuses every plugin in it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DirState {
     path: PathBuf,
     state: Option<(u64, u64, u32, u32, u32)>,
@@ -92,7 +92,7 @@ pub(crate) enum Verdict {
 }
 
 /// One plugin file on the search path, in discovery order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FileEntry {
     pub path: PathBuf,
     pub identity: Identity,
@@ -101,14 +101,14 @@ pub(crate) struct FileEntry {
     pub verdict: Verdict,
 }
 
-/// The whole cache file: the inputs discovery saw and what each file turned out to be.
+/// The whole cache file: the inputs discovery saw, written out canonically (so that checking
+/// them is building the same text from a fresh scan and comparing, with no parsing), and what
+/// each file turned out to be, in discovery order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
     format: u32,
-    /// The host binary, its plugin ABI and its registry (see [`host_fingerprint`]).
-    host: String,
-    dirs: Vec<DirState>,
-    files: Vec<FileEntry>,
+    inputs: String,
+    verdicts: Vec<Verdict>,
 }
 
 /// The inputs of discovery as they are now, cheaply: one `stat` per directory and file.
@@ -117,6 +117,29 @@ pub(crate) struct Inputs {
     /// Plugin files in discovery order, with identity and pin; `None` when one could not be
     /// inspected (then the cache cannot answer).
     pub files: Option<Vec<(PathBuf, Identity, Option<String>)>>,
+}
+
+/// The canonical text of discovery's inputs: the host, each directory's state, each file's
+/// path, identity and pin.
+fn inputs_text<'a>(
+    host: &str,
+    dirs: &[DirState],
+    files: impl Iterator<Item = (&'a Path, &'a Identity, Option<&'a str>)>,
+) -> String {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(256 + 128 * dirs.len());
+    let _ = writeln!(text, "{host}");
+    for dir in dirs {
+        let _ = writeln!(text, "dir {:?} {:?}", dir.path, dir.state);
+    }
+    for (path, id, pin) in files {
+        let _ = writeln!(
+            text,
+            "file {path:?} {} {} {} {}.{} {}.{} {pin:?}",
+            id.dev, id.ino, id.size, id.mtime.0, id.mtime.1, id.ctime.0, id.ctime.1
+        );
+    }
+    text
 }
 
 /// The file served by the cache for a scheme: load it, and admit it against `earlier`.
@@ -153,7 +176,7 @@ impl PluginCache {
     }
 
     /// The stored snapshot, if there is a readable one of this format.
-    pub(crate) fn read(&self) -> Option<Snapshot> {
+    fn read(&self) -> Option<Snapshot> {
         let bytes = fs::read(&self.path).ok()?;
         serde_json::from_slice::<Snapshot>(&bytes).ok().filter(|s| s.format == FORMAT)
     }
@@ -161,17 +184,15 @@ impl PluginCache {
     /// The file serving `scheme` according to the stored snapshot, when it matches `inputs`
     /// and `host` exactly; `None` when the cache cannot answer.
     pub(crate) fn answer(&self, host: &str, inputs: &Inputs, scheme: &str) -> Option<Answer> {
-        let snapshot = self.read()?;
         let files = inputs.files.as_ref()?;
-        if snapshot.host != host || snapshot.dirs != inputs.dirs || snapshot.files.len() != files.len() {
+        let snapshot = self.read()?;
+        let now = inputs_text(host, &inputs.dirs, files.iter().map(|(p, id, pin)| (p.as_path(), id, pin.as_deref())));
+        if snapshot.inputs != now || snapshot.verdicts.len() != files.len() {
             return None;
         }
         let mut earlier: Vec<(String, Vec<String>, PathBuf)> = Vec::new();
-        for (entry, (path, identity, pin)) in snapshot.files.into_iter().zip(files) {
-            if entry.path != *path || entry.identity != *identity || entry.pin != *pin {
-                return None;
-            }
-            let (name, schemes) = match entry.verdict {
+        for (verdict, (path, _, _)) in snapshot.verdicts.into_iter().zip(files) {
+            let (name, schemes) = match verdict {
                 Verdict::Plugin { name, schemes, admissible: true } => (name, schemes),
                 Verdict::Plugin { admissible: false, .. } | Verdict::Refused => continue,
                 Verdict::Unsettled => return None,
@@ -181,17 +202,18 @@ impl PluginCache {
                 continue;
             }
             if schemes.iter().any(|s| s == scheme) {
-                return Some(Answer { path: entry.path, name, schemes, earlier });
+                return Some(Answer { path: path.clone(), name, schemes, earlier });
             }
-            earlier.push((name, schemes, entry.path));
+            earlier.push((name, schemes, path.clone()));
         }
         None
     }
 
     /// Stores what a full discovery saw, unless the stored copy already says it. Failures are
     /// only logged: the cache is an optimisation.
-    pub(crate) fn store(&self, host: String, dirs: Vec<DirState>, files: Vec<FileEntry>) {
-        let snapshot = Snapshot { format: FORMAT, host, dirs, files };
+    pub(crate) fn store(&self, host: &str, dirs: &[DirState], files: Vec<FileEntry>) {
+        let inputs = inputs_text(host, dirs, files.iter().map(|f| (f.path.as_path(), &f.identity, f.pin.as_deref())));
+        let snapshot = Snapshot { format: FORMAT, inputs, verdicts: files.into_iter().map(|f| f.verdict).collect() };
         if self.read().as_ref() == Some(&snapshot) {
             return;
         }
@@ -262,7 +284,7 @@ mod tests {
             entry("/p/ggggggg", plugin("g", &["w"], true)),
         ];
         let dirs = vec![DirState::of(Path::new("/p"), None)];
-        cache.store("h".into(), dirs.clone(), files.clone());
+        cache.store("h", &dirs, files.clone());
         let meta = fs::metadata(cache.path()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(meta.mode() & 0o777, 0o600);
         let inputs = Inputs {

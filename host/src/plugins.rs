@@ -178,18 +178,24 @@ impl SearchPath {
                     continue;
                 }
             };
+            // Sorted by name; a path per plugin file only (most directories hold other files).
             let mut files = Vec::new();
-            for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-                let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-                if name.starts_with(PLUGIN_PREFIX) && name.ends_with(PLUGIN_SUFFIX) {
-                    files.push(path);
-                } else if name.ends_with(PLUGIN_SUFFIX) {
-                    scan.misnamed.push(path);
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name();
+                let bytes = name.as_encoded_bytes();
+                if !bytes.ends_with(PLUGIN_SUFFIX.as_bytes()) || name.to_str().is_none() {
+                    continue;
+                }
+                if bytes.starts_with(PLUGIN_PREFIX.as_bytes()) {
+                    files.push(name);
+                } else {
+                    scan.misnamed.push(dir.join(name));
                 }
             }
-            files.sort();
-            for path in files {
-                if seen_names.insert(path.file_name().map(|n| n.to_os_string())) {
+            files.sort_unstable_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+            for name in files {
+                let path = dir.join(&name);
+                if seen_names.insert(name) {
                     scan.files.push(path);
                 }
             }
@@ -226,7 +232,7 @@ impl Discovery {
         let (set, files) = PluginSet::discover_recording(registry, &self.dirs, &self.pins);
         if let Some(cache) = self.cache() {
             let scan_dirs = SearchPath::scan_dirs(&self.dirs);
-            cache.store(host_fingerprint(registry), scan_dirs, files);
+            cache.store(&host_fingerprint(registry), &scan_dirs, files);
         }
         set
     }
