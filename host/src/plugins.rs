@@ -418,7 +418,7 @@ impl PluginSet {
                 "rebuild the plugin for this host's registry"
             };
             return Err(format!(
-                "built for registry {built_for}, this host's registry is {host_version}: another major version \
+                "built against registry {built_for}, this host's registry is {host_version}: another major version \
                  is incompatible ({remedy})"
             ));
         }
