@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::registry::Registry;
 
 /// Bumped when the file layout changes: an older file is then simply ignored.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Where the cache lives: `$XDG_CACHE_HOME/capvirt`, else `~/.cache/capvirt` for users and
 /// `/var/cache/capvirt` for root (as libvirt keeps its caches under `/var/cache/libvirt`).
@@ -43,7 +43,7 @@ pub fn default_dir() -> Option<PathBuf> {
 }
 
 /// A file's identity: equal identities mean equal bytes (see the module documentation).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub(crate) struct Identity {
     dev: u64,
     ino: u64,
@@ -101,13 +101,13 @@ pub(crate) struct FileEntry {
     pub verdict: Verdict,
 }
 
-/// The whole cache file: the inputs discovery saw, written out canonically (so that checking
-/// them is building the same text from a fresh scan and comparing, with no parsing), and what
+/// The whole cache file: a digest of the inputs discovery saw (so that checking them is
+/// hashing a fresh scan and comparing two numbers, with nothing to parse or format), and what
 /// each file turned out to be, in discovery order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
     format: u32,
-    inputs: String,
+    inputs: u64,
     verdicts: Vec<Verdict>,
 }
 
@@ -119,27 +119,27 @@ pub(crate) struct Inputs {
     pub files: Option<Vec<(PathBuf, Identity, Option<String>)>>,
 }
 
-/// The canonical text of discovery's inputs: the host, each directory's state, each file's
-/// path, identity and pin.
-fn inputs_text<'a>(
+/// The digest of discovery's inputs: the host, each directory's state, each file's path,
+/// identity and pin. SipHash with fixed keys: stable for one host binary, which is one of the
+/// inputs. (A collision could only make the cache name a wrong file, which is then checked
+/// and admitted on its real manifest like any other.)
+fn inputs_digest<'a>(
     host: &str,
     dirs: &[DirState],
     files: impl Iterator<Item = (&'a Path, &'a Identity, Option<&'a str>)>,
-) -> String {
-    use std::fmt::Write;
-    let mut text = String::with_capacity(256 + 128 * dirs.len());
-    let _ = writeln!(text, "{host}");
+) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    host.hash(&mut hasher);
     for dir in dirs {
-        let _ = writeln!(text, "dir {:?} {:?}", dir.path, dir.state);
+        dir.path.hash(&mut hasher);
+        dir.state.hash(&mut hasher);
     }
-    for (path, id, pin) in files {
-        let _ = writeln!(
-            text,
-            "file {path:?} {} {} {} {}.{} {}.{} {pin:?}",
-            id.dev, id.ino, id.size, id.mtime.0, id.mtime.1, id.ctime.0, id.ctime.1
-        );
+    for (path, identity, pin) in files {
+        path.hash(&mut hasher);
+        identity.hash(&mut hasher);
+        pin.hash(&mut hasher);
     }
-    text
+    hasher.finish()
 }
 
 /// The file served by the cache for a scheme: load it, and admit it against `earlier`.
@@ -186,7 +186,7 @@ impl PluginCache {
     pub(crate) fn answer(&self, host: &str, inputs: &Inputs, scheme: &str) -> Option<Answer> {
         let files = inputs.files.as_ref()?;
         let snapshot = self.read()?;
-        let now = inputs_text(host, &inputs.dirs, files.iter().map(|(p, id, pin)| (p.as_path(), id, pin.as_deref())));
+        let now = inputs_digest(host, &inputs.dirs, files.iter().map(|(p, id, pin)| (p.as_path(), id, pin.as_deref())));
         if snapshot.inputs != now || snapshot.verdicts.len() != files.len() {
             return None;
         }
@@ -212,7 +212,7 @@ impl PluginCache {
     /// Stores what a full discovery saw, unless the stored copy already says it. Failures are
     /// only logged: the cache is an optimisation.
     pub(crate) fn store(&self, host: &str, dirs: &[DirState], files: Vec<FileEntry>) {
-        let inputs = inputs_text(host, dirs, files.iter().map(|f| (f.path.as_path(), &f.identity, f.pin.as_deref())));
+        let inputs = inputs_digest(host, dirs, files.iter().map(|f| (f.path.as_path(), &f.identity, f.pin.as_deref())));
         let snapshot = Snapshot { format: FORMAT, inputs, verdicts: files.into_iter().map(|f| f.verdict).collect() };
         if self.read().as_ref() == Some(&snapshot) {
             return;
