@@ -229,10 +229,9 @@ impl Discovery {
 
     /// Loads every plugin (and refreshes the manifest cache).
     pub(crate) fn discover_all(&self, registry: &Registry) -> PluginSet {
-        let (set, files) = PluginSet::discover_recording(registry, &self.dirs, &self.pins);
+        let (set, dirs, files) = PluginSet::discover_recording(registry, &self.dirs, &self.pins);
         if let Some(cache) = self.cache() {
-            let scan_dirs = SearchPath::scan_dirs(&self.dirs);
-            cache.store(&host_fingerprint(registry), &scan_dirs, files);
+            cache.store(&host_fingerprint(registry), &dirs, files);
         }
         set
     }
@@ -268,13 +267,6 @@ impl Discovery {
     }
 }
 
-impl SearchPath {
-    /// Just the directories' states (what [`SearchPath::scan`] records).
-    fn scan_dirs(dirs: &[PathBuf]) -> Vec<DirState> {
-        dirs.iter().map(|dir| DirState::of(dir, fs::metadata(dir).ok().as_ref())).collect()
-    }
-}
-
 /// What loading one file came to.
 enum Loaded {
     Plugin(LoadedPlugin),
@@ -302,8 +294,13 @@ impl PluginSet {
         PluginSet::discover_recording(registry, dirs, pins).0
     }
 
-    /// [`PluginSet::discover_pinned`], and what each file turned out to be (for the cache).
-    fn discover_recording(registry: &Registry, dirs: &[PathBuf], pins: &Pins) -> (PluginSet, Vec<FileEntry>) {
+    /// [`PluginSet::discover_pinned`], the directories as scanned and what each file turned
+    /// out to be (for the cache).
+    fn discover_recording(
+        registry: &Registry,
+        dirs: &[PathBuf],
+        pins: &Pins,
+    ) -> (PluginSet, Vec<DirState>, Vec<FileEntry>) {
         let scan = SearchPath::scan(dirs);
         let mut set = PluginSet { pins: pins.clone(), warnings: scan.warnings, ..PluginSet::default() };
         for path in scan.misnamed {
@@ -323,7 +320,7 @@ impl PluginSet {
             let (identity, verdict) = identity.map_or((Identity::default(), Verdict::Unsettled), |id| (id, verdict));
             entries.push(FileEntry { path, identity, pin, verdict });
         }
-        (set, entries)
+        (set, scan.dirs, entries)
     }
 
     /// Loads one file (also used for plugins named directly).

@@ -362,7 +362,9 @@ impl TypeTable {
                     if field.value.is_unit() && decl.ty != Ty::Unit {
                         return Ok(false);
                     }
-                    self.validate(&decl.ty, decl.bounds, &mut field.value, &path.field(&decl.name))?;
+                    if !trivially_valid(&decl.ty, decl.bounds, &field.value) {
+                        self.validate(&decl.ty, decl.bounds, &mut field.value, &path.field(&decl.name))?;
+                    }
                     next += 1;
                 }
                 // Absent optional fields without a default need nothing; defaults need a push.
@@ -437,6 +439,20 @@ impl TypeTable {
 
 fn error(path: &ValuePath<'_>, message: String) -> ValidationError {
     ValidationError { path: path.render(), message }
+}
+
+/// Whether `value` is valid for `ty` by its kind alone: a primitive of exactly that kind
+/// with no bounds to check and nothing to normalize (most result fields), so the general
+/// [`TypeTable::validate`] call can be skipped.
+#[inline(always)]
+fn trivially_valid(ty: &Ty, bounds: Bounds, value: &Value) -> bool {
+    let unbounded = bounds.min.is_none() && bounds.max.is_none();
+    match (ty, value) {
+        (Ty::Bool, Value::Bool(_)) | (Ty::Str, Value::Str(_)) | (Ty::Bytes, Value::Bytes(_)) => true,
+        (Ty::Float, Value::Float(_)) => true,
+        (Ty::UInt, Value::UInt(_)) | (Ty::Int, Value::Int(_)) => unbounded,
+        _ => false,
+    }
 }
 
 /// `a == b` for the short texts of the hot path (field names, enum words): inline word
