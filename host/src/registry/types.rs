@@ -262,7 +262,9 @@ impl TypeTable {
         match &def.body {
             TypeBody::Scalar { base, format, max_len, bounds: own } => {
                 let merged = Bounds { min: bounds.min.or(own.min), max: bounds.max.or(own.max) };
-                self.validate(base, merged, value, path)?;
+                if !trivially_valid(base, merged, value) {
+                    self.validate(base, merged, value, path)?;
+                }
                 if let Value::Str(s) = value {
                     if let Some(max) = max_len {
                         if s.len() as u64 > *max {
@@ -488,6 +490,18 @@ fn check_int_bounds(n: i128, bounds: Bounds, path: &ValuePath<'_>) -> Result<(),
     Ok(())
 }
 
+/// The bytes a `name` may contain: ASCII letters, digits, `.`, `_` and `-`.
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-';
+        b += 1;
+    }
+    table
+};
+
 /// Checks a string against a declared format; the error says what is wrong.
 pub fn check_format(format: StringFormat, s: &str) -> Result<(), String> {
     match format {
@@ -506,7 +520,7 @@ pub fn check_format(format: StringFormat, s: &str) -> Result<(), String> {
             let mut double_dot = false;
             for &b in bytes {
                 let dot = b == b'.';
-                if !(dot || b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                if !NAME_BYTES[usize::from(b)] {
                     let bad = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
                     let bad = bad.unwrap_or(char::REPLACEMENT_CHARACTER);
                     return Err(format!("{s:?} contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"));
