@@ -2,7 +2,11 @@
 //! them. [`Connection::call`] is the one dispatch path:
 //! registry → policy → validation → driver → audit.
 
-use std::{path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use capvirt_plugin_api::{PluginError, Value};
 
@@ -14,7 +18,7 @@ use crate::{
     caller::Caller,
     driver::{CallObserver, DriverHandle, NoObserver},
     error::{CallError, HostError},
-    plugins::{LoadedPlugin, PluginSet},
+    plugins::{Discovery, LoadedPlugin, PluginSet},
     policy::{self, Grant, Policy},
     registry::{source, Capability, Registry},
     validate::{self, ValidArgs},
@@ -54,6 +58,10 @@ pub struct HostConfig {
     pub image_allow: Vec<PathBuf>,
     /// Run each connection's driver in a child process (`None`: in this process).
     pub isolation: Option<crate::isolate::Isolation>,
+    /// The directory of the plugin manifest cache (`crate::plugin_cache`), which lets
+    /// [`Host::connect`] load only the plugin serving the URI; `None` (the default for library
+    /// users): every plugin is loaded on first use.
+    pub plugin_cache: Option<PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -67,6 +75,7 @@ impl Default for HostConfig {
             check_results: true,
             image_allow: Vec::new(),
             isolation: None,
+            plugin_cache: None,
         }
     }
 }
@@ -74,17 +83,19 @@ impl Default for HostConfig {
 /// A configured host.
 pub struct Host {
     registry: Arc<Registry>,
-    plugins: PluginSet,
+    discovery: Discovery,
+    /// Every plugin on the search path, loaded on first need (a connection served from the
+    /// manifest cache loads only its own).
+    plugins: OnceLock<PluginSet>,
     policy: Arc<Policy>,
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
     image_allow: Vec<PathBuf>,
     isolation: Option<crate::isolate::Isolation>,
-    pins: crate::plugins::Pins,
 }
 
 impl Host {
-    /// Loads the registry and every plugin on the search path.
+    /// Loads the registry; plugins are loaded when first needed.
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
         let registry = match &config.registry {
             RegistrySource::Embedded => Registry::embedded()?,
@@ -104,23 +115,20 @@ impl Host {
                 Arc::new(hardened)
             }
         };
-        let plugins = PluginSet::discover_pinned(&registry, &config.plugin_dirs, &config.pins);
-        for warning in &plugins.warnings {
-            tracing::warn!(target: "capvirt::plugins", "{warning}");
-        }
+        let discovery = Discovery { dirs: config.plugin_dirs, pins: config.pins, cache_dir: config.plugin_cache };
         let audit = match config.audit {
             AuditSetting::Off => None,
             AuditSetting::Log { path, fail_open } => Some(Arc::new(AuditLog::new(path, fail_open))),
         };
         Host {
             registry,
-            plugins,
+            discovery,
+            plugins: OnceLock::new(),
             policy: Arc::new(config.policy),
             check_results: config.check_results,
             audit,
             image_allow: config.image_allow,
             isolation: config.isolation,
-            pins: config.pins,
         }
     }
 
@@ -128,8 +136,48 @@ impl Host {
         &self.registry
     }
 
+    /// Every plugin on the search path, loaded or refused (loads them on first use).
     pub fn plugins(&self) -> &PluginSet {
-        &self.plugins
+        self.plugins.get_or_init(|| {
+            let plugins = self.discovery.discover_all(&self.registry);
+            for warning in &plugins.warnings {
+                tracing::warn!(target: "capvirt::plugins", "{warning}");
+            }
+            plugins
+        })
+    }
+
+    /// The plugin serving `scheme`: from the manifest cache when it can answer (only that
+    /// plugin is loaded), else from every plugin on the search path.
+    fn plugin_for(&self, uri: &str, scheme: &str) -> Result<Arc<LoadedPlugin>, HostError> {
+        if self.plugins.get().is_none() {
+            if let Some((plugin, warnings)) = self.discovery.cached_plugin(&self.registry, scheme) {
+                for warning in &warnings {
+                    tracing::warn!(target: "capvirt::plugins", "{warning}");
+                }
+                return Ok(Arc::new(plugin));
+            }
+        }
+        let plugins = self.plugins();
+        plugins.for_scheme(scheme).cloned().ok_or_else(|| {
+            let refused: Vec<String> = plugins
+                .refused
+                .iter()
+                .map(|r| {
+                    format!("{}: {}", r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), r.reason)
+                })
+                .collect();
+            let hint = if plugins.loaded.is_empty() && refused.is_empty() {
+                "no plugins found; see `capvirt plugins`".to_string()
+            } else if refused.is_empty() {
+                let schemes: Vec<&str> =
+                    plugins.loaded.iter().flat_map(|p| p.info.schemes.iter().map(String::as_str)).collect();
+                format!("served schemes: {}", schemes.join(", "))
+            } else {
+                format!("refused plugins: {}", refused.join("; "))
+            };
+            HostError::NoDriver { uri: uri.to_string(), scheme: scheme.to_string(), hint }
+        })
     }
 
     pub fn policy(&self) -> &Policy {
@@ -158,26 +206,7 @@ impl Host {
             )?)));
         }
         let scheme = uri_scheme(uri)?;
-        let plugin = self.plugins.for_scheme(scheme).ok_or_else(|| {
-            let refused: Vec<String> = self
-                .plugins
-                .refused
-                .iter()
-                .map(|r| {
-                    format!("{}: {}", r.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), r.reason)
-                })
-                .collect();
-            let hint = if self.plugins.loaded.is_empty() && refused.is_empty() {
-                "no plugins found; see `capvirt plugins`".to_string()
-            } else if refused.is_empty() {
-                let schemes: Vec<&str> =
-                    self.plugins.loaded.iter().flat_map(|p| p.info.schemes.iter().map(String::as_str)).collect();
-                format!("served schemes: {}", schemes.join(", "))
-            } else {
-                format!("refused plugins: {}", refused.join("; "))
-            };
-            HostError::NoDriver { uri: uri.to_string(), scheme: scheme.to_string(), hint }
-        })?;
+        let plugin = self.plugin_for(uri, scheme)?;
         let connect_error = |error| HostError::Connect { uri: uri.to_string(), error };
         let options = Value::record([("readonly", Value::Bool(readonly)), ("image_allow", self.image_allow_option())]);
         let driver = match &self.isolation {
@@ -186,7 +215,7 @@ impl Host {
                 DriverHandle::new(driver)
             }
             Some(isolation) => {
-                let pin = self.pins.get(&plugin.path).map(String::as_str);
+                let pin = self.discovery.pins.get(&plugin.path).map(String::as_str);
                 let driver = crate::isolate::IsolatedDriver::start(
                     &plugin.info.name,
                     &plugin.path,
@@ -203,7 +232,7 @@ impl Host {
             uri: uri.to_string(),
             audit_uri: redact::cut(uri, redact::MAX_TEXT).into_owned(),
             readonly,
-            plugin: Arc::clone(plugin),
+            plugin,
             driver,
             registry: Arc::clone(&self.registry),
             policy: Arc::clone(&self.policy),

@@ -49,28 +49,37 @@ pub(crate) struct Refusal {
     pub reason: String,
     /// Refused only because its SHA-256 differs from its pin (`capvirt plugins --pin` may re-pin it).
     pub pin_mismatch: bool,
+    /// The verdict follows from the file's bytes alone (a bad ELF image, no root module, an
+    /// ABI mismatch), so the same file always gets it; ownership, pins and `dlopen` failures
+    /// (a missing dependency) depend on more than the file.
+    pub from_content: bool,
 }
 
-impl From<String> for Refusal {
-    fn from(reason: String) -> Self {
-        Refusal { reason, pin_mismatch: false }
+impl Refusal {
+    /// A refusal that depends on more than the file's bytes.
+    fn circumstantial(reason: String) -> Self {
+        Refusal { reason, pin_mismatch: false, from_content: false }
+    }
+
+    fn from_content(reason: String) -> Self {
+        Refusal { reason, pin_mismatch: false, from_content: true }
     }
 }
 
 /// Loads the plugin at `path`, or says why it is not a usable plugin. With a `pin`
 /// (`sha256:<hex>`), the file must have that SHA-256.
 pub(crate) fn load(path: &Path, pin: Option<&str>) -> Result<RawPlugin, Refusal> {
-    let file = open_plugin_file(path)?;
-    check_elf_image(&ReadCache::new(&file))?;
+    let file = open_plugin_file(path).map_err(Refusal::circumstantial)?;
+    check_elf_image(&ReadCache::new(&file)).map_err(Refusal::from_content)?;
     if let Some(pin) = pin {
-        let actual = sha256_of(&file).map_err(|e| format!("cannot read: {e}"))?;
+        let actual = sha256_of(&file).map_err(|e| Refusal::circumstantial(format!("cannot read: {e}")))?;
         if actual != pin {
             let reason = format!("its SHA-256 changed since it was pinned (pinned {pin}, now {actual})");
-            return Err(Refusal { reason, pin_mismatch: true });
+            return Err(Refusal { reason, pin_mismatch: true, from_content: false });
         }
     }
-    let header = lib_header_from_path(path).map_err(describe_library_error)?;
-    let module = header.init_root_module::<PluginModuleRef>().map_err(describe_library_error)?;
+    let header = lib_header_from_path(path).map_err(library_refusal)?;
+    let module = header.init_root_module::<PluginModuleRef>().map_err(library_refusal)?;
     // The SDK wraps the manifest function in catch_unwind, so this call cannot unwind into us.
     let manifest = (module.manifest())();
     Ok(RawPlugin { module, manifest })
@@ -362,6 +371,18 @@ pub(crate) fn exports_root_module(path: &Path) -> Option<bool> {
 
 // ---------------------------------------------------------------------------------------------
 // abi_stable's verdicts
+
+/// abi_stable's verdicts on the plugin's own symbols and layouts follow from its bytes; a
+/// failing `dlopen` (a missing dependency) does not.
+fn library_refusal(error: LibraryError) -> Refusal {
+    let from_content = matches!(
+        error,
+        LibraryError::GetSymbolError { .. }
+            | LibraryError::AbiInstability(_)
+            | LibraryError::IncompatibleVersionNumber { .. }
+    );
+    Refusal { reason: describe_library_error(error), pin_mismatch: false, from_content }
+}
 
 fn describe_library_error(error: LibraryError) -> String {
     match error {

@@ -14,6 +14,7 @@ use capvirt_plugin_api::{Manifest, PluginModuleRef};
 
 use crate::{
     loader,
+    plugin_cache::{host_fingerprint, DirState, FileEntry, Identity, Inputs, PluginCache, Verdict},
     registry::{model::StringFormat, types::check_format, CapabilityIndex, Registry},
 };
 
@@ -134,6 +135,9 @@ pub fn misnamed_hint(file_name: &str) -> String {
     format!("not named {PLUGIN_PREFIX}*{PLUGIN_SUFFIX}, so not loaded: rename it to {PLUGIN_PREFIX}{name}{PLUGIN_SUFFIX} to load it")
 }
 
+/// A plugin admitted earlier, as admission sees it: its name, schemes and path.
+type Claim<'c> = (&'c str, &'c [String], &'c Path);
+
 /// What admission decided: callable flags by registry index, and ignored capabilities.
 type Admission = (Vec<bool>, Vec<(String, String)>);
 
@@ -150,6 +154,134 @@ pub struct PluginSet {
     pins: Pins,
 }
 
+/// The plugin files on a search path, in discovery order (a file name seen in an earlier
+/// directory shadows later ones), and the state of each directory.
+struct SearchPath {
+    dirs: Vec<DirState>,
+    files: Vec<PathBuf>,
+    /// Shared libraries not named like plugins (a hint may be due).
+    misnamed: Vec<PathBuf>,
+    warnings: Vec<String>,
+}
+
+impl SearchPath {
+    fn scan(dirs: &[PathBuf]) -> SearchPath {
+        let mut scan = SearchPath { dirs: Vec::new(), files: Vec::new(), misnamed: Vec::new(), warnings: Vec::new() };
+        let mut seen_names = HashSet::new();
+        for dir in dirs {
+            scan.dirs.push(DirState::of(dir, fs::metadata(dir).ok().as_ref()));
+            let entries = match fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    scan.warnings.push(format!("cannot read plugin directory {}: {e}", dir.display()));
+                    continue;
+                }
+            };
+            // Sorted by name; a path per plugin file only (most directories hold other files).
+            let mut files = Vec::new();
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name();
+                let bytes = name.as_encoded_bytes();
+                if !bytes.ends_with(PLUGIN_SUFFIX.as_bytes()) || name.to_str().is_none() {
+                    continue;
+                }
+                if bytes.starts_with(PLUGIN_PREFIX.as_bytes()) {
+                    files.push(name);
+                } else {
+                    scan.misnamed.push(dir.join(name));
+                }
+            }
+            files.sort_unstable_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+            for name in files {
+                let path = dir.join(&name);
+                if seen_names.insert(name) {
+                    scan.files.push(path);
+                }
+            }
+        }
+        scan
+    }
+}
+
+/// The pin of `path`, if any. Pins are keyed by canonical path; resolving it costs a few
+/// syscalls, so only with pins.
+fn pin_of(pins: &Pins, path: &Path) -> Option<String> {
+    if pins.is_empty() {
+        return None;
+    }
+    fs::canonicalize(path).ok().and_then(|canonical| pins.get(&canonical).cloned())
+}
+
+/// Where the plugins of a search path are found and how the manifest cache is used.
+#[derive(Debug, Clone)]
+pub(crate) struct Discovery {
+    pub dirs: Vec<PathBuf>,
+    pub pins: Pins,
+    /// The manifest cache's directory; `None`: no cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Discovery {
+    fn cache(&self) -> Option<PluginCache> {
+        self.cache_dir.as_deref().map(|dir| PluginCache::new(dir, &self.dirs))
+    }
+
+    /// Loads every plugin (and refreshes the manifest cache).
+    pub(crate) fn discover_all(&self, registry: &Registry) -> PluginSet {
+        let (set, dirs, files) = PluginSet::discover_recording(registry, &self.dirs, &self.pins);
+        if let Some(cache) = self.cache() {
+            cache.store(&host_fingerprint(registry), &dirs, files);
+        }
+        set
+    }
+
+    /// The plugin serving `scheme`, loaded alone, when the manifest cache matches the search
+    /// path and names it; `None` means "ask [`Discovery::discover_all`]". The file gets every
+    /// check of a full discovery and is admitted on its real manifest.
+    pub(crate) fn cached_plugin(&self, registry: &Registry, scheme: &str) -> Option<(LoadedPlugin, Vec<String>)> {
+        let cache = self.cache()?;
+        let scan = SearchPath::scan(&self.dirs);
+        let files = scan
+            .files
+            .into_iter()
+            .map(|path| {
+                let identity = Identity::of(&fs::metadata(&path).ok()?);
+                let pin = pin_of(&self.pins, &path);
+                Some((path, identity, pin))
+            })
+            .collect();
+        let answer = cache.answer(&host_fingerprint(registry), &Inputs { dirs: scan.dirs, files }, scheme)?;
+        let pin = pin_of(&self.pins, &answer.path);
+        let claims =
+            answer.earlier.iter().map(|(name, schemes, path)| (name.as_str(), schemes.as_slice(), path.as_path()));
+        match PluginSet::load_one(registry, &answer.path, pin.as_deref(), claims) {
+            Loaded::Plugin(plugin) if plugin.info.name == answer.name && plugin.info.schemes == answer.schemes => {
+                let warnings = plugin.ignored_warnings();
+                Some((plugin, warnings))
+            }
+            // The file says otherwise now (its manifest depends on more than its bytes, or it
+            // is refused): the cache is stale.
+            _ => None,
+        }
+    }
+}
+
+/// What loading one file came to.
+enum Loaded {
+    Plugin(LoadedPlugin),
+    Refused { refusal: RefusedPlugin, verdict: Verdict },
+}
+
+impl LoadedPlugin {
+    fn ignored_warnings(&self) -> Vec<String> {
+        self.ignored
+            .iter()
+            .map(|(id, why)| format!("plugin `{}`: capability `{id}` ignored: {why}", self.info.name))
+            .collect()
+    }
+}
+
 impl PluginSet {
     /// Loads every `libcapvirt_driver_*.so` in `dirs`, in order. A file name seen in an earlier
     /// directory shadows later ones.
@@ -159,109 +291,133 @@ impl PluginSet {
 
     /// [`PluginSet::discover`], refusing every pinned file whose SHA-256 differs from its pin.
     pub fn discover_pinned(registry: &Registry, dirs: &[PathBuf], pins: &Pins) -> PluginSet {
-        let mut set = PluginSet { pins: pins.clone(), ..PluginSet::default() };
-        let mut seen_names = HashSet::new();
-        for dir in dirs {
-            let entries = match fs::read_dir(dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    set.warnings.push(format!("cannot read plugin directory {}: {e}", dir.display()));
-                    continue;
-                }
-            };
-            let mut files = Vec::new();
-            for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-                let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-                if name.starts_with(PLUGIN_PREFIX) && name.ends_with(PLUGIN_SUFFIX) {
-                    files.push(path);
-                } else if name.ends_with(PLUGIN_SUFFIX) && loader::exports_root_module(&path) != Some(false) {
-                    // A plugin in all but its name (other libraries are none of our business).
-                    set.ignored.push(IgnoredFile { hint: misnamed_hint(name), path });
-                }
-            }
-            files.sort();
-            for path in files {
-                let file_name = path.file_name().map(|n| n.to_os_string());
-                if !seen_names.insert(file_name) {
-                    continue;
-                }
-                set.load_file(registry, &path);
+        PluginSet::discover_recording(registry, dirs, pins).0
+    }
+
+    /// [`PluginSet::discover_pinned`], the directories as scanned and what each file turned
+    /// out to be (for the cache).
+    fn discover_recording(
+        registry: &Registry,
+        dirs: &[PathBuf],
+        pins: &Pins,
+    ) -> (PluginSet, Vec<DirState>, Vec<FileEntry>) {
+        let scan = SearchPath::scan(dirs);
+        let mut set = PluginSet { pins: pins.clone(), warnings: scan.warnings, ..PluginSet::default() };
+        for path in scan.misnamed {
+            // A plugin in all but its name (other libraries are none of our business).
+            if loader::exports_root_module(&path) != Some(false) {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                set.ignored.push(IgnoredFile { hint: misnamed_hint(&name), path });
             }
         }
-        set
+        let mut entries = Vec::new();
+        for path in scan.files {
+            // Taken before loading: a file replaced meanwhile gets a new identity next time.
+            let identity = fs::metadata(&path).ok().map(|m| Identity::of(&m));
+            let pin = pin_of(pins, &path);
+            let verdict = set.load_pinned(registry, &path, pin.as_deref());
+            // A file that cannot be inspected cannot be recognised next time either.
+            let (identity, verdict) = identity.map_or((Identity::default(), Verdict::Unsettled), |id| (id, verdict));
+            entries.push(FileEntry { path, identity, pin, verdict });
+        }
+        (set, scan.dirs, entries)
     }
 
     /// Loads one file (also used for plugins named directly).
     pub fn load_file(&mut self, registry: &Registry, path: &Path) {
-        // Pins are keyed by canonical path; resolving it costs a few syscalls, so only with pins.
-        let pin = if self.pins.is_empty() {
-            None
-        } else {
-            fs::canonicalize(path).ok().and_then(|canonical| self.pins.get(&canonical).cloned())
-        };
-        let raw = match loader::load(path, pin.as_deref()) {
-            Ok(raw) => raw,
-            Err(refusal) => {
-                self.refused.push(RefusedPlugin {
-                    path: path.to_path_buf(),
-                    name: None,
-                    reason: refusal.reason,
-                    pin_mismatch: refusal.pin_mismatch,
-                    manifest: None,
-                });
-                return;
+        let pin = pin_of(&self.pins, path);
+        self.load_pinned(registry, path, pin.as_deref());
+    }
+
+    /// Loads one file against the plugins loaded so far; returns the verdict for the cache.
+    fn load_pinned(&mut self, registry: &Registry, path: &Path, pin: Option<&str>) -> Verdict {
+        let claims = self.loaded.iter().map(|p| (p.info.name.as_str(), p.info.schemes.as_slice(), p.path.as_path()));
+        match PluginSet::load_one(registry, path, pin, claims) {
+            Loaded::Plugin(plugin) => {
+                self.warnings.extend(plugin.ignored_warnings());
+                let verdict = Verdict::Plugin {
+                    name: plugin.info.name.clone(),
+                    schemes: plugin.info.schemes.clone(),
+                    admissible: true,
+                };
+                self.loaded.push(Arc::new(plugin));
+                verdict
             }
-        };
-        let info = PluginInfo::from_manifest(&raw.manifest);
-        if let Some(reason) = manifest_failure(&info) {
-            self.refused.push(RefusedPlugin {
-                path: path.to_path_buf(),
-                name: None,
-                reason,
-                pin_mismatch: false,
-                manifest: None,
-            });
-            return;
-        }
-        match self.admit(registry, &info) {
-            Ok((callable, ignored)) => {
-                for (id, why) in &ignored {
-                    self.warnings.push(format!("plugin `{}`: capability `{id}` ignored: {why}", info.name));
-                }
-                self.loaded.push(Arc::new(LoadedPlugin {
-                    path: path.to_path_buf(),
-                    info,
-                    module: raw.module,
-                    callable,
-                    ignored,
-                }));
-            }
-            Err(reason) => {
-                self.refused.push(RefusedPlugin {
-                    path: path.to_path_buf(),
-                    name: Some(info.name.clone()),
-                    reason,
-                    pin_mismatch: false,
-                    manifest: Some(info),
-                });
+            Loaded::Refused { refusal, verdict } => {
+                self.refused.push(refusal);
+                verdict
             }
         }
     }
 
-    /// Checks a manifest against the registry and the plugins already loaded.
-    fn admit(&self, registry: &Registry, info: &PluginInfo) -> Result<Admission, String> {
+    /// Loads the plugin at `path` and admits it unless a plugin in `claims` (name, schemes)
+    /// already has its name or one of its schemes.
+    fn load_one<'c>(
+        registry: &Registry,
+        path: &Path,
+        pin: Option<&str>,
+        claims: impl Iterator<Item = Claim<'c>> + Clone,
+    ) -> Loaded {
+        let refused = |reason, pin_mismatch, manifest: Option<PluginInfo>, verdict| Loaded::Refused {
+            refusal: RefusedPlugin {
+                path: path.to_path_buf(),
+                name: manifest.as_ref().map(|m| m.name.clone()),
+                reason,
+                pin_mismatch,
+                manifest,
+            },
+            verdict,
+        };
+        let raw = match loader::load(path, pin) {
+            Ok(raw) => raw,
+            Err(refusal) => {
+                let verdict =
+                    if refusal.from_content || refusal.pin_mismatch { Verdict::Refused } else { Verdict::Unsettled };
+                return refused(refusal.reason, refusal.pin_mismatch, None, verdict);
+            }
+        };
+        let info = PluginInfo::from_manifest(&raw.manifest);
+        if let Some(reason) = manifest_failure(&info) {
+            return refused(reason, false, None, Verdict::Refused);
+        }
+        match PluginSet::admit(registry, &info, claims) {
+            Ok((callable, ignored)) => {
+                Loaded::Plugin(LoadedPlugin { path: path.to_path_buf(), info, module: raw.module, callable, ignored })
+            }
+            Err(reason) => {
+                let admissible = PluginSet::admit(registry, &info, std::iter::empty()).is_ok();
+                let verdict = Verdict::Plugin { name: info.name.clone(), schemes: info.schemes.clone(), admissible };
+                refused(reason, false, Some(info), verdict)
+            }
+        }
+    }
+
+    /// Checks a manifest against the registry and the plugins admitted before it (`claims`:
+    /// their names and schemes).
+    fn admit<'c>(
+        registry: &Registry,
+        info: &PluginInfo,
+        claims: impl Iterator<Item = Claim<'c>> + Clone,
+    ) -> Result<Admission, String> {
         if let Err(why) = check_format(StringFormat::Name, &info.name) {
             return Err(format!("invalid plugin name: {why}"));
         }
         if semver::Version::parse(&info.version).is_err() {
             return Err(format!("plugin version {:?} is not a semver version", info.version));
         }
-        let built_against = semver::Version::parse(&info.registry_version)
+        let built_for = semver::Version::parse(&info.registry_version)
             .map_err(|_| format!("registry version {:?} is not a semver version", info.registry_version))?;
         let host_version = registry.version();
-        if built_against.major != host_version.major {
-            return Err(format!("built against registry {built_against}, incompatible with this host's registry {host_version} (major differs)"));
+        if built_for.major != host_version.major {
+            let remedy = if built_for.major > host_version.major {
+                "upgrade capvirt to a host with that registry major"
+            } else {
+                "rebuild the plugin for this host's registry"
+            };
+            return Err(format!(
+                "built against registry {built_for}, this host's registry is {host_version}: another major version \
+                 is incompatible ({remedy})"
+            ));
         }
         if info.schemes.is_empty() {
             return Err("serves no URI scheme".into());
@@ -271,19 +427,27 @@ impl PluginSet {
                 return Err(format!("invalid URI scheme {scheme:?}"));
             }
         }
-        if let Some(other) = self.loaded.iter().find(|p| p.info.name == info.name) {
-            return Err(format!("a plugin named `{}` is already loaded from {}", info.name, other.path.display()));
+        if let Some((_, _, other)) = claims.clone().find(|(name, _, _)| *name == info.name) {
+            return Err(format!("a plugin named `{}` is already loaded from {}", info.name, other.display()));
         }
         for scheme in &info.schemes {
-            if let Some(other) = self.loaded.iter().find(|p| p.info.schemes.contains(scheme)) {
-                return Err(format!("scheme `{scheme}` is already served by plugin `{}`", other.info.name));
+            if let Some((other, _, _)) = claims.clone().find(|(_, schemes, _)| schemes.contains(scheme)) {
+                return Err(format!("scheme `{scheme}` is already served by plugin `{other}`"));
             }
         }
+        // A plugin built for a newer registry minor may declare capabilities this host has
+        // not heard of yet: it loads, and those are not callable here.
+        let newer = if built_for > *host_version {
+            format!(" (the plugin targets newer registry {built_for})")
+        } else {
+            String::new()
+        };
         let mut callable = vec![false; registry.capabilities().len()];
         let mut ignored = Vec::new();
         for (id, version) in &info.capabilities {
             let Some(cap) = registry.lookup(id) else {
-                ignored.push((id.clone(), format!("unknown to registry {host_version}")));
+                ignored
+                    .push((id.clone(), format!("not callable: unknown to this host's registry {host_version}{newer}")));
                 continue;
             };
             if cap.stage().is_forbidden() {
@@ -292,7 +456,10 @@ impl PluginSet {
             if *version > cap.doc.version || *version == 0 {
                 ignored.push((
                     id.clone(),
-                    format!("implements contract version {version}, the registry declares version {}", cap.doc.version),
+                    format!(
+                        "not callable: implements contract version {version}, this host's registry declares version {}{newer}",
+                        cap.doc.version
+                    ),
                 ));
                 continue;
             }

@@ -416,3 +416,179 @@ fn a_pinned_plugin_that_changed_is_refused_until_pinned_again() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(entry(&listed, "libcapvirt_driver_fixture.so")["status"], "loaded", "{listed:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The manifest cache: `-c URI` loads only the plugin serving URI's scheme.
+
+/// The manifest cache file of a sandbox (`$XDG_CACHE_HOME/capvirt/plugins-*.json`), if written.
+fn cache_file(sb: &Sandbox) -> Option<PathBuf> {
+    let dir = fs::read_dir(sb.path("capvirt")).ok()?;
+    dir.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("plugins-") && n.ends_with(".json"))
+    })
+}
+
+/// The warning a full discovery prints for the fixture in `unknown` mode: seeing it means the
+/// fixture was loaded, not seeing it that only the plugin serving the URI was.
+const FIXTURE_LOADED: &str = "warning: plugin `fixture`: capability `domain.teleport` ignored";
+
+#[test]
+fn a_cached_run_loads_only_the_plugin_serving_the_uri_and_answers_the_same() {
+    let sb = fixture_sandbox();
+    let env = [("CAPVIRT_FIXTURE_MODE", "unknown")];
+    assert_eq!(cache_file(&sb), None);
+    let uncached = sb.capvirt_env(&["dominfo", "test"], &env);
+    assert_eq!(uncached.code, 0, "{}", uncached.stderr);
+    assert!(uncached.stderr.contains(FIXTURE_LOADED), "no cache yet: every plugin loads: {}", uncached.stderr);
+    let cache = cache_file(&sb).unwrap_or_else(|| panic!("no cache written under {}", sb.path("capvirt").display()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&cache).map(|m| m.permissions().mode() & 0o777).unwrap_or_default();
+    assert_eq!(mode, 0o600, "{}", cache.display());
+
+    let cached = sb.capvirt_env(&["dominfo", "test"], &env);
+    assert_eq!((cached.code, &cached.stdout), (0, &uncached.stdout), "{}", cached.stderr);
+    assert!(!cached.stderr.contains(FIXTURE_LOADED), "the fixture was loaded: {}", cached.stderr);
+    // The plugin served from the cache is admitted on its real manifest: its own warnings stay.
+    let fixture = sb.capvirt_env(&["-c", "fixture:///x", "list"], &env);
+    assert_eq!(fixture.code, 0, "{}", fixture.stderr);
+    assert!(fixture.stderr.contains(FIXTURE_LOADED), "{}", fixture.stderr);
+    // Errors are the same too.
+    let missing = sb.capvirt_env(&["dominfo", "no-such-domain"], &env);
+    fs::remove_file(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let missing_uncached = sb.capvirt_env(&["dominfo", "no-such-domain"], &env);
+    let without_fixture = |stderr: &str| {
+        stderr.lines().filter(|l| !l.starts_with("warning: plugin `fixture`")).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(missing.code, 5, "{}", missing.stderr);
+    assert_eq!(
+        (missing_uncached.code, without_fixture(&missing_uncached.stderr)),
+        (5, missing.stderr.trim_end().to_string())
+    );
+    // `capvirt plugins` loads everything, with or without a cache.
+    let first = sb.capvirt_env(&["-o", "json", "plugins"], &env);
+    let second = sb.capvirt_env(&["-o", "json", "plugins"], &env);
+    assert_eq!((first.code, second.code), (0, 0), "{} {}", first.stderr, second.stderr);
+    assert_eq!(first.stdout, second.stdout);
+    assert!(second.stdout.contains("domain.teleport"), "{}", second.stdout);
+    assert!(second.stderr.contains(FIXTURE_LOADED), "{}", second.stderr);
+}
+
+#[test]
+fn a_replaced_plugin_file_is_noticed() {
+    let dir = plugin_dir(&[("libcapvirt_driver_a.so", &artifacts().test_plugin)]);
+    let sb = Sandbox::with_plugin_dir(dir);
+    assert_eq!(sb.capvirt(&["list"]).code, 0);
+    assert!(cache_file(&sb).is_some());
+    assert_eq!(sb.capvirt(&["list"]).code, 0, "served from the cache");
+    // Same name, new content: the fixture, which serves `fixture://` only.
+    let file = sb.plugins.join("libcapvirt_driver_a.so");
+    let fixture = fs::read(&artifacts().fixture_plugin).unwrap_or_else(|e| panic!("{e}"));
+    install(&sb.plugins, "libcapvirt_driver_a.so.new", &fixture);
+    fs::rename(sb.plugins.join("libcapvirt_driver_a.so.new"), &file).unwrap_or_else(|e| panic!("{e}"));
+    let stale = sb.capvirt(&["list"]);
+    assert_eq!(stale.code, 4, "{}", stale.stderr);
+    assert!(stale.stderr.contains("served schemes: fixture"), "{}", stale.stderr);
+    assert_eq!(sb.capvirt(&["-c", "fixture:///x", "list"]).code, 0);
+    // Rewritten in place (same inode), the test driver again.
+    fs::write(&file, fs::read(&artifacts().test_plugin).unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sb.capvirt(&["-c", "fixture:///x", "list"]).code, 4);
+    assert_eq!(sb.capvirt(&["list"]).code, 0);
+}
+
+#[test]
+fn a_corrupt_cache_is_ignored_and_rewritten() {
+    let sb = fixture_sandbox();
+    let env = [("CAPVIRT_FIXTURE_MODE", "unknown")];
+    assert_eq!(sb.capvirt_env(&["list"], &env).code, 0);
+    let cache = cache_file(&sb).unwrap_or_else(|| panic!("no cache written"));
+    let good = fs::read(&cache).unwrap_or_else(|e| panic!("{e}"));
+    for corrupt in [&b""[..], b"{\"format\": 1, \"host\"", b"\xff\xfe not json", &good[..good.len() / 2]] {
+        fs::write(&cache, corrupt).unwrap_or_else(|e| panic!("{e}"));
+        let run = sb.capvirt_env(&["list"], &env);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(run.stderr.contains(FIXTURE_LOADED), "a corrupt cache cannot answer: {}", run.stderr);
+        let rewritten = fs::read(&cache).unwrap_or_else(|e| panic!("{e}"));
+        assert!(serde_json::from_slice::<serde_json::Value>(&rewritten).is_ok(), "not rewritten");
+        let cached = sb.capvirt_env(&["list"], &env);
+        assert!(!cached.stderr.contains(FIXTURE_LOADED), "{}", cached.stderr);
+    }
+    // A cache naming a file that does not serve the scheme makes no difference either: the
+    // file is checked and admitted on its real manifest.
+    let text = String::from_utf8_lossy(&good).replace("\"test\"", "\"fixture\"");
+    fs::write(&cache, text).unwrap_or_else(|e| panic!("{e}"));
+    let run = sb.capvirt_env(&["-c", "fixture:///x", "list"], &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
+#[test]
+fn refused_plugins_are_still_reported_with_a_cache() {
+    let real = fs::read(&artifacts().test_plugin).unwrap_or_else(|e| panic!("{e}"));
+    let sb = fixture_sandbox();
+    install(&sb.plugins, "libcapvirt_driver_cut.so", &real[..real.len() / 2]);
+    let env = [("CAPVIRT_FIXTURE_MODE", "major")];
+    for round in 0..2 {
+        let list = sb.capvirt_env(&["list"], &env);
+        assert_eq!(list.code, 0, "round {round}: {}", list.stderr);
+        let (run, listed) = listing(&sb, &[]);
+        assert_eq!(run.code, 1, "round {round}: {}", run.stderr);
+        assert!(reason(entry(&listed, "libcapvirt_driver_cut.so")).contains("truncated"), "{listed:?}");
+        // Without the fixture's mode the fixture loads: the listing is the current truth.
+        assert_eq!(entry(&listed, "libcapvirt_driver_fixture.so")["status"], "loaded");
+        let refused = sb.capvirt_env(&["-c", "fixture:///x", "list"], &env);
+        assert_eq!(refused.code, 4, "round {round}: {}", refused.stderr);
+        assert!(refused.stderr.contains("registry 2.0.0"), "round {round}: {}", refused.stderr);
+        assert!(refused.stderr.contains("libcapvirt_driver_cut.so"), "round {round}: {}", refused.stderr);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registry version a plugin was built for.
+
+#[test]
+fn a_plugin_for_a_newer_registry_minor_loads_and_says_what_is_not_callable() {
+    let sb = fixture_sandbox();
+    let env = [("CAPVIRT_FIXTURE_MODE", "newer")];
+    let run = sb.capvirt_env(&["-o", "json", "plugins"], &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let fixture = entry(&listed, "libcapvirt_driver_fixture.so");
+    assert_eq!((&fixture["status"], &fixture["registry_version"]), (&"loaded".into(), &"1.9.0".into()), "{fixture}");
+    let ignored = fixture["ignored"].as_array().cloned().unwrap_or_default();
+    let why =
+        |id: &str| ignored.iter().find(|i| i["id"] == id).map(|i| i["reason"].as_str().unwrap_or_default().to_string());
+    assert_eq!(
+        why("domain.hibernate").as_deref(),
+        Some("not callable: unknown to this host's registry 1.1.0 (the plugin targets newer registry 1.9.0)")
+    );
+    assert_eq!(
+        why("domain.info").as_deref(),
+        Some(
+            "not callable: implements contract version 2, this host's registry declares version 1 (the plugin \
+             targets newer registry 1.9.0)"
+        )
+    );
+    assert_eq!(why("domain.list"), None);
+    let table = sb.capvirt_env(&["plugins"], &env);
+    assert!(
+        table.stdout.contains("loaded (1 capabilities; not callable here: domain.hibernate, domain.info)"),
+        "{}",
+        table.stdout
+    );
+    assert_eq!(sb.capvirt_env(&["-c", "fixture:///x", "list"], &env).code, 0);
+    let info = sb.capvirt_env(&["-c", "fixture:///x", "dominfo", "x"], &env);
+    assert_eq!(info.code, 4, "{}", info.stderr);
+    assert!(info.stderr.contains("domain.info"), "{}", info.stderr);
+}
+
+#[test]
+fn a_plugin_for_another_registry_major_is_refused_naming_both_versions() {
+    let sb = fixture_sandbox();
+    let listed = plugins_json(&sb.capvirt_env(&["-o", "json", "plugins"], &[("CAPVIRT_FIXTURE_MODE", "major")]));
+    assert_eq!(
+        reason(entry(&listed, "libcapvirt_driver_fixture.so")),
+        "built against registry 2.0.0, this host's registry is 1.1.0: another major version is incompatible (upgrade \
+         capvirt to a host with that registry major)"
+    );
+    assert_eq!(entry(&listed, "libcapvirt_driver_test.so")["status"], "loaded");
+}

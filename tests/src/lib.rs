@@ -141,6 +141,7 @@ pub fn capvirt(plugin_dir: &Path, state_dir: &Path) -> Command {
         .env("CAPVIRT_AUDIT_LOG", state_dir.join("audit.jsonl"))
         .env("XDG_STATE_HOME", state_dir)
         .env("XDG_CONFIG_HOME", state_dir)
+        .env("XDG_CACHE_HOME", state_dir)
         .env_remove("CAPVIRT_CONFIG")
         .env_remove("CAPVIRT_DEFAULT_URI")
         .env_remove("CAPVIRT_ENABLE")

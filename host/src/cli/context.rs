@@ -167,6 +167,7 @@ impl Context {
                 audit,
                 image_allow,
                 isolation: self.isolation()?,
+                plugin_cache: crate::plugin_cache::default_dir(),
             };
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
         }

@@ -75,7 +75,7 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
                         p.info.name.clone(),
                         p.info.version.clone(),
                         p.info.schemes.join(","),
-                        format!("loaded ({} capabilities)", p.info.capabilities.len() - p.ignored.len()),
+                        loaded_status(p),
                         p.path.display().to_string(),
                     ]
                 })
@@ -107,6 +107,18 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         1 => Err(CliError::other("1 plugin was refused (reason above)")),
         n => Err(CliError::other(format!("{n} plugins were refused (reasons above)"))),
     }
+}
+
+/// `loaded (N capabilities)`, and the declared capabilities this host cannot call (unknown to
+/// its registry, or a newer contract version), so a plugin built for a newer registry says
+/// what it brings that this host does not use.
+fn loaded_status(plugin: &crate::plugins::LoadedPlugin) -> String {
+    let callable = plugin.info.capabilities.len() - plugin.ignored.len();
+    if plugin.ignored.is_empty() {
+        return format!("loaded ({callable} capabilities)");
+    }
+    let ids: Vec<&str> = plugin.ignored.iter().map(|(id, _)| id.as_str()).collect();
+    format!("loaded ({callable} capabilities; not callable here: {})", ids.join(", "))
 }
 
 /// Writes the pins of `set` into the host config; returns how many and where.
