@@ -17,6 +17,9 @@ mod cache;
 mod console;
 mod driver;
 mod emulator;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod migration;
 mod monitor;
 mod qemu;
