@@ -5,6 +5,7 @@ mod audit;
 mod cli;
 mod container;
 mod dispatch;
+mod fuzz_regressions;
 mod maint;
 mod plugins;
 mod qemu;

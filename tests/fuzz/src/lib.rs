@@ -79,7 +79,7 @@ pub fn device_spec(data: &[u8]) {
 }
 
 /// Reads `data` as the TOML file of `capability`'s `param` and returns the validated value.
-fn spec_argument(data: &[u8], capability: &str, param: &str) -> Option<Value> {
+fn spec_argument(data: &[u8], capability: &str, param: &'static str) -> Option<Value> {
     images();
     let file = scratch_file();
     std::fs::write(&file, data).ok()?;
@@ -197,7 +197,10 @@ impl FuzzValue {
             FuzzValue::Bytes(b) => Value::from(b),
             FuzzValue::List(items) => Value::List(items.into_iter().map(|v| v.convert(words)).collect()),
             FuzzValue::Record(fields) => Value::Record(
-                fields.into_iter().map(|(name, value)| Field::new(name.into_string(words), value.convert(words))).collect(),
+                fields
+                    .into_iter()
+                    .map(|(name, value)| Field::new(name.into_string(words), value.convert(words)))
+                    .collect(),
             ),
         }
     }
