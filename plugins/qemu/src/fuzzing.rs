@@ -29,7 +29,9 @@ pub const CHUNK_SEPARATOR: u8 = 0xff;
 
 /// How long the scripted server waits for the client's next command before sending its next
 /// chunk anyway (the client may be waiting for more of a reply instead).
-const SERVER_PATIENCE: Duration = Duration::from_millis(5);
+const SERVER_PATIENCE: Duration = Duration::from_millis(1);
+/// Chunks played at most (each may cost [`SERVER_PATIENCE`]); the rest of the script is dropped.
+const MAX_CHUNKS: usize = 16;
 
 /// Plays `script` as the server side of a QMP connection to this driver's client.
 ///
@@ -39,7 +41,7 @@ const SERVER_PATIENCE: Duration = Duration::from_millis(5);
 /// runs a fixed sequence of commands whose replies it reads as typed and untyped results.
 pub fn qmp_exchange(script: &[u8]) {
     let Ok((client_end, server_end)) = UnixStream::pair() else { return };
-    let chunks: Vec<Vec<u8>> = script.split(|&b| b == CHUNK_SEPARATOR).map(<[u8]>::to_vec).collect();
+    let chunks: Vec<Vec<u8>> = script.split(|&b| b == CHUNK_SEPARATOR).take(MAX_CHUNKS).map(<[u8]>::to_vec).collect();
     let server = thread::spawn(move || serve(server_end, chunks));
     if let Ok(mut client) = Qmp::handshake(client_end, Duration::from_secs(1)) {
         let _ = client.execute_loose::<_, serde_json::Value>(&qmp::query_status {});
