@@ -17,7 +17,10 @@ use capvirt_plugin_api::{
     PluginError,
 };
 use qapi::qmp;
-use rustix::net::SendFlags;
+use rustix::{
+    event::{PollFd, PollFlags, Timespec},
+    net::SendFlags,
+};
 
 use crate::{
     qmp::Qmp,
@@ -48,7 +51,7 @@ pub fn qmp_exchange(script: &[u8]) {
         let _ = client.execute(&qmp::stop {});
         let _ = client.execute(&qmp::query_version {});
         let _ = client.execute_loose::<_, serde_json::Value>(&qmp::query_migrate {});
-        let _ = client.wait_event(Instant::now() + Duration::from_millis(20), |e| e.name == "STOP");
+        let _ = client.wait_event(Instant::now() + Duration::from_millis(5), |e| e.name == "STOP");
         let _ = client.execute(&qmp::cont {});
     }
     let _ = server.join();
@@ -57,7 +60,7 @@ pub fn qmp_exchange(script: &[u8]) {
 fn serve(stream: UnixStream, chunks: Vec<Vec<u8>>) {
     // The client may stop reading at any point; the server must never block on it for long.
     if stream.set_write_timeout(Some(Duration::from_secs(1))).is_err()
-        || stream.set_read_timeout(Some(SERVER_PATIENCE)).is_err()
+        || stream.set_read_timeout(Some(Duration::from_secs(1))).is_err()
     {
         return;
     }
@@ -69,10 +72,12 @@ fn serve(stream: UnixStream, chunks: Vec<Vec<u8>>) {
         // A chunk is an answer to a command, unless the previous one left a line unfinished
         // (then the client is still reading it).
         if index > 0 && ends_with_newline {
-            command.clear();
-            // (A timeout is no reason to stop: the chunk goes anyway.)
-            if let Ok(0) = commands.read_until(b'\n', &mut command) {
-                return;
+            // (No command in time is no reason to stop: the chunk goes anyway.)
+            if commands.buffer().contains(&b'\n') || command_arrives(&stream) {
+                command.clear();
+                if let Ok(0) = commands.read_until(b'\n', &mut command) {
+                    return;
+                }
             }
         }
         if !send_all(&stream, chunk) {
@@ -82,6 +87,14 @@ fn serve(stream: UnixStream, chunks: Vec<Vec<u8>>) {
             ends_with_newline = chunk.ends_with(b"\n");
         }
     }
+}
+
+/// Whether the client sends something within [`SERVER_PATIENCE`] (`poll`: socket timeouts
+/// are rounded up to the kernel's tick, several milliseconds).
+fn command_arrives(stream: &UnixStream) -> bool {
+    let mut fds = [PollFd::new(stream, PollFlags::IN)];
+    let patience = Timespec { tv_sec: 0, tv_nsec: SERVER_PATIENCE.subsec_nanos().into() };
+    matches!(rustix::event::poll(&mut fds, Some(&patience)), Ok(n) if n > 0)
 }
 
 /// `send` with MSG_NOSIGNAL: libFuzzer's process does not ignore SIGPIPE as Rust's `main` does.

@@ -26,8 +26,11 @@ use capvirt_plugin_api::{
     Field,
 };
 
+/// What a target does with one input.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and of the corpus directories).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("registry", registry),
     ("domain_spec", domain_spec),
     ("device_spec", device_spec),
