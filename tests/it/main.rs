@@ -8,6 +8,7 @@ mod console;
 mod container;
 mod dispatch;
 mod events;
+mod fuzz_regressions;
 mod isolate;
 mod maint;
 mod plugins;

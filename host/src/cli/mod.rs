@@ -5,7 +5,8 @@
 //! derived at run time from the registry's `[cli]` hints, so an accepted proposal is usable
 //! with no CLI code.
 
-mod args;
+#[doc(hidden)] // public for the fuzz targets (tests/fuzz), which read spec files as the CLI does
+pub mod args;
 pub mod commands;
 mod context;
 mod error;

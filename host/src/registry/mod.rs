@@ -239,6 +239,7 @@ impl Registry {
                     Err(message) => push(&path, format!("parameter `{}`: {message}", decl.name)),
                 }
             }
+            normalize_defaults(&mut params, &types, &mut |m| push(&path, m));
             let result = match types.parse_expr(&doc.result.ty) {
                 Ok(ty) => ty,
                 Err(message) => {
@@ -386,18 +387,26 @@ fn compile_types(file: &TypesFile, push: &mut impl FnMut(&str, String)) -> TypeT
     for (def, body) in table.defs.iter_mut().zip(bodies) {
         def.body = body;
     }
-    // Defaults can only be checked once every body is known.
-    for def in &table.defs {
+    // Defaults can only be checked once every body is known; they are kept normalized (see
+    // `normalize_defaults`).
+    let mut normalized = Vec::new();
+    for (index, def) in table.defs.iter().enumerate() {
         if let TypeBody::Record { fields } = &def.body {
-            for field in fields {
+            for (field_index, field) in fields.iter().enumerate() {
                 if let Some(default) = &field.default {
                     let mut value = default.clone();
                     let path = format!("{}.{}", def.name, field.name);
-                    if let Err(e) = table.validate(&field.ty, field.bounds, &mut value, &ValuePath::root(&path)) {
-                        push("types.toml", format!("default of {e}"));
+                    match table.validate(&field.ty, field.bounds, &mut value, &ValuePath::root(&path)) {
+                        Ok(()) => normalized.push((index, field_index, value)),
+                        Err(e) => push("types.toml", format!("default of {e}")),
                     }
                 }
             }
+        }
+    }
+    for (index, field_index, value) in normalized {
+        if let TypeBody::Record { fields } = &mut table.defs[index].body {
+            fields[field_index].default = Some(value);
         }
     }
     if let Some(cycle) = find_record_cycle(&table) {
@@ -450,6 +459,19 @@ fn compile_field(table: &TypeTable, decl: &model::FieldDecl) -> Result<FieldDef,
     })
 }
 
+/// Checks each default against its type and keeps it normalized as validation normalizes
+/// arguments (a TOML integer is signed: an unsigned parameter's default becomes `UInt`), so
+/// that a filled-in default is exactly what a caller could have passed.
+fn normalize_defaults(fields: &mut [FieldDef], types: &TypeTable, push: &mut impl FnMut(String)) {
+    for field in fields {
+        if let Some(default) = &mut field.default {
+            if let Err(e) = types.validate(&field.ty, field.bounds, default, &ValuePath::root(&field.name)) {
+                push(format!("default of {e}"));
+            }
+        }
+    }
+}
+
 fn check_capability(
     doc: &CapabilityFile,
     params: &[FieldDef],
@@ -457,14 +479,6 @@ fn check_capability(
     types: &TypeTable,
     push: &mut impl FnMut(String),
 ) {
-    for param in params {
-        if let Some(default) = &param.default {
-            let mut value = default.clone();
-            if let Err(e) = types.validate(&param.ty, param.bounds, &mut value, &ValuePath::root(&param.name)) {
-                push(format!("default of {e}"));
-            }
-        }
-    }
     let Some(cli) = &doc.cli else { return };
     let mut optional_seen = false;
     for name in &cli.positional {

@@ -18,6 +18,9 @@ mod console;
 mod driver;
 mod emulator;
 mod events;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod migration;
 mod monitor;
 mod qemu;

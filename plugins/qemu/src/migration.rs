@@ -449,11 +449,11 @@ fn read_save(path: &Path) -> Result<(SaveHeader, File), PluginError> {
         line.clear();
         (&mut reader).take(64).read_line(line).map_err(|e| not_save(&e.to_string()))
     };
-    read_line(&mut line)?;
+    let magic_len = read_line(&mut line)?;
     if line.trim_end() != SAVE_MAGIC {
         return Err(not_save("wrong magic"));
     }
-    read_line(&mut line)?;
+    let length_len = read_line(&mut line)?;
     let length: usize = line.trim_end().parse().map_err(|_| not_save("bad header length"))?;
     if length > MAX_HEADER {
         return Err(not_save("header too large"));
@@ -464,7 +464,8 @@ fn read_save(path: &Path) -> Result<(SaveHeader, File), PluginError> {
     let header: SaveHeader =
         toml::from_str(&text).map_err(|e| not_save(e.to_string().lines().next().unwrap_or("bad header")))?;
     // Position the file right after the header for QEMU (the BufReader read ahead).
-    let offset = (SAVE_MAGIC.len() + 1 + line.len() + length) as u64;
+    // (The lines as read: `trim_end` above accepts other line ends than the writer's.)
+    let offset = (magic_len + length_len + length) as u64;
     let mut file = reader.into_inner();
     file.seek(SeekFrom::Start(offset)).map_err(|e| not_save(&e.to_string()))?;
     Ok((header, file))
@@ -499,4 +500,204 @@ fn check_live(live: Live, path: &str) -> Result<Live, PluginError> {
         return Err(bad("USB ports for unknown devices".into()));
     }
     Ok(live)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    fn ok<T>(result: Result<T, PluginError>) -> T {
+        result.unwrap_or_else(|e| panic!("{}", e.message))
+    }
+
+    fn io<T>(result: std::io::Result<T>) -> T {
+        result.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn refused<T>(result: Result<T, PluginError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.message.to_string(),
+        }
+    }
+
+    fn machine() -> Machine {
+        Machine {
+            name: "vm".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            disks: Vec::new(),
+            devices: vec![spec::Device { kind: spec::Kind::UsbTablet, id: "tablet0".into(), path: None, format: None }],
+            graphics: None,
+            boot: None,
+            interfaces: Vec::new(),
+        }
+    }
+
+    fn header() -> SaveHeader {
+        SaveHeader { running: true, definition: machine(), live: Live::new(machine(), "tcg") }
+    }
+
+    /// A save file: the header as `save` writes it, then `stream` standing for QEMU's.
+    fn save_file(dir: &Path, stream: &[u8]) -> PathBuf {
+        let path = dir.join("vm.save");
+        let mut file = io(File::create(&path));
+        ok(write_header(&mut file, &header()));
+        io(file.write_all(stream));
+        path
+    }
+
+    #[test]
+    fn a_save_file_reads_back_positioned_at_the_stream() {
+        let dir = io(tempfile::tempdir());
+        let path = save_file(dir.path(), b"QEVM-stream");
+        let (read, mut file) = ok(read_save(&path));
+        assert!(read.running);
+        assert_eq!(read.definition, machine());
+        assert_eq!(read.live, Live::new(machine(), "tcg"));
+        let mut stream = Vec::new();
+        io(file.read_to_end(&mut stream));
+        assert_eq!(stream, b"QEVM-stream");
+    }
+
+    #[test]
+    fn the_stream_starts_after_the_header_whatever_its_line_ends() {
+        let dir = io(tempfile::tempdir());
+        let text = io(fs::read_to_string(save_file(dir.path(), b"")));
+        let (magic, rest) = text.split_once('\n').unwrap_or_else(|| panic!("no magic line"));
+        let (length, body) = rest.split_once('\n').unwrap_or_else(|| panic!("no length line"));
+        let path = dir.path().join("crlf.save");
+        io(fs::write(&path, format!("{magic} \r\n{length}\r\n{body}QEVM")));
+        let (_, mut file) = ok(read_save(&path));
+        let mut stream = String::new();
+        io(file.read_to_string(&mut stream));
+        assert_eq!(stream, "QEVM");
+    }
+
+    #[test]
+    fn files_that_are_not_save_files_are_refused_without_blocking() {
+        let dir = io(tempfile::tempdir());
+        let at = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            io(fs::write(&path, bytes));
+            path
+        };
+        let good = io(fs::read(save_file(dir.path(), b"")));
+        let cases: Vec<(PathBuf, &str)> = vec![
+            (at("empty", b""), "wrong magic"),
+            (at("magic", b"CAPVIRT-QEMU-SAVE 2\n3\nabc"), "wrong magic"),
+            (at("long-line", &[b'x'; 100_000]), "wrong magic"),
+            (at("length", b"CAPVIRT-QEMU-SAVE 1\nmany\n"), "bad header length"),
+            (at("huge", b"CAPVIRT-QEMU-SAVE 1\n18446744073709551615\n"), "header too large"),
+            (at("cut", &good[..good.len() - 5]), "truncated header"),
+            (at("utf8", b"CAPVIRT-QEMU-SAVE 1\n2\n\xff\xfe"), "not UTF-8"),
+            (at("toml", b"CAPVIRT-QEMU-SAVE 1\n9\nrunning=1"), "not a capvirt QEMU save file"),
+            (dir.path().to_path_buf(), "not a regular file"),
+        ];
+        for (path, why) in cases {
+            let message = refused(read_save(&path));
+            assert!(message.contains(why), "{}: {message}", path.display());
+        }
+        let missing = dir.path().join("missing");
+        assert!(matches!(read_save(&missing), Err(e) if e.kind == ErrorKind::NotFound));
+        // A FIFO would block an ordinary open until a writer comes.
+        let fifo = dir.path().join("fifo");
+        io(rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::RUSR, 0)
+            .map_err(std::io::Error::from));
+        let started = Instant::now();
+        assert!(refused(read_save(&fifo)).contains("not a regular file"));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn save_targets_are_new_files_in_existing_directories() {
+        let dir = io(tempfile::tempdir());
+        let target = ok(new_file_path(&dir.path().join("vm.save").display().to_string()));
+        assert_eq!(target, io(fs::canonicalize(dir.path())).join("vm.save"));
+        let existing = dir.path().join("there");
+        io(fs::write(&existing, ""));
+        assert!(refused(new_file_path(&existing.display().to_string())).contains("never overwrites"));
+        io(std::os::unix::fs::symlink("/nonexistent", dir.path().join("dangling")));
+        assert!(new_file_path(&dir.path().join("dangling").display().to_string()).is_err());
+        assert!(new_file_path(&dir.path().join("no/such/dir/x").display().to_string()).is_err());
+        assert!(new_file_path("/").is_err());
+        assert!(new_file_path("").is_err());
+    }
+
+    #[test]
+    fn publishing_never_replaces_a_file_that_appeared_meanwhile() {
+        let dir = io(tempfile::tempdir());
+        let target = dir.path().join("vm.save");
+        let temporary = sibling_temporary(&target);
+        assert_eq!(temporary.parent(), Some(dir.path()));
+        assert!(temporary.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".vm.save.capvirt-partial-")));
+        io(fs::write(&temporary, "saved"));
+        io(fs::write(&target, "someone else's"));
+        assert!(publish(&temporary, &target).is_err());
+        assert_eq!(io(fs::read_to_string(&target)), "someone else's");
+        io(fs::remove_file(&target));
+        ok(publish(&temporary, &target));
+        assert_eq!(io(fs::read_to_string(&target)), "saved");
+        assert!(!temporary.exists());
+    }
+
+    #[test]
+    fn live_configurations_from_files_are_checked() {
+        let good = Live::new(machine(), "tcg");
+        assert_eq!(ok(check_live(good.clone(), "f")), good);
+        let mut bad_accel = good.clone();
+        bad_accel.accel = "xen".into();
+        assert!(refused(check_live(bad_accel, "f")).contains("unknown accelerator"));
+        let mut bad_machine = good.clone();
+        bad_machine.machine_type = Some("pc-i440fx-7.2".into());
+        assert!(refused(check_live(bad_machine, "f")).contains("unknown machine type"));
+        let mut no_port = good.clone();
+        no_port.usb_ports.clear();
+        assert!(refused(check_live(no_port, "f")).contains("no USB port"));
+        for port in [0, spec::USB_PORTS + 1] {
+            let mut out_of_range = good.clone();
+            out_of_range.usb_ports.insert("tablet0".into(), port);
+            assert!(refused(check_live(out_of_range, "f")).contains("invalid USB port"));
+        }
+        let mut unknown = good.clone();
+        unknown.usb_ports.insert("ghost".into(), 2);
+        assert!(refused(check_live(unknown, "f")).contains("unknown devices"));
+        let mut twice = good;
+        twice.machine.devices.push(spec::Device {
+            kind: spec::Kind::UsbKeyboard,
+            id: "kbd".into(),
+            path: None,
+            format: None,
+        });
+        twice.usb_ports.insert("kbd".into(), 1);
+        assert!(refused(check_live(twice, "f")).contains("invalid USB port 1"));
+    }
+
+    #[test]
+    fn migration_progress_is_read_from_query_migrate() {
+        let info = serde_json::json!({"status": "active", "ram": {"transferred": 10, "total": 40}});
+        assert!(matches!(migration_status(&info), Some(qmp::MigrationStatus::active)));
+        assert_eq!(ram_progress(&info), (10, 40));
+        let odd = serde_json::json!({"status": "no-such-status", "ram": {"transferred": "x"}});
+        assert!(migration_status(&odd).is_none());
+        assert_eq!(ram_progress(&odd), (0, 0));
+        assert_eq!(ram_progress(&serde_json::json!(null)), (0, 0));
+    }
+
+    #[test]
+    fn transfer_bounds_grow_with_memory_and_never_overflow() {
+        assert_eq!(transfer_timeout(0), Duration::from_secs(120));
+        assert!(transfer_timeout(4096) > transfer_timeout(64));
+        assert!(transfer_timeout(u64::MAX) >= transfer_timeout(1 << 40));
+    }
+
+    #[test]
+    fn migrations_go_through_a_passed_descriptor_only() {
+        let command = migrate_command("fd:capvirt-save");
+        assert_eq!(command.uri, "fd:capvirt-save");
+        let json = io(serde_json::to_value(&command).map_err(std::io::Error::other));
+        assert_eq!(json, serde_json::json!({"uri": "fd:capvirt-save"}));
+    }
 }

@@ -37,7 +37,11 @@ const MAX_EVENTS: usize = 256;
 /// Tolerance between a wait's time left and the socket's read timeout.
 const SLACK: Duration = Duration::from_secs(1);
 /// A QMP line longer than this is refused (QEMU's replies are far smaller).
+#[cfg(not(test))]
 const MAX_LINE: usize = 64 << 20;
+/// Smaller in unit tests, which send lines past the bound (64 MiB takes ~20 s unoptimized).
+#[cfg(test)]
+const MAX_LINE: usize = 1 << 20;
 
 /// Why a QMP exchange failed.
 #[derive(Debug)]
@@ -369,11 +373,17 @@ impl Qmp {
     /// Reads whatever QEMU already sent without waiting and drops complete lines (events).
     fn discard_pending(&mut self) -> Result<(), QmpError> {
         self.events.clear();
-        loop {
+        // A peer that never stops writing must neither keep the client here nor grow the
+        // buffer without bound: past one line's worth, the rest is read as the reply's events.
+        let mut discarded = 0;
+        while discarded <= MAX_LINE {
             self.make_room();
             match rustix::net::recv(self.stream.as_fd(), &mut self.buf[self.tail..], RecvFlags::DONTWAIT) {
                 Ok((0, _)) => return Err(self.fail(QmpError::Stale)),
-                Ok((n, _)) => self.tail += n,
+                Ok((n, _)) => {
+                    self.tail += n;
+                    discarded += n;
+                }
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(self.fail(QmpError::Io(e.into()))),
@@ -616,5 +626,186 @@ mod tests {
         assert!(matches!(result, Err(QmpError::Timeout)), "{:?}", result.err());
         assert!(started.elapsed() < Duration::from_secs(3));
         drop(theirs);
+    }
+
+    /// A negotiated client and the server end of its socketpair, played by the test itself
+    /// (commands are read with `reader`).
+    fn negotiated() -> (Qmp, UnixStream, BufReader<UnixStream>) {
+        let (ours, mut theirs) = UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        theirs.set_read_timeout(Some(Duration::from_secs(5))).unwrap_or_else(|e| panic!("timeout: {e}"));
+        theirs.set_write_timeout(Some(Duration::from_secs(5))).unwrap_or_else(|e| panic!("timeout: {e}"));
+        let mut reader = BufReader::new(theirs.try_clone().unwrap_or_else(|e| panic!("clone: {e}")));
+        theirs.write_all(format!("{GREETING}\n").as_bytes()).unwrap_or_else(|e| panic!("greeting: {e}"));
+        let client = thread::spawn(move || Qmp::handshake(ours, Duration::from_secs(5)));
+        assert!(read_command(&mut reader).contains("qmp_capabilities"));
+        theirs.write_all(b"{\"return\": {}}\n").unwrap_or_else(|e| panic!("reply: {e}"));
+        let qmp = match client.join() {
+            Ok(Ok(qmp)) => qmp,
+            Ok(Err(e)) => panic!("handshake: {e}"),
+            Err(_) => panic!("the handshake panicked"),
+        };
+        (qmp, theirs, reader)
+    }
+
+    fn read_command(reader: &mut BufReader<UnixStream>) -> String {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap_or_else(|e| panic!("reading a command: {e}"));
+        line
+    }
+
+    /// Polls `done` every millisecond for up to 5 s.
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Bytes the client has not read yet.
+    fn unread(probe: &UnixStream) -> u64 {
+        rustix::io::ioctl_fionread(probe).unwrap_or_else(|e| panic!("FIONREAD: {e}"))
+    }
+
+    fn in_thread<T: Send + 'static>(
+        mut qmp: Qmp,
+        call: impl FnOnce(&mut Qmp) -> T + Send + 'static,
+    ) -> thread::JoinHandle<(Qmp, T)> {
+        thread::spawn(move || {
+            let result = call(&mut qmp);
+            (qmp, result)
+        })
+    }
+
+    fn joined<T>(handle: thread::JoinHandle<(Qmp, T)>) -> (Qmp, T) {
+        handle.join().unwrap_or_else(|_| panic!("the client thread panicked"))
+    }
+
+    #[test]
+    fn a_reply_cut_mid_line_is_read_when_its_rest_arrives() {
+        let (qmp, mut server, mut reader) = negotiated();
+        let probe = qmp.stream.try_clone().unwrap_or_else(|e| panic!("clone: {e}"));
+        let client = in_thread(qmp, |q| q.execute_loose::<_, serde_json::Value>(&qmp::query_status {}));
+        assert!(read_command(&mut reader).contains("query-status"));
+        server.write_all(b"{\"return\": {\"sta").unwrap_or_else(|e| panic!("write: {e}"));
+        // The client has taken the fragment and waits for the rest of the line.
+        wait_until("the client read the fragment", || unread(&probe) == 0);
+        server.write_all(b"tus\": \"paused\", \"running\": false}}\n").unwrap_or_else(|e| panic!("write: {e}"));
+        let (qmp, status) = joined(client);
+        let status = status.unwrap_or_else(|e| panic!("query-status: {e}"));
+        assert_eq!(status["status"], "paused");
+        assert!(!qmp.is_broken());
+    }
+
+    #[test]
+    fn events_are_told_apart_by_when_they_arrive() {
+        let (qmp, mut server, mut reader) = negotiated();
+        // Before the command: not its effect, dropped when it is sent.
+        server.write_all(b"{\"event\": \"RESUME\", \"data\": {}}\n").unwrap_or_else(|e| panic!("write: {e}"));
+        let client = in_thread(qmp, |q| q.execute(&qmp::stop {}));
+        assert!(read_command(&mut reader).contains("\"stop\""));
+        // Between the command and its response: kept for the caller.
+        server
+            .write_all(b"{\"event\": \"STOP\", \"data\": {}}\n{\"return\": {}}\n{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": true}}\n")
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let (mut qmp, stopped) = joined(client);
+        stopped.unwrap_or_else(|e| panic!("stop: {e}"));
+        assert!(qmp.saw_event("STOP"));
+        assert!(!qmp.saw_event("RESUME"), "an event older than the command was attributed to it");
+        // After the response: read by whoever waits for it.
+        let event = qmp
+            .wait_event(Instant::now() + Duration::from_secs(5), |e| e.name == "SHUTDOWN")
+            .unwrap_or_else(|e| panic!("wait_event: {e}"));
+        assert_eq!(event.data["guest"], true);
+        // STOP stays queued for a later wait; an event that never comes ends at the deadline.
+        assert!(qmp.wait_event(Instant::now(), |e| e.name == "STOP").is_ok());
+        let started = Instant::now();
+        let nothing = qmp.wait_event(Instant::now() + Duration::from_millis(100), |e| e.name == "RESET");
+        assert!(matches!(nothing, Err(QmpError::Timeout)), "{:?}", nothing.err());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn an_oversized_line_is_refused_after_a_bounded_read() {
+        let (qmp, mut server, mut reader) = negotiated();
+        let client = in_thread(qmp, |q| q.execute(&qmp::stop {}));
+        assert!(read_command(&mut reader).contains("\"stop\""));
+        let block = vec![b'x'; 64 << 10];
+        let mut written = 0;
+        // One line longer than MAX_LINE, without its end; writes fail once the client gives up.
+        while written <= MAX_LINE + block.len() {
+            if server.write_all(&block).is_err() {
+                break;
+            }
+            written += block.len();
+        }
+        let (qmp, result) = joined(client);
+        match result {
+            Err(QmpError::Protocol(why)) => assert!(why.contains("line too long"), "{why}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+        assert!(qmp.is_broken());
+        assert!(qmp.buf.len() <= 2 * MAX_LINE + (64 << 10), "buffer grew to {} bytes", qmp.buf.len());
+    }
+
+    #[test]
+    fn a_peer_that_floods_events_cannot_hold_a_command_forever() {
+        let (qmp, server, _reader) = negotiated();
+        let flooding = thread::spawn(move || {
+            let line = b"{\"event\": \"BALLOON_CHANGE\", \"data\": {\"actual\": 1}}\n".repeat(1024);
+            let mut server = server;
+            // Until the client hangs up (the write timeout bounds a stalled client).
+            while server.write_all(&line).is_ok() {}
+        });
+        let started = Instant::now();
+        let (qmp, result) = joined(in_thread(qmp, |q| q.execute_within(&qmp::stop {}, Duration::from_millis(300))));
+        assert!(matches!(result, Err(QmpError::Timeout)), "{:?}", result.err());
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(qmp.events.len() <= MAX_EVENTS);
+        assert!(qmp.buf.len() <= 2 * MAX_LINE + (64 << 10));
+        drop(qmp);
+        let _ = flooding.join();
+    }
+
+    #[test]
+    fn junk_and_a_split_greeting_before_negotiation_are_tolerated() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        theirs.set_read_timeout(Some(Duration::from_secs(5))).unwrap_or_else(|e| panic!("timeout: {e}"));
+        let mut reader = BufReader::new(theirs.try_clone().unwrap_or_else(|e| panic!("clone: {e}")));
+        let probe = ours.try_clone().unwrap_or_else(|e| panic!("clone: {e}"));
+        let client = thread::spawn(move || Qmp::handshake(ours, Duration::from_secs(5)));
+        // Not JSON, an empty line, bytes that are not UTF-8, a late reply: all skipped.
+        theirs.write_all(b"garbage\n\n\xff\xfe\x00\n{\"return\": {}}\n").unwrap_or_else(|e| panic!("write: {e}"));
+        let (first, rest) = GREETING.split_at(20);
+        theirs.write_all(first.as_bytes()).unwrap_or_else(|e| panic!("write: {e}"));
+        wait_until("the client read the greeting's start", || unread(&probe) == 0);
+        theirs.write_all(format!("{rest}\n").as_bytes()).unwrap_or_else(|e| panic!("write: {e}"));
+        assert!(read_command(&mut reader).contains("qmp_capabilities"));
+        theirs.write_all(b"{\"return\": {}}\n").unwrap_or_else(|e| panic!("write: {e}"));
+        match client.join() {
+            Ok(Ok(qmp)) => assert!(!qmp.is_broken()),
+            Ok(Err(e)) => panic!("handshake: {e}"),
+            Err(_) => panic!("the handshake panicked"),
+        }
+    }
+
+    #[test]
+    fn eof_in_the_middle_of_the_greeting_is_closed_not_a_hang() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        theirs.write_all(&GREETING.as_bytes()[..30]).unwrap_or_else(|e| panic!("write: {e}"));
+        drop(theirs);
+        let started = Instant::now();
+        let result = Qmp::handshake(ours, Duration::from_secs(5));
+        assert!(matches!(result, Err(QmpError::Closed)), "{:?}", result.err());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_closed_peer_is_stale_before_the_command_is_sent() {
+        let (mut qmp, server, reader) = negotiated();
+        drop((server, reader));
+        // Nothing was sent: the caller may retry on a fresh connection.
+        assert!(matches!(qmp.execute(&qmp::stop {}), Err(QmpError::Stale)));
+        assert!(qmp.is_broken());
     }
 }

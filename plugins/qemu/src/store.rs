@@ -255,7 +255,164 @@ pub fn remove_domain(paths: &DomainPaths) -> Result<(), PluginError> {
             Err(e) => return Err(io_failure(path, "remove", &e)),
         }
     }
-    // Stray files (e.g. an interrupted atomic write) keep the directory; that is harmless.
+    // An atomic write interrupted by a crash (`kill -9` during define) leaves its temporary
+    // file (`.domain.toml.tmp-PID-N`, see capvirt_plugin_api::fs); it goes with the domain.
+    if let Ok(entries) = fs::read_dir(&paths.dir) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().starts_with(".domain.toml.tmp-") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    // Other stray files keep the directory; that is harmless.
     let _ = fs::remove_dir(&paths.dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(name: &str, memory_mib: u64) -> Machine {
+        Machine {
+            name: name.to_string(),
+            memory_mib,
+            vcpus: 1,
+            disks: Vec::new(),
+            devices: Vec::new(),
+            graphics: None,
+            boot: None,
+            interfaces: Vec::new(),
+        }
+    }
+
+    fn ok<T>(result: Result<T, PluginError>) -> T {
+        result.unwrap_or_else(|e| panic!("{}", e.message))
+    }
+
+    fn io<T>(result: io::Result<T>) -> T {
+        result.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn scratch() -> (tempfile::TempDir, Store) {
+        let root = io(tempfile::tempdir());
+        let store = Store::new(root.path().join("state"));
+        (root, store)
+    }
+
+    fn define(store: &Store, name: &str) -> DomainPaths {
+        let lock = ok(store.lock(name, true));
+        ok(write_toml(&lock.paths.definition, &machine(name, 64)));
+        lock.paths.clone()
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = io(fs::read_dir(dir))
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn names_that_are_not_plain_identifiers_never_become_paths() {
+        let (_root, store) = scratch();
+        for bad in ["", ".", "..", "../etc", "a/b", "/abs", ".hidden", "a..b", "with space", "nul\0", &"x".repeat(65)] {
+            assert!(store.paths(bad).is_err(), "{bad:?} was accepted");
+            assert!(store.lock(bad, true).is_err(), "{bad:?} was locked");
+        }
+        let paths = ok(store.paths("vm-1.test_2"));
+        assert_eq!(paths.dir, store.root().join("domains/vm-1.test_2"));
+        assert!(paths.monitor_socket(3).starts_with(&paths.run));
+        assert!(!store.root().exists(), "checking names created nothing");
+    }
+
+    #[test]
+    fn names_lists_defined_domains_only_sorted() {
+        let (_root, store) = scratch();
+        assert_eq!(ok(store.names()), Vec::<String>::new(), "no state root yet");
+        define(&store, "web");
+        define(&store, "db");
+        // A directory without a definition (define interrupted before the write), a stray
+        // file and a directory whose name no domain may have are not domains.
+        ok(store.lock("half", true));
+        let domains = store.root().join("domains");
+        io(fs::write(domains.join("notes.txt"), "x"));
+        io(fs::create_dir(domains.join("bad name")));
+        io(fs::write(domains.join("bad name/domain.toml"), "name = \"bad name\""));
+        assert_eq!(ok(store.names()), ["db", "web"]);
+    }
+
+    #[test]
+    fn definitions_are_replaced_whole_and_leave_no_temporary_files() {
+        let (_root, store) = scratch();
+        let paths = define(&store, "vm");
+        assert_eq!(ok(store.definition(&paths)), Some(machine("vm", 64)));
+        ok(write_toml(&paths.definition, &machine("vm", 128)));
+        assert_eq!(ok(store.require("vm")).1, machine("vm", 128));
+        assert_eq!(entries(&paths.dir), ["domain.toml", "lock"]);
+        // A crash's half-written temporary file is never read as the definition.
+        io(fs::write(paths.dir.join(".domain.toml.tmp-4242-0"), "name = \"vm\"\nmemory_mi"));
+        assert_eq!(ok(store.definition(&paths)), Some(machine("vm", 128)));
+        // A write that cannot happen leaves nothing behind.
+        let gone = ok(store.paths("gone"));
+        assert!(write_toml(&gone.definition, &machine("gone", 64)).is_err());
+        assert!(!gone.dir.exists());
+    }
+
+    #[test]
+    fn a_corrupt_definition_is_an_error_not_a_panic() {
+        let (_root, store) = scratch();
+        let paths = define(&store, "vm");
+        io(fs::write(&paths.definition, "name = 3\n\u{0}\u{ff}"));
+        assert!(store.definition(&paths).is_err());
+        assert!(store.require("vm").is_err());
+        assert!(matches!(store.require("other"), Err(e) if e.kind == capvirt_plugin_api::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn undefine_removes_leftover_temporary_files_with_the_domain() {
+        let (_root, store) = scratch();
+        let paths = define(&store, "vm");
+        io(fs::create_dir_all(&paths.run));
+        io(fs::write(paths.run.join("qemu.log"), "log"));
+        io(fs::write(&paths.console, "console"));
+        io(fs::write(paths.dir.join(".domain.toml.tmp-4242-0"), "partial"));
+        io(fs::write(paths.dir.join(".domain.toml.tmp-4243-7"), ""));
+        let lock = ok(store.lock("vm", false));
+        ok(remove_domain(&lock.paths));
+        drop(lock);
+        assert!(!paths.dir.exists(), "left {:?}", entries(&paths.dir));
+        assert_eq!(ok(store.names()), Vec::<String>::new());
+        // Undefining what is gone already is not an error.
+        ok(remove_domain(&paths));
+    }
+
+    #[test]
+    fn locks_need_a_defined_domain_unless_creating() {
+        let (_root, store) = scratch();
+        assert!(matches!(store.lock("vm", false), Err(e) if e.kind == capvirt_plugin_api::ErrorKind::NotFound));
+        let lock = ok(store.lock("vm", true));
+        assert!(lock.paths.lock.is_file());
+        // The lock is exclusive across open file descriptions (other capvirt processes).
+        let other = io(File::open(&lock.paths.lock));
+        assert!(matches!(other.try_lock(), Err(fs::TryLockError::WouldBlock)));
+        drop(lock);
+        assert!(other.try_lock().is_ok());
+    }
+
+    #[test]
+    fn liveness_reads_the_pidfile() {
+        let (_root, store) = scratch();
+        let paths = define(&store, "vm");
+        assert_eq!(ok(store.liveness(&paths)), Liveness::Stopped);
+        io(fs::create_dir_all(&paths.run));
+        // A pidfile nobody locks: its QEMU died without cleaning up.
+        io(fs::write(&paths.pidfile, "4242\n"));
+        assert_eq!(ok(store.liveness(&paths)), Liveness::Crashed);
+        ok(remove_runtime(&paths));
+        assert_eq!(ok(store.liveness(&paths)), Liveness::Stopped);
+        ok(remove_runtime(&paths));
+    }
 }
