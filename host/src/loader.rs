@@ -165,7 +165,7 @@ fn is_private_group(gid: u32, owner: u32) -> bool {
     let Some(owner_name) = owner_name else { return false };
     group.lines().map(|l| l.split(':').collect::<Vec<_>>()).any(|fields| {
         fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(gid)
-            && fields.get(3).map_or(true, |members| members.split(',').all(|m| m.is_empty() || m == owner_name))
+            && fields.get(3).is_none_or(|members| members.split(',').all(|m| m.is_empty() || m == owner_name))
     })
 }
 

@@ -162,7 +162,7 @@ impl Context {
                 plugin_dirs,
                 policy: Policy { enabled, access },
                 // On unless turned off (`CAPVIRT_CHECK_RESULTS=0`).
-                check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").map_or(true, |v| v != "0"),
+                check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").is_none_or(|v| v != "0"),
                 pins: file_config.pins,
                 audit,
                 image_allow,

@@ -46,7 +46,7 @@ pub fn scaffold(files: &[SourceFile], id: &str) -> Result<Scaffold, ScaffoldErro
         _ => None,
     };
     let registry = Registry::from_sources(files).ok();
-    let subject = subject.filter(|(_, ty, _)| registry.as_ref().map_or(true, |r| r.types.lookup(ty).is_some()));
+    let subject = subject.filter(|(_, ty, _)| registry.as_ref().is_none_or(|r| r.types.lookup(ty).is_some()));
     Ok(Scaffold { path, text: template(id, subject) })
 }
 

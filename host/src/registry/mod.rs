@@ -169,7 +169,7 @@ impl Registry {
     /// loosens read-only connections, access control or auditing, which all follow `mutates`.
     pub fn keep_reviewed_mutates(&mut self, reviewed: Option<&Registry>) {
         for capability in &mut self.capabilities {
-            let reviewed_mutates = reviewed.and_then(|r| r.lookup(capability.id())).map_or(true, Capability::mutates);
+            let reviewed_mutates = reviewed.and_then(|r| r.lookup(capability.id())).is_none_or(Capability::mutates);
             capability.doc.mutates |= reviewed_mutates;
         }
     }
