@@ -68,7 +68,7 @@ impl DriverHandle {
 }
 
 /// Adapts a host [`CallObserver`] to the ABI's [`CallContext`] trait.
-struct ObserverBridge<'a>(&'a dyn CallObserver);
+pub(crate) struct ObserverBridge<'a>(pub &'a dyn CallObserver);
 
 impl CallContext for ObserverBridge<'_> {
     fn progress(&self, done: u64, total: u64) {

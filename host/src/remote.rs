@@ -316,7 +316,7 @@ impl Executor for HostExecutor {
 }
 
 /// A driver's progress and events go to the remote client; its cancellation is the client's.
-struct ReporterObserver<'a>(&'a Reporter);
+pub(crate) struct ReporterObserver<'a>(pub &'a Reporter);
 
 impl CallObserver for ReporterObserver<'_> {
     fn progress(&self, done: u64, total: u64) {

@@ -13,10 +13,10 @@ use std::{
 };
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::RStr};
-use capvirt_plugin_api::{CallContext, CallContext_TO, DriverBox, PluginModuleRef, Value};
+use capvirt_plugin_api::{CallContext_TO, DriverBox, PluginModuleRef, Value};
 use capvirt_rpc::{CallFailure, ErrorKind, Executor, Hello, IncomingCall, PeerIdentity, Reporter};
 
-use crate::loader;
+use crate::{driver::ObserverBridge, loader, remote::ReporterObserver};
 
 /// Why the child could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -115,26 +115,13 @@ impl Executor for PluginExecutor {
             return Err(CallFailure::new(ErrorKind::InvalidArgument, "a call must name a capability"));
         }
         let driver = self.driver(&call.uri, call.readonly)?;
-        let bridge = ReporterBridge(reporter);
+        // The driver's progress and events go to the host; its cancellation is the host's.
+        let observer = ReporterObserver(reporter);
+        let bridge = ObserverBridge(&observer);
         let context = CallContext_TO::from_ptr(&bridge, TD_Opaque);
         driver
             .invoke(RStr::from(call.capability.as_str()), &call.args, context)
             .into_result()
             .map_err(|error| CallFailure::from_driver(&error))
-    }
-}
-
-/// Adapts the protocol's reporter to the ABI's [`CallContext`].
-struct ReporterBridge<'a>(&'a Reporter);
-
-impl CallContext for ReporterBridge<'_> {
-    fn progress(&self, done: u64, total: u64) {
-        self.0.progress(done, total);
-    }
-    fn event(&self, name: RStr<'_>, data: &Value) {
-        self.0.event(name.as_str(), data);
-    }
-    fn is_cancelled(&self) -> bool {
-        self.0.is_cancelled()
     }
 }
