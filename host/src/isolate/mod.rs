@@ -62,7 +62,9 @@ pub(crate) struct IsolatedDriver {
     /// The connect options the host gives every driver (read-only, image allow-list…).
     options: Value,
     settings: Isolation,
-    runtime: tokio::runtime::Runtime,
+    /// `None` only while dropping: the connection's tasks live in it, and dropping it closes
+    /// the socket, which ends a healthy child at once.
+    runtime: Option<tokio::runtime::Runtime>,
     child: Mutex<ChildSlot>,
 }
 
@@ -113,7 +115,7 @@ impl IsolatedDriver {
             readonly,
             options,
             settings: settings.clone(),
-            runtime,
+            runtime: Some(runtime),
             child: Mutex::new(ChildSlot::default()),
         };
         driver.client()?;
@@ -129,7 +131,7 @@ impl IsolatedDriver {
         observer: &dyn CallObserver,
     ) -> Result<Value, PluginError> {
         let (client, generation) = self.client()?;
-        let outcome = self.runtime.block_on(self.watched_call(&client, capability, args, observer));
+        let outcome = self.runtime()?.block_on(self.watched_call(&client, capability, args, observer));
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(failure)) => Err(failure
@@ -234,7 +236,7 @@ impl IsolatedDriver {
         // The child's end of the socket pair is its standard input.
         command.stdin(Stdio::from(OwnedFd::from(theirs))).stdout(Stdio::null()).stderr(Stdio::inherit());
         let mut process = command.spawn().map_err(|e| failed(format!("{}: {e}", self.settings.program.display())))?;
-        let connected = self.runtime.block_on(async {
+        let connected = self.runtime()?.block_on(async {
             ours.set_nonblocking(true)?;
             let stream = tokio::net::UnixStream::from_std(ours)?;
             let hello = Hello::new(String::new(), Vec::new(), format!("capvirt {}", env!("CARGO_PKG_VERSION")));
@@ -277,6 +279,10 @@ impl IsolatedDriver {
         describe_exit(stop(&mut running.process, REAP_GRACE))
     }
 
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime, PluginError> {
+        self.runtime.as_ref().ok_or_else(|| PluginError::internal("the isolated driver is shutting down"))
+    }
+
     fn slot(&self) -> MutexGuard<'_, ChildSlot> {
         // A panic while holding the slot leaves it consistent (fields are replaced whole).
         self.child.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -287,8 +293,10 @@ impl Drop for IsolatedDriver {
     fn drop(&mut self) {
         let running = self.slot().running.take();
         if let Some(Running { mut process, client }) = running {
-            // Closing the connection ends a healthy child; a stuck one is killed.
+            // Closing the connection (its tasks live in the runtime) ends a healthy child; a
+            // stuck one is killed.
             drop(client);
+            drop(self.runtime.take());
             stop(&mut process, Duration::from_millis(500));
         }
     }
