@@ -35,6 +35,12 @@ pub fn run(argv: Vec<OsString>) -> ExitCode {
 }
 
 fn try_run(argv: Vec<OsString>) -> Result<(), CliError> {
+    // An isolated driver's child (started by the host, always as `capvirt driver-child …`)
+    // needs neither the registry nor the command tree: it starts once per connection.
+    if argv.get(1).is_some_and(|arg| arg == "driver-child") {
+        let matches = commands::driver_child::cli().try_get_matches_from(&argv[1..]).map_err(CliError::clap)?;
+        return commands::driver_child::run(&matches);
+    }
     // The registry shapes the command tree, so `--registry DIR` is read before clap runs.
     let registry_dir = context::prescan_registry_dir(&argv);
     let registry = match context::load_registry(registry_dir.as_deref()) {

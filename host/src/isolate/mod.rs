@@ -308,7 +308,7 @@ fn stop(process: &mut Child, grace: Duration) -> Option<ExitStatus> {
     loop {
         match process.try_wait() {
             Ok(Some(status)) => return Some(status),
-            Ok(None) if started.elapsed() < grace => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if started.elapsed() < grace => std::thread::sleep(Duration::from_millis(1)),
             Ok(None) => {
                 let _ = process.kill();
                 return process.wait().ok();

@@ -15,6 +15,11 @@ pub fn cli() -> Command {
 }
 
 pub fn exec(m: &ArgMatches, _ctx: &mut Context) -> Result<(), CliError> {
+    run(m)
+}
+
+/// The child's work, without the CLI's context (see `cli::try_run`).
+pub fn run(m: &ArgMatches) -> Result<(), CliError> {
     let plugin = crate::cli::opt_string(m, "plugin").unwrap_or_default();
     let pin = crate::cli::opt_string(m, "pin");
     crate::isolate::child::run(std::path::Path::new(&plugin), pin.as_deref())
