@@ -29,6 +29,10 @@
 //! # Where disk images, kernels and save files may be; absent: anywhere but the deny list
 //! # (/etc, /proc, /sys, /boot, /dev and device nodes), which only an entry inside it lifts.
 //! allow = ["/var/lib/capvirt/images", "/srv/vm"]
+//!
+//! [qemu]
+//! # The unprivileged account qemu:///system QEMUs run as (absent: capvirt-qemu).
+//! user = "capvirt-qemu"
 //! ```
 
 use std::{
@@ -77,6 +81,8 @@ pub struct SystemConfig {
     pub audit: SystemAudit,
     #[serde(default)]
     pub images: SystemImages,
+    #[serde(default)]
+    pub qemu: SystemQemu,
     /// The file it came from (`None`: absent, defaults).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -100,6 +106,29 @@ pub struct SystemImages {
     /// Absolute directories (or files) images may be in; empty: anywhere but the deny list.
     #[serde(default)]
     pub allow: Vec<PathBuf>,
+}
+
+/// `[qemu]` in `capvirt.toml`, passed to drivers as the `qemu_user` connect option.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemQemu {
+    /// The account `qemu:///system` QEMUs run as (the driver's `capvirt-qemu` when absent).
+    pub user: Option<String>,
+}
+
+/// Why `name` is not a plausible account name (the rules of `useradd`, loosely), if it is not.
+fn account_name_problem(name: &str) -> Option<String> {
+    let body = name.strip_suffix('$').unwrap_or(name);
+    let mut chars = body.chars();
+    let well_formed = name.len() <= 32
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    (!well_formed).then(|| {
+        format!(
+            "[qemu] user {:?} is not an account name (a letter or _, then letters, digits, _ - .; at most 32)",
+            crate::audit::redact::cut(name, 64)
+        )
+    })
 }
 
 impl SystemConfig {
@@ -127,6 +156,9 @@ impl SystemConfig {
         let relative = config.audit.path.iter().chain(&config.images.allow).find(|p| !p.is_absolute());
         if let Some(relative) = relative {
             return Err(invalid(format!("{} is not an absolute path", relative.display())));
+        }
+        if let Some(problem) = config.qemu.user.as_deref().and_then(account_name_problem) {
+            return Err(invalid(problem));
         }
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -369,6 +401,20 @@ mod tests {
         assert_eq!(SystemConfig::default().audit_path(), PathBuf::from(SYSTEM_AUDIT_LOG));
         assert!(SystemConfig::parse(path, "[images]\nallow = [\"vm\"]\n").is_err());
         assert!(SystemConfig::parse(path, "[audit]\nfailopen = true\n").is_err());
+    }
+
+    #[test]
+    fn the_qemu_account_is_a_plain_account_name() {
+        let path = Path::new("/etc/capvirt/capvirt.toml");
+        let config = SystemConfig::parse(path, "[qemu]\nuser = \"vmrunner\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.qemu.user.as_deref(), Some("vmrunner"));
+        assert_eq!(SystemConfig::default().qemu.user, None);
+        for bad in ["", "1abc", "a b", "a/b", "a,b", "a\\u0000", &"x".repeat(33)] {
+            let text = format!("[qemu]\nuser = \"{bad}\"\n");
+            let err = SystemConfig::parse(path, &text).map(|_| ()).map_err(|e| e.to_string());
+            assert!(err.is_err_and(|e| e.contains("is not an account name")), "{bad:?} accepted");
+        }
+        assert!(SystemConfig::parse(path, "[qemu]\ngroup = \"kvm\"\n").is_err());
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub struct HostConfig {
     /// Where drivers may open images (the system config's `[images] allow`; empty: anywhere
     /// but their deny list). Passed to every driver as the `image_allow` connect option.
     pub image_allow: Vec<PathBuf>,
+    /// The account `qemu:///system` QEMUs run as (the system config's `[qemu] user`; `None`:
+    /// the driver's default). Passed to every driver as the `qemu_user` connect option.
+    pub qemu_user: Option<String>,
     /// Run each connection's driver in a child process (`None`: in this process).
     pub isolation: Option<crate::isolate::Isolation>,
     /// The directory of the plugin manifest cache (`crate::plugin_cache`), which lets
@@ -74,6 +77,7 @@ impl Default for HostConfig {
             audit: AuditSetting::default(),
             check_results: true,
             image_allow: Vec::new(),
+            qemu_user: None,
             isolation: None,
             plugin_cache: None,
         }
@@ -91,6 +95,7 @@ pub struct Host {
     check_results: bool,
     audit: Option<Arc<AuditLog>>,
     image_allow: Vec<PathBuf>,
+    qemu_user: Option<String>,
     isolation: Option<crate::isolate::Isolation>,
 }
 
@@ -128,6 +133,7 @@ impl Host {
             check_results: config.check_results,
             audit,
             image_allow: config.image_allow,
+            qemu_user: config.qemu_user,
             isolation: config.isolation,
         }
     }
@@ -208,7 +214,11 @@ impl Host {
         let scheme = uri_scheme(uri)?;
         let plugin = self.plugin_for(uri, scheme)?;
         let connect_error = |error| HostError::Connect { uri: uri.to_string(), error };
-        let options = Value::record([("readonly", Value::Bool(readonly)), ("image_allow", self.image_allow_option())]);
+        let mut options = vec![("readonly", Value::Bool(readonly)), ("image_allow", self.image_allow_option())];
+        if let Some(user) = &self.qemu_user {
+            options.push(("qemu_user", Value::string(user)));
+        }
+        let options = Value::record(options);
         let driver = match &self.isolation {
             None => {
                 let driver = (plugin.module.connect())(uri.into(), &options).into_result().map_err(connect_error)?;

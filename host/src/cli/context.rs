@@ -153,7 +153,8 @@ impl Context {
             enabled.extend(file_config.enable);
             let audit = self.audit_setting()?;
             let (system, access) = self.system()?;
-            let (access, image_allow) = (access.clone(), system.images.allow.clone());
+            let (access, image_allow, qemu_user) =
+                (access.clone(), system.images.allow.clone(), system.qemu.user.clone());
             let config = HostConfig {
                 registry: match &self.globals.registry_dir {
                     Some(dir) => RegistrySource::Dir(dir.clone()),
@@ -166,6 +167,7 @@ impl Context {
                 pins: file_config.pins,
                 audit,
                 image_allow,
+                qemu_user,
                 isolation: self.isolation()?,
                 plugin_cache: crate::plugin_cache::default_dir(),
             };

@@ -1,6 +1,8 @@
 //! The capabilities of the QEMU driver.
 
 use std::{
+    io::Read,
+    os::{fd::AsFd, unix::fs::OpenOptionsExt},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,6 +22,7 @@ use crate::{
     console,
     emulator::Release,
     monitor::{self, Monitor, OpenError},
+    privilege,
     qemu::{self, StartMode},
     qmp::{Qmp, QmpError},
     screenshot, snapshot,
@@ -64,6 +67,8 @@ pub const CAPABILITIES: &[&str] = &[
 const CHANNEL_WAIT: Duration = Duration::from_secs(10);
 /// Bound on QEMU reporting an unplugged device gone.
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the size of a screen dump read back (16384 x 16384 pixels of 3 bytes, and more).
+const MAX_SCREENDUMP: u64 = 1 << 30;
 /// Bound on a screen dump.
 const SCREENDUMP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -89,6 +94,7 @@ impl Plugin for QemuDriver {
     fn connect(uri: &str, options: &Value) -> Result<Self, PluginError> {
         let mut config = uri::parse(uri)?;
         config.images = spec::ImagePolicy::from_options(options)?;
+        config.qemu_user = privilege::user_option(options)?;
         Ok(QemuDriver::new(config))
     }
 
@@ -444,10 +450,12 @@ impl QemuDriver {
             return Err(PluginError::invalid_state(format!("domain '{name}' is already running (pid {pid})")));
         }
         check_images_exist(&machine, &self.config.images)?;
-        let accel = qemu::resolve_accel(self.config.accel)?;
+        let runner = privilege::runner(&self.config)?;
+        let accel = qemu::resolve_accel(self.config.accel, &runner)?;
         self.release()?;
         self.forget(name);
-        qemu::launch(&self.store, &lock.paths, &Live::new(machine, accel), StartMode::Boot, &self.config.emulator)?;
+        let live = Live::new(machine, accel);
+        qemu::launch(&self.store, &lock.paths, &live, StartMode::Boot, &self.config.emulator, &runner)?;
         drop(lock);
         // Launching proved QEMU answers; a channel opened now serves this connection's next
         // call, unless another call already stopped the domain (its own result says so).
@@ -596,9 +604,18 @@ impl QemuDriver {
         let node = match (&device.path, device.format) {
             (Some(path), Some(format)) => {
                 let node = qemu::usb_node(port);
-                let options = qemu::blockdev(&node, path, format, false)?;
+                // Opened here and handed over in a fresh fd set: QEMU opens no image by path.
+                let image = privilege::open_image(path, false)?;
                 let op = Op::new(name, "attach (blockdev-add)").refused_as(ErrorKind::InvalidArgument);
-                self.with_monitor(op, |q| q.execute(&qmp::blockdev_add(options.clone())))?;
+                self.with_monitor(op, |q| {
+                    let add = qmp::add_fd { fdset_id: None, opaque: Some(node.clone()) };
+                    let set = q.execute_with_fd(&add, image.as_fd())?.fdset_id;
+                    let options = qemu::blockdev(&node, &qemu::fdset_path(set as usize), format, false)
+                        .map_err(|e| QmpError::Protocol(e.message.to_string()))?;
+                    q.execute(&qmp::blockdev_add(options)).inspect_err(|_| {
+                        let _ = q.execute(&qmp::remove_fd { fdset_id: set, fd: None });
+                    })
+                })?;
                 Some(node)
             }
             _ => None,
@@ -609,7 +626,8 @@ impl QemuDriver {
         if let Err(e) = added {
             if let Some(node) = node {
                 let _ = self.with_monitor(Op::new(name, "blockdev-del"), |q| {
-                    q.execute(&qmp::blockdev_del { node_name: node.clone() })
+                    q.execute(&qmp::blockdev_del { node_name: node.clone() })?;
+                    remove_fdsets(q, &node)
                 });
             }
             return Err(e);
@@ -661,7 +679,8 @@ impl QemuDriver {
             if let Some(port) = port {
                 let node = qemu::usb_node(port);
                 self.with_monitor(Op::new(name, "detach (blockdev-del)"), |q| {
-                    q.execute(&qmp::blockdev_del { node_name: node.clone() })
+                    q.execute(&qmp::blockdev_del { node_name: node.clone() })?;
+                    remove_fdsets(q, &node)
                 })?;
             }
         }
@@ -679,24 +698,38 @@ impl QemuDriver {
         if live.machine.graphics.is_none() {
             return Err(PluginError::unsupported(format!("domain '{name}' has no display adapter")));
         }
-        // QEMU writes the dump into the domain's private runtime directory.
+        // QEMU writes the dump into a descriptor of a file in the domain's private runtime
+        // directory (it may not reach that directory by path); the file is unlinked at once.
         let file = paths.run.join(format!(
             "screendump-{}-{}.ppm",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let filename = file
-            .to_str()
-            .ok_or_else(|| PluginError::driver_failure(format!("state root path {:?} is not UTF-8", paths.run)))?
-            .to_string();
-        let dumped = self.with_monitor(Op::new(name, "screenshot (screendump)"), |q| {
-            q.execute_within(
-                &qmp::screendump { filename: filename.clone(), device: None, head: None, format: None },
-                SCREENDUMP_TIMEOUT,
-            )
-        });
-        let bytes = dumped.and_then(|_| std::fs::read(&file).map_err(|e| store::io_failure(&file, "read", &e)));
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .and_then(|writer| Ok((writer, std::fs::File::open(&file)?)));
         let _ = std::fs::remove_file(&file);
+        let (writer, reader) = opened.map_err(|e| store::io_failure(&file, "create", &e))?;
+        let dumped = self.with_monitor(Op::new(name, "screenshot (screendump)"), |q| {
+            let add = qmp::add_fd { fdset_id: None, opaque: Some("capvirt-screendump".into()) };
+            let set = q.execute_with_fd(&add, writer.as_fd())?.fdset_id;
+            let filename = qemu::fdset_path(set as usize).display().to_string();
+            let dumped = q.execute_within(
+                &qmp::screendump { filename, device: None, head: None, format: None },
+                SCREENDUMP_TIMEOUT,
+            );
+            let _ = q.execute(&qmp::remove_fd { fdset_id: set, fd: None });
+            dumped
+        });
+        let bytes = dumped.and_then(|_| {
+            let mut bytes = Vec::new();
+            // A screen is far smaller; whatever QEMU wrote is never read without bound.
+            reader.take(MAX_SCREENDUMP).read_to_end(&mut bytes).map_err(|e| store::io_failure(&file, "read", &e))?;
+            Ok(bytes)
+        });
         let image = screenshot::parse_ppm(&bytes?)?;
         let png = screenshot::to_png(&image)?;
         Ok(png_image(u64::from(image.width), u64::from(image.height), png))
@@ -773,6 +806,16 @@ impl QemuDriver {
         info.memory_kib = capvirt_plugin_api::state::host_memory_kib();
         Ok(info.into_value())
     }
+}
+
+/// Closes the fd sets that held the image of `node` (tagged with its name when added).
+fn remove_fdsets(q: &mut Qmp, node: &str) -> Result<(), QmpError> {
+    for set in q.execute(&qmp::query_fdsets {})? {
+        if set.fds.iter().any(|fd| fd.opaque.as_deref() == Some(node)) {
+            q.execute(&qmp::remove_fd { fdset_id: set.fdset_id, fd: None })?;
+        }
+    }
+    Ok(())
 }
 
 /// An invalid-state error naming the state that caused the refusal.

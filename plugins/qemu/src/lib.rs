@@ -23,6 +23,7 @@ mod events;
 pub mod fuzzing;
 mod migration;
 mod monitor;
+mod privilege;
 mod qemu;
 mod qmp;
 mod screenshot;

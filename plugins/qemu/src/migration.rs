@@ -27,6 +27,7 @@ use crate::{
     emulator::{self, Emulator},
     events,
     monitor::{self, Monitor},
+    privilege::{self, Runner},
     qemu::{self, StartMode},
     qmp::{Qmp, QmpError},
     spec::{self, Live, Machine},
@@ -65,7 +66,10 @@ fn transfer_timeout(memory_mib: u64) -> Duration {
 
 impl QemuDriver {
     pub(crate) fn migrate(&self, name: &str, dest_uri: &str, ctx: &Context<'_>) -> Result<Value, PluginError> {
-        let dest = uri::parse(dest_uri)?;
+        let mut dest = uri::parse(dest_uri)?;
+        // The destination is on this host: root's account setting holds there too.
+        dest.qemu_user = self.config.qemu_user.clone();
+        let dest_runner = privilege::runner(&dest)?;
         if dest.root == self.config.root {
             return Err(PluginError::invalid_argument(format!(
                 "{dest_uri} uses this connection's own state root {}",
@@ -76,7 +80,7 @@ impl QemuDriver {
         let definition = self.store.definition(&lock.paths)?.ok_or_else(|| store::not_defined(name))?;
         let (_, pid) = self.active_pid(&lock.paths)?;
         let live = self.live(&lock.paths)?;
-        let dest_accel = qemu::resolve_accel(dest.accel)?;
+        let dest_accel = qemu::resolve_accel(dest.accel, &dest_runner)?;
         if dest_accel != live.accel {
             return Err(PluginError::invalid_argument(format!(
                 "domain '{name}' runs on {} but {dest_uri} would run it on {dest_accel}",
@@ -96,7 +100,7 @@ impl QemuDriver {
         let previous = dest_store.definition(&dest_lock.paths)?;
         store::write_toml(&dest_lock.paths.definition, &definition)?;
         events::mark_outgoing(&lock.paths, pid, Some(EventKind::Migrated));
-        let outcome = self.migrate_to(name, &dest_store, &dest_lock.paths, &live, &dest.emulator, ctx);
+        let outcome = self.migrate_to(name, &dest_store, &dest_lock.paths, &live, (&dest.emulator, &dest_runner), ctx);
         if outcome.is_err() {
             events::mark_outgoing(&lock.paths, pid, None);
         }
@@ -128,10 +132,10 @@ impl QemuDriver {
         dest_store: &Store,
         dest_paths: &DomainPaths,
         live: &Live,
-        emulator: &Emulator,
+        (emulator, runner): (&Emulator, &Runner),
         ctx: &Context<'_>,
     ) -> Result<(), PluginError> {
-        qemu::launch(dest_store, dest_paths, live, StartMode::Incoming, emulator)?;
+        qemu::launch(dest_store, dest_paths, live, StartMode::Incoming, emulator, runner)?;
         events::mark_incoming(dest_paths, EventKind::Migrated);
         let mut dest = open_fresh(dest_paths)?;
         let (source_end, dest_end) =
@@ -251,7 +255,8 @@ impl QemuDriver {
         // The version is the restoring QEMU's, recorded once it runs.
         let live = check_live(Live { machine: live_machine, qemu_version: None, ..header.live }, path)?;
         let name = live.machine.name.clone();
-        let accel = qemu::resolve_accel(self.config.accel)?;
+        let runner = privilege::runner(&self.config)?;
+        let accel = qemu::resolve_accel(self.config.accel, &runner)?;
         if accel != live.accel {
             return Err(PluginError::invalid_argument(format!(
                 "{path} was saved on {} but this connection runs domains on {accel}",
@@ -269,7 +274,8 @@ impl QemuDriver {
         }
         self.forget(&name);
         let restored = (|| {
-            let pid = qemu::launch(&self.store, &lock.paths, &live, StartMode::Incoming, &self.config.emulator)?;
+            let pid =
+                qemu::launch(&self.store, &lock.paths, &live, StartMode::Incoming, &self.config.emulator, &runner)?;
             events::mark_incoming(&lock.paths, EventKind::Restored);
             let mut monitor = open_fresh(&lock.paths)?;
             let op = || Op::new(&name, "restore (migrate-incoming)");

@@ -1,5 +1,6 @@
 //! QEMU processes: the command line a domain runs with, launching it detached from the
-//! calling process, stopping it, and host facts.
+//! calling process (as the connection's account, see [`crate::privilege`]), stopping it, and
+//! host facts.
 //!
 //! Everything a caller supplied reaches QEMU as typed data: image paths and device ids go
 //! into JSON `-blockdev`/`-device` arguments serialized from the `qapi` crate's types (never
@@ -11,9 +12,9 @@ use std::{
     io::Read,
     os::{
         fd::OwnedFd,
-        unix::{fs::OpenOptionsExt, net::UnixListener},
+        unix::{fs::OpenOptionsExt, net::UnixListener, process::CommandExt},
     },
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -26,12 +27,13 @@ use qapi::{qmp, Any};
 use crate::{
     emulator::Emulator,
     monitor::{self, with_socket_path, Monitor, CHANNELS},
+    privilege::{self, BootFiles, Runner},
     spec::{Adapter, Bus, Device, Format, Kind, Live, USB_PORTS},
     store::{self, DomainPaths, Liveness, Store},
     uri::Accel,
 };
 
-/// Bound on QEMU's start-up (until `-daemonize` returns).
+/// Bound on QEMU's start-up (until its monitor answers).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on a QEMU exiting after `quit` or a signal.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +42,11 @@ const FIRST_CHANNEL_FD: i32 = 3;
 /// The console's listening socket and log, after the monitor sockets.
 const CONSOLE_SOCKET_FD: i32 = FIRST_CHANNEL_FD + CHANNELS as i32;
 const CONSOLE_LOG_FD: i32 = CONSOLE_SOCKET_FD + 1;
+/// The images' descriptors, after the console's: the disks, then the USB disks, in order.
+const FIRST_IMAGE_FD: i32 = CONSOLE_LOG_FD + 1;
+/// QEMU's fd set of disk number `index` is this plus `index` (hot-plugged disks get fresh
+/// sets QEMU numbers from 0, which the console's set 1 and these never meet).
+const FIRST_DISK_FDSET: usize = 1000;
 
 /// How a QEMU is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,17 +57,37 @@ pub enum StartMode {
     Incoming,
 }
 
-/// The accelerator to start with.
-pub fn resolve_accel(accel: Accel) -> Result<&'static str, PluginError> {
-    let kvm_usable = || OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+/// The accelerator to start with: KVM only when whoever runs QEMU can use `/dev/kvm`.
+pub fn resolve_accel(accel: Accel, runner: &Runner) -> Result<&'static str, PluginError> {
+    let kvm_usable = || privilege::kvm_usable(runner);
     match accel {
         Accel::Tcg => Ok("tcg"),
         Accel::Auto => Ok(if kvm_usable() { "kvm" } else { "tcg" }),
         Accel::Kvm if kvm_usable() => Ok("kvm"),
-        Accel::Kvm => Err(PluginError::unsupported(
-            "accel=kvm was requested but /dev/kvm cannot be opened read-write".to_string(),
-        )),
+        Accel::Kvm => Err(PluginError::unsupported(match runner {
+            Runner::Caller => "accel=kvm was requested but /dev/kvm cannot be opened read-write".to_string(),
+            Runner::Account(account) => format!(
+                "accel=kvm was requested but QEMU's account '{}' cannot open /dev/kvm read-write (it gets its own \
+                 uid and group only: make /dev/kvm's group its primary group, or use accel=tcg)",
+                account.name
+            ),
+        })),
     }
+}
+
+/// The path QEMU opens for the descriptor in fd set `set`.
+pub fn fdset_path(set: usize) -> PathBuf {
+    PathBuf::from(format!("/dev/fdset/{set}"))
+}
+
+/// The image files QEMU gets as descriptors, in descriptor order: each disk (read-only or
+/// not), then each USB disk of the live configuration.
+fn images(live: &Live) -> Vec<(&Path, bool)> {
+    let machine = &live.machine;
+    let disks = machine.disks.iter().map(|d| (d.path.as_path(), d.readonly));
+    let usb =
+        machine.devices.iter().filter(|d| d.format.is_some()).filter_map(|d| d.path.as_deref()).map(|p| (p, false));
+    disks.chain(usb).collect()
 }
 
 /// Node name of the image of disk number `index` (node names are at most 31 characters, so
@@ -132,8 +159,14 @@ pub fn usb_device(device: &Device, port: u8, node: Option<&str>) -> qmp::device_
     qmp::device_add::new(driver, Some(device.id.clone()), Some("usb.0".to_string()), arguments)
 }
 
-/// QEMU's arguments for a domain.
-pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result<Vec<OsString>, PluginError> {
+/// QEMU's arguments for a domain. Images are named only as fd sets (see [`images`]); `boot`
+/// says where QEMU reads the kernel and initrd.
+pub fn command_line(
+    paths: &DomainPaths,
+    live: &Live,
+    mode: StartMode,
+    boot: &BootFiles,
+) -> Result<Vec<OsString>, PluginError> {
     let machine = &live.machine;
     let mut args = Args::default();
     args.add(&["-name", &format!("guest={}", machine.name)]);
@@ -142,10 +175,18 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
     args.add(&["-machine", live.machine_type.as_deref().unwrap_or("q35"), "-accel", &live.accel]);
     args.add(&["-m", &format!("{}M", machine.memory_mib), "-smp", &machine.vcpus.to_string()]);
     args.add(&["-nodefaults", "-no-user-config", "-display", "none", "-msg", "timestamp=on"]);
-    // No `elevateprivileges`/`spawn` denial: both break `-daemonize` (setsid, fork).
-    args.add(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
-    args.add(&["-daemonize"]);
+    // Not `-daemonize`: it forks and calls setsid once the filter denies both (`launch`
+    // detaches QEMU instead).
+    args.add(&["-sandbox", privilege::SANDBOX]);
     args.0.extend(["-pidfile".into(), paths.pidfile.clone().into_os_string()]);
+    let mut fdsets = Vec::new();
+    for (index, _) in images(live).iter().enumerate() {
+        let (fd, set) = (FIRST_IMAGE_FD + index as i32, FIRST_DISK_FDSET + index);
+        args.add(&["-add-fd", &format!("fd={fd},set={set},opaque=capvirt-image{index}")]);
+        fdsets.push(fdset_path(set));
+    }
+    let mut fdsets = fdsets.into_iter();
+    let mut next_image = || fdsets.next().ok_or_else(|| PluginError::internal("an image without a descriptor"));
     for channel in 0..CHANNELS {
         let fd = FIRST_CHANNEL_FD + channel as i32;
         args.add(&["-chardev", &format!("socket,id=qmp{channel},fd={fd},server=on,wait=off")]);
@@ -161,7 +202,7 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
     let mut sata_port = 0;
     for (index, disk) in machine.disks.iter().enumerate() {
         let node = disk_node(index);
-        args.json("-blockdev", &blockdev(&node, &disk.path, disk.format, disk.readonly)?)?;
+        args.json("-blockdev", &blockdev(&node, &next_image()?, disk.format, disk.readonly)?)?;
         let boot = [("drive", Any::from(node.as_str())), ("bootindex", Any::from(index + 1))];
         let device = match disk.bus {
             Bus::Virtio => qmp::device_add::new("virtio-blk-pci", Some(disk.target.clone()), None, props(boot)),
@@ -182,9 +223,9 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
     for device in &machine.devices {
         let port = live.port(&device.id).ok_or_else(|| no_port(&device.id))?;
         let node = match (&device.path, device.format) {
-            (Some(path), Some(format)) => {
+            (Some(_), Some(format)) => {
                 let node = usb_node(port);
-                args.json("-blockdev", &blockdev(&node, path, format, false)?)?;
+                args.json("-blockdev", &blockdev(&node, &next_image()?, format, false)?)?;
                 Some(node)
             }
             _ => None,
@@ -222,13 +263,13 @@ pub fn command_line(paths: &DomainPaths, live: &Live, mode: StartMode) -> Result
     // The first serial port, on a socket that logs what the guest prints (`domain.console-read`)
     // and takes typed lines (`domain.console-write`).
     args.0.extend(crate::console::options(CONSOLE_SOCKET_FD, CONSOLE_LOG_FD).map(OsString::from));
-    if let Some(boot) = &machine.boot {
+    if let (Some(spec), Some(kernel)) = (&machine.boot, &boot.kernel) {
         // Plain file names and the guest's command line: none is parsed as QEMU options.
-        args.0.extend(["-kernel".into(), boot.kernel.clone().into_os_string()]);
+        args.0.extend(["-kernel".into(), kernel.clone().into_os_string()]);
         if let Some(initrd) = &boot.initrd {
             args.0.extend(["-initrd".into(), initrd.clone().into_os_string()]);
         }
-        if let Some(cmdline) = &boot.cmdline {
+        if let Some(cmdline) = &spec.cmdline {
             args.add(&["-append", cmdline]);
         }
     }
@@ -259,24 +300,29 @@ fn no_port(id: &str) -> PluginError {
     PluginError::internal(format!("live configuration has no USB port for '{id}'"))
 }
 
-/// Starts the domain's QEMU detached from this process (`-daemonize`: QEMU outlives every
-/// `capvirt` invocation), with its monitor sockets bound here and handed over as file
-/// descriptors. Returns once QEMU has initialized and its version and machine type are
-/// recorded in the live configuration, with its PID.
+/// Starts the domain's QEMU detached from this process (its own process group: QEMU outlives
+/// every `capvirt` invocation and never gets the terminal's signals), as `runner`, with its
+/// monitor sockets bound here and its images opened here, all handed over as file
+/// descriptors. Returns once QEMU has initialized (its monitor answers) and its version and
+/// machine type are recorded in the live configuration, with its PID.
 pub fn launch(
     store: &Store,
     paths: &DomainPaths,
     live: &Live,
     mode: StartMode,
     emulator: &Emulator,
+    runner: &Runner,
 ) -> Result<i32, PluginError> {
     store::remove_runtime(paths)?;
     store::make_private_dir(&paths.run)?;
     crate::console::Log::open(paths)?.reset()?;
-    let result = launch_in(store, paths, live, mode, emulator).and_then(|pid| {
-        record_runtime(paths, live)?;
-        Ok(pid)
-    });
+    let result = privilege::prepare(store, paths, runner)
+        .and_then(|dir| BootFiles::stage(&live.machine, &dir, runner))
+        .and_then(|boot| {
+            let launched = launch_in(store, paths, live, mode, emulator, runner, &boot);
+            boot.remove_copies();
+            launched
+        });
     if result.is_err() {
         kill_running(store, paths);
         let _ = store::remove_runtime(paths);
@@ -296,13 +342,7 @@ struct MachineEntry {
 /// true for this process after the package is upgraded) and, on a first start, the versioned
 /// machine type behind `q35` — a restore or a migration destination, possibly on a newer
 /// QEMU, must recreate that machine, not the newest one.
-fn record_runtime(paths: &DomainPaths, live: &Live) -> Result<(), PluginError> {
-    let mut monitor = monitor::open(paths, Duration::from_secs(5)).map_err(|e| {
-        PluginError::driver_failure(format!(
-            "cannot reach the monitor of the QEMU just started for '{}': {e}",
-            paths.name
-        ))
-    })?;
+fn record_runtime(paths: &DomainPaths, live: &Live, monitor: &mut Monitor) -> Result<(), PluginError> {
     let failed = |e| PluginError::driver_failure(format!("QEMU of domain '{}': {e}", paths.name));
     let version = monitor.qmp.execute(&qmp::query_version {}).map_err(failed)?;
     let mut recorded = live.clone();
@@ -319,15 +359,18 @@ fn record_runtime(paths: &DomainPaths, live: &Live) -> Result<(), PluginError> {
     store::write_toml(&paths.live, &recorded)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch_in(
     store: &Store,
     paths: &DomainPaths,
     live: &Live,
     mode: StartMode,
     emulator: &Emulator,
+    runner: &Runner,
+    boot: &BootFiles,
 ) -> Result<i32, PluginError> {
     store::write_toml(&paths.live, live)?;
-    let mut mappings = Vec::with_capacity(CHANNELS);
+    let mut mappings = Vec::with_capacity(CHANNELS + 2);
     for channel in 0..CHANNELS {
         let socket = paths.monitor_socket(channel);
         let listener = with_socket_path(&socket, |path| UnixListener::bind(path))
@@ -344,6 +387,12 @@ fn launch_in(
         .open(&paths.console)
         .map_err(|e| store::io_failure(&paths.console, "open", &e))?;
     mappings.push(FdMapping { parent_fd: OwnedFd::from(console_log), child_fd: CONSOLE_LOG_FD });
+    // Opened here, read-write or read-only as QEMU will ask for them through their fd sets:
+    // QEMU needs no right to any image path.
+    for (index, (path, readonly)) in images(live).into_iter().enumerate() {
+        let file = privilege::open_image(path, readonly)?;
+        mappings.push(FdMapping { parent_fd: OwnedFd::from(file), child_fd: FIRST_IMAGE_FD + index as i32 });
+    }
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -353,61 +402,78 @@ fn launch_in(
     let log_err = log.try_clone().map_err(|e| store::io_failure(&paths.log, "open", &e))?;
     let mut command = Command::new(emulator.program());
     command
-        .args(command_line(paths, live, mode)?)
+        .args(command_line(paths, live, mode, boot)?)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log_err));
+        .stderr(Stdio::from(log_err))
+        .process_group(0);
+    if let Runner::Account(account) = runner {
+        // std drops the supplementary groups, then sets the gid and the uid before exec.
+        command.uid(account.uid).gid(account.gid);
+    }
     command
         .fd_mappings(mappings)
-        .map_err(|e| PluginError::internal(format!("cannot pass monitor sockets to QEMU: {e}")))?;
-    let mut launcher =
-        command.spawn().map_err(|e| PluginError::driver_failure(format!("cannot run {emulator}: {e}")))?;
-    // The launcher is QEMU's parent before daemonizing: it exits once QEMU is initialized.
-    let status = match wait_child(&mut launcher, START_TIMEOUT) {
-        Some(status) => status,
-        None => {
-            let _ = launcher.kill();
-            let _ = launcher.wait();
-            kill_running(store, paths);
+        .map_err(|e| PluginError::internal(format!("cannot pass descriptors to QEMU: {e}")))?;
+    let spawned = command.spawn();
+    // The listening sockets' last copies outside QEMU go here: a QEMU that dies now closes
+    // them, which ends the readiness wait at once.
+    drop(command);
+    let mut child = spawned.map_err(|e| PluginError::driver_failure(format!("cannot run {emulator}: {e}")))?;
+    let ready = wait_ready(&mut child, paths, emulator)
+        .and_then(|mut monitor| record_runtime(paths, live, &mut monitor))
+        .and_then(|()| match store.liveness(paths)? {
+            Liveness::Alive(pid) => Ok(pid),
+            _ => Err(PluginError::driver_failure(format!(
+                "QEMU exited right after starting domain '{}': {}",
+                paths.name,
+                log_summary(&paths.log, emulator).unwrap_or_else(|| "no message".into())
+            ))),
+        });
+    if ready.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return ready;
+    }
+    reap_later(child);
+    ready
+}
+
+/// Waits until the QEMU just spawned answers on a monitor channel (its main loop runs: it has
+/// initialized), or exits, or [`START_TIMEOUT`] passes.
+fn wait_ready(child: &mut Child, paths: &DomainPaths, emulator: &Emulator) -> Result<Monitor, PluginError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(PluginError::driver_failure(format!(
+                "QEMU failed to start domain '{}': {}",
+                paths.name,
+                log_summary(&paths.log, emulator).unwrap_or_else(|| status.to_string())
+            )));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(PluginError::timeout(format!(
                 "QEMU did not finish starting domain '{}' within {} s",
                 paths.name,
                 START_TIMEOUT.as_secs()
             )));
         }
-    };
-    if !status.success() {
-        kill_running(store, paths);
-        return Err(PluginError::driver_failure(format!(
-            "QEMU failed to start domain '{}': {}",
-            paths.name,
-            log_summary(&paths.log, emulator).unwrap_or_else(|| status.to_string())
-        )));
-    }
-    match store.liveness(paths)? {
-        Liveness::Alive(pid) => Ok(pid),
-        _ => Err(PluginError::driver_failure(format!(
-            "QEMU exited right after starting domain '{}': {}",
-            paths.name,
-            log_summary(&paths.log, emulator).unwrap_or_else(|| "no message".into())
-        ))),
+        match monitor::open(paths, left.min(Duration::from_secs(1))) {
+            Ok(monitor) => return Ok(monitor),
+            // Not listening yet, or gone (the next round reads its exit status).
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => {
-                thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(20));
-            }
-            _ => return None,
-        }
-    }
+/// QEMU is this process's child: a thread collects its exit status whenever it comes, so that
+/// a long-lived host (a daemon, an isolated driver) keeps no zombie.
+fn reap_later(mut child: Child) {
+    let reaper = thread::Builder::new().name("capvirt-qemu-reaper".into()).stack_size(64 << 10);
+    let _ = reaper.spawn(move || {
+        let _ = child.wait();
+    });
 }
 
 /// QEMU's own error lines from its log (its messages start with the program name).

@@ -6,7 +6,8 @@
 //!                   lock          flock'ed by every operation that changes the domain
 //!                   console.log   the serial console's output since the last start (console.rs)
 //!                   snapshots.toml  the domain's snapshot records (snapshot.rs; written atomically)
-//!                   run/          0700; qemu.pid, qemu.log, live.toml, qmpN.sock, qmpN.lock
+//!                   run/          0700; qemu.log, live.toml, qmpN.sock, qmpN.lock, console.sock
+//! ROOT/emulator/NAME/qemu.pid     the only directory QEMU writes (its pidfile; see privilege.rs)
 //! ```
 //!
 //! Whether QEMU runs is read from its pidfile: QEMU keeps a POSIX write lock on it for its
@@ -32,6 +33,9 @@ use crate::spec::{check_name, Machine};
 /// The domain's snapshot records, beside the definition (`snapshot.rs`).
 pub const SNAPSHOTS_FILE: &str = "snapshots.toml";
 
+/// The directory of the domains' QEMU-owned directories (`privilege.rs`).
+pub const EMULATOR_DIR: &str = "emulator";
+
 /// How long an operation waits for another one holding the same domain's lock.
 pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
@@ -49,6 +53,8 @@ pub struct DomainPaths {
     pub definition: PathBuf,
     pub lock: PathBuf,
     pub run: PathBuf,
+    /// The directory QEMU itself writes (`ROOT/emulator/NAME`): its pidfile, nothing of root's.
+    pub emulator: PathBuf,
     pub pidfile: PathBuf,
     pub log: PathBuf,
     pub live: PathBuf,
@@ -105,11 +111,13 @@ impl Store {
         check_name(name)?;
         let dir = self.domains_dir().join(name);
         let run = dir.join("run");
+        let emulator = self.root.join(EMULATOR_DIR).join(name);
         Ok(DomainPaths {
             name: name.to_string(),
             definition: dir.join("domain.toml"),
             lock: dir.join("lock"),
-            pidfile: run.join("qemu.pid"),
+            pidfile: emulator.join("qemu.pid"),
+            emulator,
             log: run.join("qemu.log"),
             live: run.join("live.toml"),
             console: dir.join("console.log"),
@@ -199,17 +207,29 @@ impl Store {
 
     /// Whether the domain's QEMU runs.
     pub fn liveness(&self, paths: &DomainPaths) -> Result<Liveness, PluginError> {
-        let file = match File::open(&paths.pidfile) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Liveness::Stopped),
+        // QEMUs started by drivers before the emulator directory kept it in `run/`.
+        let legacy = paths.run.join("qemu.pid");
+        let (file, pidfile) = match open_pidfile(&paths.pidfile) {
+            Ok(file) => (file, &paths.pidfile),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match open_pidfile(&legacy) {
+                Ok(file) => (file, &legacy),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Liveness::Stopped),
+                Err(e) => return Err(io_failure(&legacy, "open", &e)),
+            },
             Err(e) => return Err(io_failure(&paths.pidfile, "open", &e)),
         };
         match lock_holder(&file) {
             Ok(Some(pid)) => Ok(Liveness::Alive(pid)),
             Ok(None) => Ok(Liveness::Crashed),
-            Err(e) => Err(io_failure(&paths.pidfile, "inspect the lock of", &e)),
+            Err(e) => Err(io_failure(pidfile, "inspect the lock of", &e)),
         }
     }
+}
+
+/// Opens a pidfile in a directory QEMU owns: never through a symlink QEMU planted, never
+/// blocking on a FIFO (the lock query then fails instead).
+fn open_pidfile(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)
 }
 
 /// The PID holding a POSIX write lock on `file` (QEMU's pidfile lock), if any.
@@ -233,13 +253,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PluginError> {
     capvirt_plugin_api::fs::write_atomic(path, bytes).map_err(|e| io_failure(path, "write", &e))
 }
 
-/// Removes a domain's runtime directory (after its QEMU is gone).
+/// Removes a domain's runtime directories (after its QEMU is gone).
 pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
-    match fs::remove_dir_all(&paths.run) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_failure(&paths.run, "remove", &e)),
+    for dir in [&paths.emulator, &paths.run] {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_failure(dir, "remove", &e)),
+        }
     }
+    Ok(())
 }
 
 /// Removes a whole domain directory (undefine), the lock file last.
@@ -408,11 +431,28 @@ mod tests {
         let paths = define(&store, "vm");
         assert_eq!(ok(store.liveness(&paths)), Liveness::Stopped);
         io(fs::create_dir_all(&paths.run));
+        io(fs::create_dir_all(&paths.emulator));
         // A pidfile nobody locks: its QEMU died without cleaning up.
         io(fs::write(&paths.pidfile, "4242\n"));
         assert_eq!(ok(store.liveness(&paths)), Liveness::Crashed);
         ok(remove_runtime(&paths));
         assert_eq!(ok(store.liveness(&paths)), Liveness::Stopped);
         ok(remove_runtime(&paths));
+        // A QEMU of an older driver kept its pidfile in run/.
+        io(fs::create_dir_all(&paths.run));
+        io(fs::write(paths.run.join("qemu.pid"), "4242\n"));
+        assert_eq!(ok(store.liveness(&paths)), Liveness::Crashed);
+        ok(remove_runtime(&paths));
+        // QEMU owns its directory: a symlink planted as the pidfile is not followed, and a
+        // FIFO never blocks the query.
+        io(fs::create_dir_all(&paths.emulator));
+        io(std::os::unix::fs::symlink("/etc/passwd", &paths.pidfile));
+        assert!(store.liveness(&paths).is_err());
+        io(fs::remove_file(&paths.pidfile));
+        io(nix::unistd::mkfifo(&paths.pidfile, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .map_err(io::Error::from));
+        let _ = store.liveness(&paths);
+        ok(remove_runtime(&paths));
+        assert!(!paths.emulator.exists() && !paths.run.exists());
     }
 }

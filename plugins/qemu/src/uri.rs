@@ -38,6 +38,10 @@ pub struct Config {
     pub emulator: Emulator,
     /// Where images may be (the host's `image_allow` connect option; set by `connect`).
     pub images: crate::spec::ImagePolicy,
+    /// `qemu:///system` (QEMU runs as [`Config::qemu_user`] when this process is root).
+    pub system: bool,
+    /// The account system QEMUs run as (the host's `qemu_user` connect option; set by `connect`).
+    pub qemu_user: String,
 }
 
 /// Parses a `qemu://` URI.
@@ -63,7 +67,15 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
             }
         }
     }
-    Ok(Config { uri: uri.to_string(), root: local.root, accel, emulator, images: Default::default() })
+    Ok(Config {
+        uri: uri.to_string(),
+        root: local.root,
+        accel,
+        emulator,
+        images: Default::default(),
+        system: local.instance == "system",
+        qemu_user: crate::privilege::DEFAULT_USER.to_string(),
+    })
 }
 
 #[cfg(test)]

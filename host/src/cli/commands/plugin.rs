@@ -171,6 +171,7 @@ fn child(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         audit,
         policy: crate::policy::Policy { access: access.clone(), ..Default::default() },
         image_allow: system.images.allow.clone(),
+        qemu_user: system.qemu.user.clone(),
         ..Default::default()
     };
     let options = suite::SuiteOptions { plugin_dir: &dir, uri: opt_string(m, "uri"), spec, scratch: &scratch, base };
