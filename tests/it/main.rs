@@ -13,6 +13,7 @@ mod isolate;
 mod maint;
 mod plugins;
 mod qemu;
+mod qemu_privilege;
 mod remote;
 mod snapshot;
 mod verify;

@@ -792,36 +792,3 @@ fn an_allow_list_in_roots_system_config_confines_images() {
     let spec = sandbox.write("outside2.toml", &raw_disk_spec("outside2", &outside.display().to_string()));
     sandbox.ok("r", &["define", spec.to_str().unwrap_or_default()]);
 }
-
-#[test]
-fn a_system_domains_qemu_runs_under_its_own_seccomp_filter() {
-    let sandbox = Sandbox::new();
-    // Root's config for the system connection: its audit log stays in the sandbox.
-    fs::create_dir(sandbox.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
-    let log = sandbox.path().join("system-audit.jsonl");
-    sandbox.write("etc/capvirt.toml", &format!("[audit]\npath = \"{}\"\n", log.display()));
-    let uri = sandbox.uri("sys", "").replacen("qemu:///session", "qemu:///system", 1);
-    let run = |args: &[&str]| {
-        let mut cmd = sandbox.capvirt_uri(&uri);
-        cmd.env("CAPVIRT_SYSCONFDIR", sandbox.path().join("etc")).args(args);
-        let out = output_within(cmd, COMMAND_TIMEOUT);
-        assert_eq!(out.status.code(), Some(0), "capvirt {args:?}: {}", stderr(&out));
-    };
-    let disk = sandbox.boot_disk("seccomp");
-    let spec = sandbox.write("seccomp.toml", &spec_toml("seccomp", 64, &disk, true));
-    run(&["define", spec.to_str().unwrap_or_default()]);
-    run(&["start", "seccomp"]);
-    let pid = sandbox.qemu_pid("sys", "seccomp");
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_else(|e| panic!("{e}"));
-    let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim);
-    assert_eq!(mode, Some("2"), "QEMU {pid} is not in seccomp filter mode:\n{status}");
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_else(|e| panic!("{e}"));
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let sandbox_arg = args.iter().position(|a| *a == b"-sandbox").and_then(|i| args.get(i + 1));
-    assert_eq!(
-        sandbox_arg.map(|a| String::from_utf8_lossy(a).into_owned()).as_deref(),
-        Some("on,obsolete=deny,resourcecontrol=deny")
-    );
-    run(&["destroy", "seccomp"]);
-    assert!(log.exists(), "the system connection was not audited to root's log");
-}

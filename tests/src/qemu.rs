@@ -157,9 +157,10 @@ impl Sandbox {
         self.json(root, &["dominfo", domain])["state"].as_str().unwrap_or_default().to_string()
     }
 
-    /// PID of the QEMU of `domain` in `root`, from its pidfile.
+    /// PID of the QEMU of `domain` in `root`, from its pidfile (in the one directory QEMU
+    /// writes, `ROOT/emulator/NAME`).
     pub fn qemu_pid(&self, root: &str, domain: &str) -> i32 {
-        let pidfile = self.root(root).join("domains").join(domain).join("run/qemu.pid");
+        let pidfile = self.root(root).join("emulator").join(domain).join("qemu.pid");
         let text = fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
         text.trim().parse().unwrap_or_else(|e| panic!("pidfile {text:?}: {e}"))
     }
