@@ -4,7 +4,7 @@
 //!   changes (another inode or mtime: definitions are replaced atomically) or vanishes; a QEMU
 //!   that appears (its pidfile locked), exits cleanly (pidfile gone) or dies (pidfile left
 //!   unlocked). Polling keeps this working for QEMUs started by any `capvirt` process, which
-//!   is the only way they are started (`-daemonize`: no parent to wait for them).
+//!   is the only way they are started (detached: the process that started one may be gone).
 //! - One monitor channel per running domain, held for the call (claimed from the last channel
 //!   down, see [`monitor::open_spare`]), whose QMP events say what the process view cannot:
 //!   pause and resume, who shut the guest down, resets, panics.

@@ -7,7 +7,7 @@
 //! `emulator=PATH` drives another QEMU build than `qemu-system-x86_64` on `PATH` (QEMU 7.2
 //! through 10.x are supported; see [`emulator`]).
 //!
-//! Each `capvirt` invocation is a fresh process: QEMU runs daemonized and is found again
+//! Each `capvirt` invocation is a fresh process: QEMU runs detached and is found again
 //! through its pidfile and QMP sockets in the state root (see [`store`]). Only the registry's
 //! capabilities are reachable; no caller text is ever sent to QEMU as a command.
 
