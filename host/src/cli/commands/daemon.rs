@@ -26,7 +26,7 @@ pub fn cli() -> Command {
             "Serve every URI this host's plugins serve on a Unix socket. Clients connect with \
              DRIVER+unix:///PATH[?socket=SOCKET] (e.g. `capvirt -c test+unix:///default list`); every \
              call goes through this daemon's registry, policy, validation and audit log. The socket is \
-             created mode 0600; a second daemon on the same socket is refused.",
+             created mode 0600 unless --socket-mode or capvirt.toml [daemon] say otherwise; a second daemon on the same socket is refused.",
         )
         .arg(Arg::new("listen").long("listen").value_name("unix:PATH").help(
             "Where to listen [default: /run/capvirt/capvirt-sock for root, else $XDG_RUNTIME_DIR/capvirt/capvirt-sock]",
@@ -41,6 +41,13 @@ pub fn cli() -> Command {
                     capvirt_rpc::DEFAULT_MAX_MESSAGE_BYTES
                 )),
         )
+        .arg(Arg::new("socket-group").long("socket-group").value_name("GROUP").help(
+            "Give the socket this group (name or gid), so its members can connect with --socket-mode 0660 \
+             [default: [daemon] socket_group in capvirt.toml, else root's]",
+        ))
+        .arg(Arg::new("socket-mode").long("socket-mode").value_name("OCTAL").help(
+            "The socket's permission bits, e.g. 0660 [default: [daemon] socket_mode in capvirt.toml, else 0600]",
+        ))
 }
 
 pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
@@ -60,6 +67,7 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let max_message_bytes = m
         .get_one::<u64>("max-message-size")
         .map_or(capvirt_rpc::DEFAULT_MAX_MESSAGE_BYTES, |&n| usize::try_from(n).unwrap_or(usize::MAX));
+    let access = SocketAccess::from_options(m, ctx)?;
     let host = ctx.take_host()?;
     let schemes: Vec<String> = host.plugins().loaded.iter().flat_map(|p| p.info.schemes.clone()).collect();
     let executor = Arc::new(HostExecutor::new(host));
@@ -69,7 +77,9 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::other(format!("cannot start the daemon's runtime: {e}")))?;
     runtime.block_on(async {
+        access.create_parent(&socket)?;
         let socket = ListeningSocket::bind(&socket)?;
+        access.apply(&socket.path)?;
         eprintln!(
             "capvirt daemon: serving {} on unix:{}",
             if schemes.is_empty() { "no schemes (no plugins loaded)".to_string() } else { schemes.join(", ") },
@@ -81,6 +91,83 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         drop(socket);
         Ok(())
     })
+}
+
+/// Who besides root may connect to the socket (libvirt's `unix_sock_group` and
+/// `unix_sock_rw_perms`): `--socket-group`/`--socket-mode`, else `[daemon]` in `capvirt.toml`,
+/// else root only (0600). Every peer still gets only what the access policy grants its uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketAccess {
+    group: Option<u32>,
+    mode: u32,
+}
+
+impl SocketAccess {
+    fn from_options(m: &ArgMatches, ctx: &mut Context) -> Result<SocketAccess, CliError> {
+        let (config, _) = ctx.system()?;
+        let daemon = config.daemon.clone();
+        let source = config.source.as_ref().map_or_else(|| "capvirt.toml".to_string(), |p| p.display().to_string());
+        let mode = match m.get_one::<String>("socket-mode") {
+            Some(text) => crate::config::parse_socket_mode(text)
+                .map_err(|why| CliError::usage(format!("--socket-mode: {why}")))?,
+            None => daemon
+                .socket_mode()
+                .map_err(|why| CliError::usage(format!("{source}: [daemon] {why}")))?
+                .unwrap_or(0o600),
+        };
+        let group = match m.get_one::<String>("socket-group") {
+            Some(name) => Some(resolve_group(name).map_err(|why| CliError::usage(format!("--socket-group: {why}")))?),
+            None => match &daemon.socket_group {
+                Some(name) => Some(
+                    resolve_group(name)
+                        .map_err(|why| CliError::usage(format!("{source}: [daemon] socket_group: {why}")))?,
+                ),
+                None => None,
+            },
+        };
+        Ok(SocketAccess { group, mode })
+    }
+
+    /// Creates the socket's directory when absent: 0700, or 0755 (like `/run/libvirt`) when
+    /// the socket's mode lets group or others connect, which needs the directory searchable.
+    /// An existing directory is the operator's and is left as it is.
+    fn create_parent(&self, socket: &Path) -> Result<(), CliError> {
+        let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) else {
+            return Ok(());
+        };
+        let mode = if self.mode & 0o077 == 0 { 0o700 } else { 0o755 };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(parent)
+            .map_err(|e| CliError::other(format!("cannot create the directory of {}: {e}", socket.display())))
+    }
+
+    /// Applies the group, then the mode, to the socket bound 0600: it never admits anyone
+    /// the final group and mode do not.
+    fn apply(&self, socket: &Path) -> Result<(), CliError> {
+        use std::os::unix::fs::PermissionsExt;
+        let fail = |what: &str, e: io::Error| CliError::other(format!("cannot {what} of {}: {e}", socket.display()));
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(socket, None, Some(gid)).map_err(|e| fail("set the group", e))?;
+        }
+        if self.mode != 0o600 {
+            fs::set_permissions(socket, fs::Permissions::from_mode(self.mode)).map_err(|e| fail("set the mode", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// A group name or numeric gid, as the user database knows it.
+fn resolve_group(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {name:?}")),
+        Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
