@@ -14,5 +14,6 @@ mod maint;
 mod plugins;
 mod qemu;
 mod remote;
+mod remote_qemu;
 mod snapshot;
 mod verify;

@@ -13,11 +13,11 @@ use std::{
 use capvirt_tests::{capvirt, run, set_mode, Run, Sandbox, TempDir};
 
 /// A `capvirt daemon` child, killed (and reaped) on drop even when the test fails.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) socket: PathBuf,
     /// Its state (audit log) and socket directory.
-    dir: TempDir,
+    pub(crate) dir: TempDir,
 }
 
 /// How long a daemon may take to listen.
@@ -37,8 +37,19 @@ impl Daemon {
 
     /// The same with extra environment variables (e.g. `CAPVIRT_SYSCONFDIR`).
     fn spawn_env(dir: TempDir, socket: PathBuf, extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        Daemon::spawn_with(capvirt_tests::test_plugin_dir(), dir, socket, extra, env)
+    }
+
+    /// A daemon serving the plugins in `plugins`.
+    pub(crate) fn spawn_with(
+        plugins: &Path,
+        dir: TempDir,
+        socket: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Daemon {
         let listen = format!("unix:{}", socket.display());
-        let mut cmd = capvirt(capvirt_tests::test_plugin_dir(), dir.path());
+        let mut cmd = capvirt(plugins, dir.path());
         cmd.envs(env.iter().copied());
         cmd.args(["daemon", "--listen", &listen])
             .args(extra)
@@ -67,7 +78,7 @@ impl Daemon {
         }
     }
 
-    fn stderr(&mut self) -> String {
+    pub(crate) fn stderr(&mut self) -> String {
         let mut text = String::new();
         if let Some(mut err) = self.child.stderr.take() {
             let _ = err.read_to_string(&mut text);
@@ -84,7 +95,7 @@ impl Daemon {
         text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}"))).collect()
     }
 
-    fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
