@@ -451,3 +451,125 @@ fn socket_options_override_the_config_and_bad_ones_are_usage_errors() {
     let line = failed(&done, 1);
     assert!(line.contains("capvirt.toml") && line.contains("[daemon]"), "{line}");
 }
+
+/// `capvirt daemon` under `systemd-socket-activate -l SOCKET` (what systemd does with
+/// `capvirt.socket`): the daemon starts at the first connection, serves the socket it was
+/// passed (LISTEN_FDS, fd 3), says READY=1 on NOTIFY_SOCKET, and leaves the socket in place.
+struct Activated {
+    dir: TempDir,
+    socket: PathBuf,
+}
+
+impl Activated {
+    fn new() -> Activated {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let socket = dir.path().join("capvirt-sock");
+        Activated { dir, socket }
+    }
+
+    /// `systemd-socket-activate` listening, about to run `capvirt daemon ARGS…` (its pid becomes
+    /// the daemon's: it execs in place).
+    fn spawn(&self, args: &[&str]) -> KillOnDrop {
+        let mut cmd = std::process::Command::new("systemd-socket-activate");
+        cmd.arg("-l").arg(&self.socket);
+        // It passes its children only what -E names.
+        let env = [
+            ("CAPVIRT_PLUGIN_DIR", capvirt_tests::test_plugin_dir().to_path_buf()),
+            ("CAPVIRT_AUDIT_LOG", self.dir.path().join("audit.jsonl")),
+            ("XDG_CACHE_HOME", self.dir.path().to_path_buf()),
+            ("NOTIFY_SOCKET", self.dir.path().join("notify")),
+        ];
+        for (name, value) in env {
+            cmd.arg("-E").arg(format!("{name}={}", value.display()));
+        }
+        cmd.arg(&capvirt_tests::artifacts().capvirt).arg("daemon").args(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run systemd-socket-activate (package systemd): {e}"));
+        let child = KillOnDrop(child);
+        wait_for(START_BOUND, "systemd-socket-activate to listen", || self.socket.exists());
+        child
+    }
+
+    fn uri(&self) -> String {
+        format!("test+unix:///default?socket={}", self.socket.display())
+    }
+}
+
+#[test]
+fn the_daemon_serves_a_socket_passed_by_systemd_and_notifies_readiness() {
+    let activated = Activated::new();
+    let notify = std::os::unix::net::UnixDatagram::bind(activated.dir.path().join("notify"))
+        .unwrap_or_else(|e| panic!("bind the notify socket: {e}"));
+    notify.set_read_timeout(Some(START_BOUND)).unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = activated.spawn(&[]);
+    // The first connection starts the daemon, which answers it.
+    let sb = client();
+    let listed = sb.capvirt(&["-c", &activated.uri(), "-o", "json", "list"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(ok(&listed)).ok(),
+        Some(serde_json::json!([{"name": "test", "state": "running"}]))
+    );
+    let mut message = [0u8; 256];
+    let len = notify.recv(&mut message).unwrap_or_else(|e| panic!("no readiness notification: {e}"));
+    assert_eq!(String::from_utf8_lossy(&message[..len]).trim_end(), "READY=1");
+    ok(&sb.capvirt(&["-c", &activated.uri(), "suspend", "test"]));
+    let audit = std::fs::read_to_string(activated.dir.path().join("audit.jsonl")).unwrap_or_default();
+    assert!(audit.contains("domain.suspend"), "{audit}");
+    // SIGTERM: a clean exit that leaves systemd's socket where it is (systemd owns it).
+    capvirt_tests::qemu::signal(daemon.0.id() as i32, rustix::process::Signal::TERM);
+    let status = wait_exit(&mut daemon.0);
+    assert_eq!(status, Some(0));
+    assert!(activated.socket.exists(), "the daemon removed systemd's socket");
+}
+
+#[test]
+fn options_that_say_where_to_listen_are_refused_with_a_passed_socket() {
+    let activated = Activated::new();
+    let mut daemon = activated.spawn(&["--listen", "unix:/tmp/elsewhere", "--socket-mode", "0660"]);
+    let _trigger = std::os::unix::net::UnixStream::connect(&activated.socket);
+    assert_eq!(wait_exit(&mut daemon.0), Some(2));
+    let mut stderr = String::new();
+    if let Some(mut err) = daemon.0.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    assert!(
+        stderr.contains("--listen, --socket-mode cannot be used with a socket passed by systemd")
+            && stderr.contains("SocketMode="),
+        "{stderr}"
+    );
+}
+
+/// The exit code of `child`, waited for within [`START_BOUND`].
+fn wait_exit(child: &mut Child) -> Option<i32> {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        assert!(started.elapsed() < START_BOUND, "the daemon did not exit within {START_BOUND:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_systemd_units_verify() {
+    let dist = capvirt_tests::workspace_root().join("host/dist");
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let socket = std::fs::read_to_string(dist.join("capvirt.socket")).unwrap_or_else(|e| panic!("capvirt.socket: {e}"));
+    let service =
+        std::fs::read_to_string(dist.join("capvirt.service")).unwrap_or_else(|e| panic!("capvirt.service: {e}"));
+    assert!(socket.contains("\nListenStream=/run/capvirt/capvirt-sock\n") && socket.contains("\nSocketMode=0600\n"));
+    // Restarting the daemon must not take its QEMUs with it (systemd's default kills the cgroup).
+    assert!(service.contains("\nKillMode=process\n") && service.contains("\nType=notify\n"));
+    // systemd-analyze wants ExecStart's program to exist: the one just built stands in.
+    let exe = capvirt_tests::artifacts().capvirt.display().to_string();
+    std::fs::write(dir.path().join("capvirt.socket"), socket).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("capvirt.service"), service.replace("/usr/bin/capvirt", &exe))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut verify = std::process::Command::new("systemd-analyze");
+    verify.arg("verify").arg(dir.path().join("capvirt.socket")).arg(dir.path().join("capvirt.service"));
+    let out = capvirt_tests::output_within(verify, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Unknown keys are only warnings for systemd-analyze: any output fails the test.
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+}

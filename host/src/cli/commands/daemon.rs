@@ -51,18 +51,11 @@ pub fn cli() -> Command {
 }
 
 pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
-    let socket = match m.get_one::<String>("listen") {
-        Some(listen) => match listen.strip_prefix("unix:") {
-            Some(path) if !path.is_empty() => PathBuf::from(path),
-            _ => {
-                return Err(CliError::usage(format!(
-                    "--listen {listen:?}: expected unix:PATH (the only transport so far)"
-                )))
-            }
-        },
-        None => {
-            remote::default_socket().map_err(|why| CliError::usage(format!("{why} (or give --listen unix:PATH)")))?
-        }
+    // First, while the process has one thread: taking the socket unsets LISTEN_FDS/LISTEN_PID.
+    let activated = activated_listener(m)?;
+    let socket = match &activated {
+        Some(_) => PathBuf::new(),
+        None => listen_path(m)?,
     };
     let max_message_bytes = m
         .get_one::<u64>("max-message-size")
@@ -77,20 +70,47 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::other(format!("cannot start the daemon's runtime: {e}")))?;
     runtime.block_on(async {
-        access.create_parent(&socket)?;
-        let socket = ListeningSocket::bind(&socket)?;
-        access.apply(&socket.path)?;
+        let socket = match activated {
+            Some(listener) => ListeningSocket::activated(listener, &access)?,
+            None => {
+                access.create_parent(&socket)?;
+                let socket = ListeningSocket::bind(&socket)?;
+                access.apply(&socket.path)?;
+                socket
+            }
+        };
         eprintln!(
-            "capvirt daemon: serving {} on unix:{}",
+            "capvirt daemon: serving {} on unix:{}{}",
             if schemes.is_empty() { "no schemes (no plugins loaded)".to_string() } else { schemes.join(", ") },
-            socket.path.display()
+            socket.path.display(),
+            if socket.lock.is_none() { " (socket passed by systemd)" } else { "" }
         );
-        capvirt_rpc::serve_unix(socket.take_listener()?, executor, max_message_bytes, shutdown_signal())
+        let listener = socket.take_listener()?;
+        notify_ready();
+        capvirt_rpc::serve_unix(listener, executor, max_message_bytes, shutdown_signal())
             .await
             .map_err(|e| CliError::other(format!("the daemon stopped: {e}")))?;
         drop(socket);
         Ok(())
     })
+}
+
+/// The socket `--listen` names, else the default one.
+fn listen_path(m: &ArgMatches) -> Result<PathBuf, CliError> {
+    let socket = match m.get_one::<String>("listen") {
+        Some(listen) => match listen.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => PathBuf::from(path),
+            _ => {
+                return Err(CliError::usage(format!(
+                    "--listen {listen:?}: expected unix:PATH (the only transport so far)"
+                )))
+            }
+        },
+        None => {
+            remote::default_socket().map_err(|why| CliError::usage(format!("{why} (or give --listen unix:PATH)")))?
+        }
+    };
+    Ok(socket)
 }
 
 /// Who besides root may connect to the socket (libvirt's `unix_sock_group` and
@@ -170,6 +190,47 @@ fn resolve_group(name: &str) -> Result<u32, String> {
     }
 }
 
+/// The listening socket systemd passed (socket activation: `LISTEN_FDS`/`LISTEN_PID`, fd 3),
+/// if it passed one; also what `systemd-socket-activate -l PATH capvirt daemon` does. Where and
+/// for whom it listens is then the socket unit's (`ListenStream=`, `SocketMode=`,
+/// `SocketGroup=`), so the options saying so here are refused.
+fn activated_listener(m: &ArgMatches) -> Result<Option<std::os::unix::net::UnixListener>, CliError> {
+    let mut passed = listenfd::ListenFd::from_env();
+    match passed.len() {
+        0 => return Ok(None),
+        1 => {}
+        n => {
+            return Err(CliError::usage(format!(
+                "systemd passed {n} sockets (LISTEN_FDS); the daemon listens on one: give its socket unit a single ListenStream="
+            )))
+        }
+    }
+    let given: Vec<String> = ["listen", "socket-group", "socket-mode"]
+        .iter()
+        .filter(|id| m.contains_id(id))
+        .map(|id| format!("--{id}"))
+        .collect();
+    if !given.is_empty() {
+        return Err(CliError::usage(format!(
+            "{} cannot be used with a socket passed by systemd (LISTEN_FDS): the socket unit's ListenStream=, SocketMode= and SocketGroup= say where and for whom",
+            given.join(", ")
+        )));
+    }
+    match passed.take_unix_listener(0) {
+        Ok(Some(listener)) => Ok(Some(listener)),
+        Ok(None) => Ok(None),
+        Err(e) => Err(CliError::other(format!("the socket systemd passed (LISTEN_FDS, fd 3) cannot be served: {e}"))),
+    }
+}
+
+/// Tells systemd the daemon is listening (`READY=1` on `$NOTIFY_SOCKET`, for `Type=notify`);
+/// nothing without it. A failure is reported, not fatal: the daemon serves either way.
+fn notify_ready() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        eprintln!("capvirt daemon: warning: cannot notify systemd of readiness: {e}");
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -185,15 +246,35 @@ async fn shutdown_signal() {
     }
 }
 
-/// The daemon's socket: bound 0600 under an exclusive lock (`PATH.lock`), removed on drop.
+/// The daemon's socket: bound 0600 under an exclusive lock (`PATH.lock`), removed on drop; or
+/// systemd's, which is neither locked nor removed here (it outlives the daemon).
 struct ListeningSocket {
     path: PathBuf,
     listener: Option<std::os::unix::net::UnixListener>,
     /// Held for the daemon's lifetime: a second daemon on the same path fails to take it.
-    _lock: File,
+    /// `None` for systemd's socket: a manual daemon on that path finds it listening instead.
+    lock: Option<File>,
 }
 
 impl ListeningSocket {
+    /// systemd's socket, as passed. `[daemon]` socket settings are the unit's business then.
+    fn activated(
+        listener: std::os::unix::net::UnixListener,
+        access: &SocketAccess,
+    ) -> Result<ListeningSocket, CliError> {
+        if access.group.is_some() || access.mode != 0o600 {
+            eprintln!(
+                "capvirt daemon: note: [daemon] socket_group/socket_mode do not apply to a socket passed by systemd; set SocketGroup=/SocketMode= in its socket unit"
+            );
+        }
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|addr| addr.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("(unnamed socket)"));
+        Ok(ListeningSocket { path, listener: Some(listener), lock: None })
+    }
+
     fn bind(path: &Path) -> Result<ListeningSocket, CliError> {
         let fail = |what: &str, e: io::Error| CliError::other(format!("cannot {what} {}: {e}", path.display()));
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
@@ -241,7 +322,7 @@ impl ListeningSocket {
         let bound = std::os::unix::net::UnixListener::bind(path);
         rustix::process::umask(old_mask);
         let listener = bound.map_err(|e| fail("listen on", e))?;
-        Ok(ListeningSocket { path: path.to_path_buf(), listener: Some(listener), _lock: lock })
+        Ok(ListeningSocket { path: path.to_path_buf(), listener: Some(listener), lock: Some(lock) })
     }
 
     fn take_listener(&self) -> Result<tokio::net::UnixListener, CliError> {
@@ -256,6 +337,8 @@ impl ListeningSocket {
 
 impl Drop for ListeningSocket {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if self.lock.is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
