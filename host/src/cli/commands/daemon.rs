@@ -64,7 +64,10 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let host = ctx.take_host()?;
     let schemes: Vec<String> = host.plugins().loaded.iter().flat_map(|p| p.info.schemes.clone()).collect();
     let executor = Arc::new(HostExecutor::new(host));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread for the protocol; calls run on blocking threads (drivers block). Measured
+    // against worker threads on each core: no wake-ups between workers stealing each other's
+    // tasks, fewer context switches per call and a lower p50 (README "Remote calls").
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("capvirt-daemon")
         .build()
