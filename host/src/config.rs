@@ -33,6 +33,11 @@
 //! [qemu]
 //! # The unprivileged account qemu:///system QEMUs run as (absent: capvirt-qemu).
 //! user = "capvirt-qemu"
+//! [daemon]
+//! # Who may connect to `capvirt daemon`'s Unix socket besides root (libvirt's unix_sock_group
+//! # and unix_sock_rw_perms); `--socket-group`/`--socket-mode` override. Default: root only, 0600.
+//! socket_group = "capvirt"                # a group name or a numeric gid
+//! socket_mode = "0660"                    # octal, at most 0777
 //! ```
 
 use std::{
@@ -83,6 +88,8 @@ pub struct SystemConfig {
     pub images: SystemImages,
     #[serde(default)]
     pub qemu: SystemQemu,
+    #[serde(default)]
+    pub daemon: SystemDaemon,
     /// The file it came from (`None`: absent, defaults).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -131,6 +138,44 @@ fn account_name_problem(name: &str) -> Option<String> {
     })
 }
 
+/// `[daemon]` in `capvirt.toml`: the daemon socket's group and mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemDaemon {
+    /// The group the socket is given: a name or a numeric gid.
+    pub socket_group: Option<String>,
+    /// The socket's permission bits, octal text as in libvirt (`"0660"`); checked by
+    /// [`parse_socket_mode`] when the file is read.
+    pub socket_mode: Option<String>,
+}
+
+impl SystemDaemon {
+    /// The socket mode, if the file sets one.
+    pub fn socket_mode(&self) -> Result<Option<u32>, String> {
+        self.socket_mode.as_deref().map(parse_socket_mode).transpose()
+    }
+}
+
+/// The daemon socket's mode from octal text (`0660`, `660`, `0o660`): permission bits only
+/// (no setuid, setgid or sticky bit, which mean nothing on a socket), and the owner must keep
+/// read and write (a daemon whose owner cannot connect is a mistake, not a policy).
+pub fn parse_socket_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    let mode = u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|_| !digits.is_empty() && digits.len() <= 4)
+        .ok_or_else(|| format!("socket mode {text:?} is not an octal mode such as 0660"))?;
+    if mode > 0o777 {
+        return Err(format!(
+            "socket mode {text:?} has bits beyond 0777 (setuid, setgid or sticky mean nothing on a socket)"
+        ));
+    }
+    if mode & 0o600 != 0o600 {
+        return Err(format!("socket mode {text:?} takes read and write from the owner; it must include 0600"));
+    }
+    Ok(mode)
+}
+
 impl SystemConfig {
     /// The log root's calls and `*:///system` connections are audited to.
     pub fn audit_path(&self) -> PathBuf {
@@ -159,6 +204,10 @@ impl SystemConfig {
         }
         if let Some(problem) = config.qemu.user.as_deref().and_then(account_name_problem) {
             return Err(invalid(problem));
+        }
+        config.daemon.socket_mode().map_err(|why| invalid(format!("[daemon] {why}")))?;
+        if config.daemon.socket_group.as_deref() == Some("") {
+            return Err(invalid("[daemon] socket_group is empty".into()));
         }
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -415,6 +464,35 @@ mod tests {
             assert!(err.is_err_and(|e| e.contains("is not an account name")), "{bad:?} accepted");
         }
         assert!(SystemConfig::parse(path, "[qemu]\ngroup = \"kvm\"\n").is_err());
+    }
+
+    #[test]
+    fn the_daemon_section_takes_octal_socket_modes_that_keep_the_owner() {
+        let path = Path::new("/etc/capvirt/capvirt.toml");
+        let config = SystemConfig::parse(path, "[daemon]\nsocket_group = \"kvm\"\nsocket_mode = \"0660\"\n");
+        let daemon = config.map(|c| c.daemon).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(daemon.socket_group.as_deref(), Some("kvm"));
+        assert_eq!(daemon.socket_mode(), Ok(Some(0o660)));
+        assert_eq!(SystemDaemon::default().socket_mode(), Ok(None));
+        for (good, mode) in [("0600", 0o600), ("666", 0o666), ("0o770", 0o770)] {
+            assert_eq!(parse_socket_mode(good), Ok(mode), "{good}");
+        }
+        for (bad, why) in [
+            ("rw", "not an octal"),
+            ("", "not an octal"),
+            ("4660", "beyond 0777"),
+            ("0066", "0600"),
+            ("0o", "octal"),
+            ("99", "octal"),
+        ] {
+            assert!(parse_socket_mode(bad).is_err_and(|e| e.contains(why)), "{bad}: {:?}", parse_socket_mode(bad));
+        }
+        let bad =
+            SystemConfig::parse(path, "[daemon]\nsocket_mode = \"0060\"\n").map(|_| ()).map_err(|e| e.to_string());
+        assert!(bad.is_err_and(|e| e.contains("capvirt.toml") && e.contains("[daemon]") && e.contains("0600")));
+        assert!(SystemConfig::parse(path, "[daemon]\nsocket_mode = 432\n").is_err());
+        assert!(SystemConfig::parse(path, "[daemon]\nsocket_group = \"\"\n").is_err());
+        assert!(SystemConfig::parse(path, "[daemon]\nsocket_perms = \"0660\"\n").is_err());
     }
 
     #[test]

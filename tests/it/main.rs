@@ -15,5 +15,6 @@ mod plugins;
 mod qemu;
 mod qemu_privilege;
 mod remote;
+mod remote_qemu;
 mod snapshot;
 mod verify;

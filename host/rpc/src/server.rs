@@ -15,7 +15,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{
     transport::server::{Connected, UdsConnectInfo},
     Code, Request, Response, Status,
@@ -153,7 +153,7 @@ impl<E: Executor> proto::capvirt_server::Capvirt for CapvirtService<E> {
         }
     }
 
-    type CallStream = ReceiverStream<Result<proto::CallUpdate, Status>>;
+    type CallStream = CallUpdates;
 
     async fn call(&self, request: Request<proto::CallRequest>) -> Result<Response<Self::CallStream>, Status> {
         let peer = peer_identity(&request);
@@ -173,7 +173,30 @@ impl<E: Executor> proto::capvirt_server::Capvirt for CapvirtService<E> {
             // A cancelled call's client is gone: nobody to tell.
             let _ = reporter.tx.blocking_send(Ok(update(last)));
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(CallUpdates { rx, done: false }))
+    }
+}
+
+/// A call's updates as the response stream. It ends right after the final message (result
+/// or error) instead of when the call's thread drops its sender, so the reply's last data
+/// frame and its trailers leave in one write (measured: fewer wake-ups per call on both sides).
+pub struct CallUpdates {
+    rx: mpsc::Receiver<Result<proto::CallUpdate, Status>>,
+    done: bool,
+}
+
+impl tokio_stream::Stream for CallUpdates {
+    type Item = Result<proto::CallUpdate, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let next = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(Ok(proto::CallUpdate { kind: Some(Kind::Result(_) | Kind::Error(_)) }))) = &next {
+            self.done = true;
+        }
+        next
     }
 }
 
