@@ -14,5 +14,6 @@ mod maint;
 mod plugins;
 mod qemu;
 mod remote;
+mod remote_transports;
 mod snapshot;
 mod verify;
