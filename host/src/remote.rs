@@ -148,9 +148,7 @@ impl RemoteTarget {
         let transport = match transport {
             "unix" => {
                 if !authority_text.is_empty() {
-                    return Err(bad(
-                        "a `unix` transport names no host: use DRIVER+unix:///PATH?socket=SOCKET".into(),
-                    ));
+                    return Err(bad("a `unix` transport names no host: use DRIVER+unix:///PATH?socket=SOCKET".into()));
                 }
                 let socket = match params.remove("socket") {
                     Some(socket) => PathBuf::from(socket),
@@ -219,7 +217,8 @@ fn parse_authority(text: &str) -> Result<(Option<String>, String, Option<u16>), 
         None => None,
         Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0).ok_or(format!("port {p:?} is not 1-65535"))?),
     };
-    let plain = |s: &str| !s.is_empty() && !s.starts_with('-') && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+    let plain =
+        |s: &str| !s.is_empty() && !s.starts_with('-') && !s.chars().any(|c| c.is_whitespace() || c.is_control());
     if !plain(host) {
         return Err(format!("host {host:?} is empty or not a host name"));
     }
@@ -389,7 +388,9 @@ impl RemoteConnection {
                     _ => ErrorCategory::Other,
                 };
                 let mut message = format!("`{id}` on {}: {error}", self.uri);
-                if let Some(said) = self.ssh.as_ref().map(|c| c.stderr_after_exit(SSH_EXIT_WAIT)).filter(|s| !s.is_empty()) {
+                if let Some(said) =
+                    self.ssh.as_ref().map(|c| c.stderr_after_exit(SSH_EXIT_WAIT)).filter(|s| !s.is_empty())
+                {
                     message.push_str(&format!("; ssh said: {said}"));
                 }
                 Err(CallError::Remote { id: id.to_string(), category, message })
@@ -550,8 +551,8 @@ pub struct HostExecutor {
     connections: Mutex<HashMap<(String, bool), Arc<Connection>>>,
     /// Callers by (uid, gid): their groups come from the user database once.
     callers: Mutex<HashMap<(u32, u32), Arc<Caller>>>,
-    /// TLS callers by certificate subject and CN.
-    certificate_callers: Mutex<HashMap<(String, Option<String>), Arc<Caller>>>,
+    /// TLS callers by certificate subject (the CN is read from it).
+    certificate_callers: Mutex<HashMap<String, Arc<Caller>>>,
 }
 
 impl HostExecutor {
@@ -570,15 +571,14 @@ impl HostExecutor {
     /// policy's `[certificates]` maps its CN to, else an unmapped caller (the policy's
     /// `default` only). Cached like peers.
     fn certificate_caller(&self, certificate: ClientCertificate) -> Arc<Caller> {
-        let key = (certificate.subject, certificate.common_name);
         let mut callers = self.certificate_callers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(caller) = callers.get(&key) {
+        if let Some(caller) = callers.get(&certificate.subject) {
             return Arc::clone(caller);
         }
-        let mapped = self.host.policy().access.certificate_user(key.1.as_deref());
-        let caller = Arc::new(Caller::from_certificate(&key.0, mapped));
+        let mapped = self.host.policy().access.certificate_user(certificate.common_name.as_deref());
+        let caller = Arc::new(Caller::from_certificate(&certificate.subject, mapped));
         if callers.len() < MAX_CACHED_CONNECTIONS {
-            callers.insert(key, Arc::clone(&caller));
+            callers.insert(certificate.subject, Arc::clone(&caller));
         }
         caller
     }
@@ -705,7 +705,9 @@ mod tests {
         assert_eq!(target, Some(RemoteTarget { transport: expected, uri: "qemu:///session?root=/r".into() }));
         let target = parse("test+tls://host.example/default?pkipath=/p").ok().flatten();
         assert!(matches!(target.map(|t| t.transport), Some(Transport::Tls { port: DEFAULT_TLS_PORT, .. })));
-        for bad in ["test+tls://u@h/default?pkipath=/p", "test+tls://h:0/default", "test+tls:///default", "test+tls://h"] {
+        for bad in
+            ["test+tls://u@h/default?pkipath=/p", "test+tls://h:0/default", "test+tls:///default", "test+tls://h"]
+        {
             assert!(parse(bad).is_err_and(|e| e.category() == ErrorCategory::Usage), "{bad}");
         }
     }
@@ -721,7 +723,9 @@ mod tests {
         assert_eq!(args[..args.len() - 1].join(" "), expected);
         assert_eq!(args.last().map(String::as_str), Some(r"'capvirt' proxy --socket '/r/it'\''s'"));
         // Nothing reaches ssh as an option.
-        for bad in ["test+ssh://-oProxyCommand=x/default", "test+ssh://-l@h/default", "test+ssh://h/default?no_verify=yes"] {
+        for bad in
+            ["test+ssh://-oProxyCommand=x/default", "test+ssh://-l@h/default", "test+ssh://h/default?no_verify=yes"]
+        {
             assert!(parse(bad).is_err_and(|e| e.category() == ErrorCategory::Usage), "{bad}");
         }
     }

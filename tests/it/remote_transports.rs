@@ -263,7 +263,10 @@ fn certificates_of_another_ca_or_none_are_refused_clearly() {
     let empty = daemon.dir.path().join("clients/empty");
     std::fs::create_dir_all(&empty).unwrap_or_else(|e| panic!("mkdir: {e}"));
     let line = failed(&remote(&sb, &daemon.uri(&empty), &["list"]), 1).to_string();
-    assert!(line.contains(&empty.join("clientcert.pem").display().to_string()) && line.contains("No such file"), "{line}");
+    assert!(
+        line.contains(&empty.join("clientcert.pem").display().to_string()) && line.contains("No such file"),
+        "{line}"
+    );
     // A client that does not trust the daemon's CA refuses the daemon.
     let lost = daemon.dir.path().join("clients/lost");
     daemon.ca.issue(&lost, "client", "admin", &[], &other);
@@ -280,7 +283,11 @@ fn a_tcp_listener_without_certificates_is_refused() {
     cmd.env("CAPVIRT_SYSCONFDIR", dir.path().join("etc")).args(["daemon", "--listen", "tcp:127.0.0.1:0"]);
     let refused = run(cmd);
     assert_eq!(refused.code, 2, "{refused:?}");
-    assert!(refused.stderr.contains("needs TLS") && refused.stderr.contains("etc/pki/servercert.pem"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("needs TLS") && refused.stderr.contains("etc/pki/servercert.pem"),
+        "{}",
+        refused.stderr
+    );
     let mut cmd = capvirt(capvirt_tests::test_plugin_dir(), dir.path());
     cmd.args(["daemon", "--listen", "tcp:localhost"]);
     assert_eq!(run(cmd).code, 2);

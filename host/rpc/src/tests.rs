@@ -322,12 +322,12 @@ fn bad_tls_files_are_named_with_the_reason() {
     let ca = pki::ca("test CA");
     let files = pki::issue(dir.path(), "client", "alice", &[], &ca, &ca);
     let missing = crate::TlsFiles { ca: dir.path().join("absent.pem"), ..files.clone() };
-    let text = missing.load().err().expect("refused").to_string();
+    let text = missing.load().expect_err("refused").to_string();
     assert!(text.contains("CA certificate") && text.contains("absent.pem") && text.contains("No such file"), "{text}");
     let not_pem = dir.path().join("garbage.pem");
     std::fs::write(&not_pem, "hello\n").expect("write");
-    let text = crate::TlsFiles { cert: not_pem.clone(), ..files.clone() }.load().err().expect("refused").to_string();
+    let text = crate::TlsFiles { cert: not_pem.clone(), ..files.clone() }.load().expect_err("refused").to_string();
     assert!(text.contains("garbage.pem") && text.contains("no PEM certificate"), "{text}");
-    let text = crate::TlsFiles { key: files.cert.clone(), ..files.clone() }.load().err().expect("refused").to_string();
+    let text = crate::TlsFiles { key: files.cert.clone(), ..files.clone() }.load().expect_err("refused").to_string();
     assert!(text.contains("private key") && text.contains("no PEM private key"), "{text}");
 }

@@ -6,8 +6,8 @@
 use std::{
     fs::{self, File},
     io,
-    os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt},
     net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
