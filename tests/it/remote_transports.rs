@@ -403,6 +403,30 @@ fn commands_work_over_ssh_through_the_proxy() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|r| r["event"] == "outcome" && r["capability"] == "domain.suspend");
     assert_eq!(suspend.map(|r| r["uid"].clone()), Some(serde_json::json!(0)));
+    // Each client's ssh, and the proxy it ran, are gone once the client is.
+    let key = sshd.dir.path().join("userkey").display().to_string();
+    let proxy = format!("proxy --socket {}", socket.display());
+    let started = Instant::now();
+    loop {
+        let left: Vec<String> =
+            command_lines().into_iter().filter(|c| c.contains(&key) || c.contains(&proxy)).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < START_BOUND, "still running after their clients: {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every process's command line, arguments joined by spaces.
+fn command_lines() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .collect()
 }
 
 #[test]
