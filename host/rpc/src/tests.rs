@@ -331,3 +331,16 @@ fn bad_tls_files_are_named_with_the_reason() {
     let text = crate::TlsFiles { key: files.cert.clone(), ..files.clone() }.load().expect_err("refused").to_string();
     assert!(text.contains("private key") && text.contains("no PEM private key"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tcp_peer_does_not_hold_up_the_handshakes_of_others() {
+    let served = serve_tls().await;
+    // Connected, never speaking TLS: its handshake waits (bounded by HANDSHAKE_TIMEOUT) apart.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", served.port)).await.expect("connects");
+    let files = pki::issue(&served.dir.path().join("alice"), "client", "alice", &[], &served.ca, &served.ca);
+    let material = files.load().expect("client files load");
+    let connect = Client::connect_tls("127.0.0.1", served.port, &material, ours(), LIMIT);
+    let client = tokio::time::timeout(Duration::from_secs(5), connect).await.expect("not held up").expect("connects");
+    let outcome = client.call("test:///default", false, "echo", &Value::Unit, |_| {}).await.expect("transport ok");
+    assert!(outcome.is_ok());
+}
