@@ -140,26 +140,13 @@ impl Client {
             .connect_timeout(crate::tls::HANDSHAKE_TIMEOUT)
             .tls_config(tls.client_config(bare))
             .map_err(|e| unreachable(format!("TLS settings refused: {}", error_chain(&e))))?;
-        let channel = endpoint.connect().await.map_err(|e| unreachable(tls_reason(&error_chain(&e))))?;
+        let cert = &tls.files().cert;
+        let channel = endpoint.connect().await.map_err(|e| unreachable(tls_reason(&error_chain(&e), cert)))?;
         // With TLS 1.3 the daemon judges the client's certificate after the client's side of
-        // the handshake is done: its refusal arrives as an alert on the first exchange.
-        // The alert is often lost to the client's first write ("broken pipe"), so a connection
-        // closed at this point is reported as that refusal, naming the certificate sent.
+        // the handshake is done: its refusal arrives on the first exchange.
         match Client::negotiate(channel, &name, ours, max_message_bytes).await {
             Err(ClientError::Unreachable { socket, reason }) => {
-                let closed = ["broken pipe", "reset", "end of file", "closed", "canceled"]
-                    .iter()
-                    .any(|word| reason.to_lowercase().contains(word));
-                let reason = if closed && !reason.contains("alert") {
-                    format!(
-                        "the daemon closed the connection right after the TLS handshake: it refused this client's \
-                         certificate {} (not signed by the daemon's CA?) ({reason})",
-                        tls.files().cert.display()
-                    )
-                } else {
-                    tls_reason(&reason)
-                };
-                Err(ClientError::Unreachable { socket, reason })
+                Err(ClientError::Unreachable { socket, reason: tls_reason(&reason, cert) })
             }
             other => other,
         }
@@ -274,21 +261,30 @@ fn status_reason(status: &Status) -> String {
     reason
 }
 
-/// A TLS failure in words a user can act on; the library's own text stays at the end.
-fn tls_reason(reason: &str) -> String {
+/// A TLS failure in words a user can act on, naming the client certificate when the daemon
+/// refused it; the library's own text stays at the end.
+fn tls_reason(reason: &str, client_cert: &Path) -> String {
+    let lower = reason.to_lowercase();
+    let refused_ours = format!(
+        "the daemon refused this client's certificate {} (not signed by the daemon's CA?)",
+        client_cert.display()
+    );
     let hint = if reason.contains("UnknownIssuer") || reason.contains("invalid peer certificate") {
-        Some("the daemon's certificate is not signed by this client's CA, or does not name this host")
+        "the daemon's certificate is not signed by this client's CA, or does not name this host".to_owned()
     } else if reason.contains("CertificateRequired") {
-        Some("the daemon requires a client certificate and none was presented")
+        "the daemon requires a client certificate and none was presented".to_owned()
     } else if reason.contains("alert") && (reason.contains("Certificate") || reason.contains("UnknownCA")) {
-        Some("the daemon refused this client's certificate (not signed by the daemon's CA?)")
+        refused_ours
+    } else if !reason.contains("alert")
+        && ["broken pipe", "reset", "end of file", "closed", "canceled"].iter().any(|w| lower.contains(w))
+    {
+        // The alert is often lost to the client's first write: a connection closed right after
+        // the handshake is that refusal.
+        format!("the daemon closed the connection right after the TLS handshake: {refused_ours}")
     } else {
-        None
+        return reason.to_owned();
     };
-    match hint {
-        Some(hint) => format!("{hint} ({reason})"),
-        None => reason.to_owned(),
-    }
+    format!("{hint} ({reason})")
 }
 
 /// An error's causes on one line, each said once (tonic's own text is only "transport error",
