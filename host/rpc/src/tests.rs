@@ -330,6 +330,15 @@ fn bad_tls_files_are_named_with_the_reason() {
     assert!(text.contains("garbage.pem") && text.contains("no PEM certificate"), "{text}");
     let text = crate::TlsFiles { key: files.cert.clone(), ..files.clone() }.load().expect_err("refused").to_string();
     assert!(text.contains("private key") && text.contains("no PEM private key"), "{text}");
+    // An expired certificate is named with its end date.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let old = dir.path().join("old.pem");
+    std::fs::write(&old, params.self_signed(&key).expect("signed").pem()).expect("write");
+    let text = crate::TlsFiles { cert: old, ..files.clone() }.load().expect_err("refused").to_string();
+    assert!(text.contains("old.pem") && text.contains("expired on Jan  1 00:00:00 2001"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
