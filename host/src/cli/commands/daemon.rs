@@ -23,12 +23,15 @@ use crate::{
 
 pub fn cli() -> Command {
     Command::new("daemon")
-        .about("Serve this host's drivers to remote clients (DRIVER+unix:// URIs)")
+        .about("Serve this host's drivers to remote clients (DRIVER+unix://, +ssh://, +tls:// URIs)")
         .long_about(
             "Serve every URI this host's plugins serve on a Unix socket. Clients connect with \
              DRIVER+unix:///PATH[?socket=SOCKET] (e.g. `capvirt -c test+unix:///default list`); every \
              call goes through this daemon's registry, policy, validation and audit log. The socket is \
-             created mode 0600; a second daemon on the same socket is refused.",
+             created mode 0600; a second daemon on the same socket is refused. DRIVER+ssh://HOST/PATH clients \
+             reach the socket through ssh and `capvirt proxy`. --listen tcp:ADDR:PORT serves \
+             DRIVER+tls://HOST:PORT/PATH with mutual TLS only (client certificates signed by --tls-ca; \
+             their CN maps to a local user through access.toml's [certificates]).",
         )
         .arg(Arg::new("listen").long("listen").value_name("unix:PATH|tcp:ADDR:PORT").action(ArgAction::Append).help(
             "Where to listen, repeatable; tcp: always with mutual TLS [default: unix:/run/capvirt/capvirt-sock for root, \
