@@ -15,6 +15,9 @@
 //!
 //! [groups]                    # group name or numeric gid (primary or supplementary)
 //! vmops = ["domain.*"]
+//!
+//! [certificates]              # TLS clients: certificate subject CN → local user name or uid
+//! "alice.ops.example.org" = "alice"
 //! ```
 //!
 //! A caller may call a capability when any pattern of `default`, of its user's entry or of one
@@ -24,6 +27,12 @@
 //! (uid 0) may call everything: it owns this file. Without the file the built-in policy
 //! applies: root everything, everyone else `readonly`. A file that is not owned by root or is
 //! writable by group or others (or sits in such a directory) is refused, never half-trusted.
+//!
+//! A TLS client (`capvirt daemon --listen tcp:…`) has no OS identity: the daemon verified its
+//! certificate against its CA, and `[certificates]` maps the certificate's subject CN to a
+//! local user, whose uid and groups then decide as for a local caller (mapping to `root`
+//! grants everything: say so only for an administrator's certificate). A certificate whose CN
+//! is not listed gets the `default` patterns only (see [`crate::caller::UNMAPPED_ID`]).
 
 use std::{collections::BTreeMap, path::Path, path::PathBuf};
 
@@ -47,6 +56,8 @@ pub struct AccessPolicy {
     default: Rule,
     users: Vec<(u32, Rule)>,
     groups: Vec<(u32, Rule)>,
+    /// Certificate CN → the local user's (uid, primary gid).
+    certificates: BTreeMap<String, (u32, u32)>,
 }
 
 /// One entry: its name for messages (`default`, `user alice`, `group 100`) and its patterns.
@@ -87,6 +98,8 @@ struct AccessFile {
     users: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    certificates: BTreeMap<String, String>,
 }
 
 fn readonly() -> Vec<String> {
@@ -108,7 +121,14 @@ impl AccessPolicy {
             default: Rule { label: "default".into(), patterns: vec![Pattern::Readonly], text: readonly() },
             users: Vec::new(),
             groups: Vec::new(),
+            certificates: BTreeMap::new(),
         }
+    }
+
+    /// The local user (uid, gid) a TLS client certificate with this subject CN maps to;
+    /// `None`: unmapped (no CN, or not in `[certificates]`).
+    pub fn certificate_user(&self, common_name: Option<&str>) -> Option<(u32, u32)> {
+        self.certificates.get(common_name?).copied()
     }
 
     /// The file it came from (`None`: built in).
@@ -144,7 +164,25 @@ impl AccessPolicy {
             default: rule("default".into(), file.default)?,
             users: Vec::new(),
             groups: Vec::new(),
+            certificates: BTreeMap::new(),
         };
+        for (cn, name) in file.certificates {
+            if cn.is_empty() {
+                return Err(invalid("certificates: an empty common name matches no certificate".into()));
+            }
+            let user = match name.parse::<u32>() {
+                Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten(),
+                Err(_) => nix::unistd::User::from_name(&name).ok().flatten(),
+            };
+            match user {
+                Some(user) => {
+                    policy.certificates.insert(cn, (user.uid.as_raw(), user.gid.as_raw()));
+                }
+                None => {
+                    tracing::warn!(target: "capvirt::access", "{}: certificate {cn:?} maps to {name:?}, which is no user on this host; it is treated as unmapped", path.display())
+                }
+            }
+        }
         for (name, patterns) in file.users {
             let uid = match name.parse::<u32>() {
                 Ok(uid) => Some(uid),
@@ -287,6 +325,26 @@ mod tests {
     }
 
     #[test]
+    fn certificates_map_to_local_users_and_unmapped_ones_get_the_default() {
+        let registry = Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
+        let text = "default = [\"readonly\"]\n[users]\nnobody = [\"*\"]\n[certificates]\nadmin = \"root\"\nops = \"nobody\"\nghost = \"no-such-user-here\"\n";
+        let policy = AccessPolicy::parse(Path::new("a.toml"), text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(policy.certificate_user(Some("admin")), Some((0, 0)));
+        let nobody = policy.certificate_user(Some("ops"));
+        assert!(nobody.is_some_and(|(uid, _)| uid != 0));
+        assert_eq!(policy.certificate_user(Some("ghost")), None);
+        assert_eq!(policy.certificate_user(None), None);
+        let suspend = capability(&registry, "domain.suspend");
+        let mapped = Caller::from_certificate("CN=ops", nobody);
+        assert!(policy.check(&mapped, suspend).is_ok(), "user nobody's rule applies");
+        let unmapped = Caller::from_certificate("CN=stranger", policy.certificate_user(Some("stranger")));
+        let why = policy.check(&unmapped, suspend).expect_err("only the default applies");
+        assert!(why.contains("default = [readonly]") && !why.contains("user nobody"), "{why}");
+        assert!(policy.check(&unmapped, capability(&registry, "domain.info")).is_ok());
+        assert_eq!(unmapped.describe(), "the certificate CN=stranger (mapped to no user)");
+    }
+
+    #[test]
     fn bad_files_are_refused_whole() {
         for bad in [
             "default = [\"domain*\"]",
@@ -297,6 +355,7 @@ mod tests {
         ] {
             assert!(AccessPolicy::parse(Path::new("a.toml"), bad).is_err(), "{bad}");
         }
+        assert!(AccessPolicy::parse(Path::new("a.toml"), "[certificates]\n\"\" = \"root\"").is_err());
         assert_eq!(parse_pattern("domain.*"), Ok(Pattern::Prefix("domain.".into())));
         assert_eq!(parse_pattern("domain.attach-device"), Ok(Pattern::Exact("domain.attach-device".into())));
     }

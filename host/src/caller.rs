@@ -19,7 +19,15 @@ pub struct Caller {
     pub groups: Vec<u32>,
     /// The uid's name in the OS user database (NSS: `/etc/passwd`, LDAP…); `None` without an entry.
     pub user: Option<String>,
+    /// For a TLS client: the subject of the certificate it authenticated with (`CN=alice`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
+
+/// The ids of a TLS client whose certificate maps to no local user: `(uid_t)-1`, which the
+/// kernel reserves (it means "unchanged" to `setuid`), so no `[users]` or `[groups]` entry
+/// of the access policy can match it and only its `default` applies.
+pub const UNMAPPED_ID: u32 = u32::MAX;
 
 impl Caller {
     /// This process's real (not effective) ids and supplementary groups: who started it, also
@@ -32,7 +40,7 @@ impl Caller {
             let groups = nix::unistd::getgroups()
                 .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
                 .unwrap_or_default();
-            Caller { uid, gid, groups, user: user_name(uid) }
+            Caller { uid, gid, groups, user: user_name(uid), certificate: None }
         })
     }
 
@@ -47,13 +55,24 @@ impl Caller {
             .and_then(|name| nix::unistd::getgrouplist(&name, Gid::from_raw(gid)).ok())
             .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
             .unwrap_or_else(|| vec![gid]);
-        Caller { uid, gid, groups, user }
+        Caller { uid, gid, groups, user, certificate: None }
     }
 
     /// A caller with exactly these ids (the groups of a peer read elsewhere, e.g. from
     /// `/proc/PID/status` of a peer that dropped groups).
     pub fn with_groups(uid: u32, gid: u32, groups: Vec<u32>) -> Caller {
-        Caller { uid, gid, groups, user: user_name(uid) }
+        Caller { uid, gid, groups, user: user_name(uid), certificate: None }
+    }
+
+    /// A TLS client known by its verified certificate's `subject`: the local user `mapped`
+    /// (`(uid, gid)` from the access policy's `[certificates]` table; groups as for a peer),
+    /// else nobody ([`UNMAPPED_ID`]): only the policy's `default` applies to it.
+    pub fn from_certificate(subject: &str, mapped: Option<(u32, u32)>) -> Caller {
+        let base = match mapped {
+            Some((uid, gid)) => Caller::from_peer(uid, gid),
+            None => Caller { uid: UNMAPPED_ID, gid: UNMAPPED_ID, groups: Vec::new(), user: None, certificate: None },
+        };
+        Caller { certificate: Some(subject.to_string()), ..base }
     }
 
     pub fn is_root(&self) -> bool {
@@ -67,9 +86,11 @@ impl Caller {
 
     /// `alice (uid 1000)`, or `uid 1000` without a user database entry.
     pub fn describe(&self) -> String {
-        match &self.user {
-            Some(name) => format!("user {name} (uid {})", self.uid),
-            None => format!("uid {}", self.uid),
+        match (&self.user, &self.certificate) {
+            (Some(name), Some(subject)) => format!("user {name} (uid {}, certificate {subject})", self.uid),
+            (None, Some(subject)) => format!("the certificate {subject} (mapped to no user)"),
+            (Some(name), None) => format!("user {name} (uid {})", self.uid),
+            (None, None) => format!("uid {}", self.uid),
         }
     }
 }

@@ -1,19 +1,27 @@
-//! Remote connections (`DRIVER+unix:///PATH[?socket=S]`, libvirt's convention) and the
-//! daemon side that serves them. The client forwards each call to the daemon, whose host runs
-//! the whole dispatch path (registry → policy → validation → driver → audit); the wire format
-//! is `capvirt-rpc`'s.
+//! Remote connections and the daemon side that serves them. Transports, with libvirt's URI
+//! conventions: `DRIVER+unix:///PATH[?socket=S]` (the local daemon's socket),
+//! `DRIVER+tls://HOST[:PORT]/PATH[?pkipath=DIR]` (mutual TLS to `capvirt daemon --listen tcp:…`)
+//! and `DRIVER+ssh://[USER@]HOST[:PORT]/PATH[?socket=S&keyfile=K&no_verify=1&proxy=P]` (the
+//! system's `ssh` running `capvirt proxy` on the far side, which splices to the daemon's
+//! socket there). The client forwards each call to the daemon, whose host runs the whole
+//! dispatch path (registry → policy → validation → driver → audit); the wire format is
+//! `capvirt-rpc`'s.
 
 use std::{
     collections::HashMap,
+    io::Read,
     path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use capvirt_plugin_api::{PluginError, Value};
-use capvirt_rpc::{CallFailure, Executor, Hello, IncomingCall, Reporter, Update};
+use capvirt_rpc::{CallFailure, ClientCertificate, Executor, Hello, IncomingCall, Reporter, TlsFiles, Update};
 
 use crate::{
     caller::Caller,
+    config,
     driver::CallObserver,
     error::{CallError, ErrorCategory, HostError},
     host::{Connection, Host},
@@ -24,14 +32,67 @@ use crate::{
 pub const SYSTEM_SOCKET: &str = "/run/capvirt/capvirt-sock";
 /// Under `$XDG_RUNTIME_DIR` for other users.
 pub const USER_SOCKET: &str = "capvirt/capvirt-sock";
+/// The daemon's TLS port unless the URI or `--listen` says (libvirt's is 16514).
+pub const DEFAULT_TLS_PORT: u16 = 16514;
+/// The PKI directory under the system config directory (`/etc/capvirt/pki`).
+pub const PKI_DIR: &str = "pki";
 
 /// A URI naming a transport: where to reach the daemon and what to ask it for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteTarget {
-    /// The daemon's socket.
-    pub socket: PathBuf,
-    /// The URI the daemon's plugins serve: the transport and `socket` removed.
+    pub transport: Transport,
+    /// The URI the daemon's plugins serve: the transport and its parameters removed.
     pub uri: String,
+}
+
+/// How the daemon is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// The daemon's Unix socket on this machine.
+    Unix { socket: PathBuf },
+    /// TCP with mutual TLS.
+    Tls { host: String, port: u16, files: TlsFiles },
+    /// The system's `ssh`, running `capvirt proxy` on the far side.
+    Ssh(SshTarget),
+}
+
+/// Where and how `ssh` logs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    pub host: String,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    /// The daemon's socket on the far side (`None`: the far user's default).
+    pub socket: Option<PathBuf>,
+    /// `ssh -i`.
+    pub keyfile: Option<PathBuf>,
+    /// Skip the host key check (libvirt's `no_verify=1`): for throw-away hosts only.
+    pub no_verify: bool,
+    /// The `capvirt` binary on the far side (default: `capvirt` on its `PATH`).
+    pub proxy: Option<String>,
+}
+
+impl Transport {
+    /// The daemon's address in messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Transport::Unix { socket } => socket.display().to_string(),
+            Transport::Tls { host, port, .. } => format!("tls://{}", authority(host, *port)),
+            Transport::Ssh(ssh) => {
+                let user = ssh.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+                let port = ssh.port.map(|p| format!(":{p}")).unwrap_or_default();
+                format!("ssh://{user}{}{port}", ssh.host)
+            }
+        }
+    }
+}
+
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 impl RemoteTarget {
@@ -43,47 +104,144 @@ impl RemoteTarget {
         if driver.is_empty() {
             return Err(bad("no driver before `+`".into()));
         }
-        if transport != "unix" {
+        if !matches!(transport, "unix" | "tls" | "ssh") {
             return Err(HostError::Connect {
                 uri: uri.to_string(),
                 error: PluginError::unsupported(format!(
-                    "the `{transport}` transport is not supported; use {driver}+unix:///PATH[?socket=SOCKET]"
+                    "the `{transport}` transport is not supported; use {driver}+unix:///PATH[?socket=SOCKET], \
+                     {driver}+tls://HOST[:PORT]/PATH or {driver}+ssh://[USER@]HOST[:PORT]/PATH"
                 )),
             });
         }
-        let (location, query) = rest.split_once('?').map_or((rest, None), |(l, q)| (l, Some(q)));
-        if !location.starts_with('/') {
-            return Err(bad("a `unix` transport names no host: use DRIVER+unix:///PATH?socket=SOCKET".into()));
+        let (rest, query) = rest.split_once('?').map_or((rest, None), |(l, q)| (l, Some(q)));
+        let (authority_text, location) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if location.is_empty() {
+            return Err(bad(format!("no path after the host: use {driver}+{transport}://…/PATH (e.g. /default)")));
         }
-        let mut socket = None;
+        // The transport's own parameters are taken out; the rest goes to the far side's driver.
+        let mut params: HashMap<&'static str, String> = HashMap::new();
         let mut kept = Vec::new();
+        let ours: &[&'static str] = match transport {
+            "unix" => &["socket"],
+            "tls" => &["pkipath"],
+            _ => &["socket", "keyfile", "no_verify", "proxy"],
+        };
         for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("socket", raw)) => {
-                    let path = percent_encoding::percent_decode_str(raw)
-                        .decode_utf8()
-                        .map_err(|_| bad("parameter `socket` is not valid UTF-8".into()))?;
-                    if socket.is_some() {
-                        return Err(bad("parameter `socket` given twice".into()));
-                    }
-                    if path.is_empty() {
-                        return Err(bad("parameter `socket` is empty".into()));
-                    }
-                    socket = Some(PathBuf::from(path.into_owned()));
-                }
-                _ => kept.push(pair),
+            let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
+            let Some(&name) = ours.iter().find(|&&n| n == key) else {
+                kept.push(pair);
+                continue;
+            };
+            let value = percent_encoding::percent_decode_str(raw)
+                .decode_utf8()
+                .map_err(|_| bad(format!("parameter `{name}` is not valid UTF-8")))?;
+            if value.is_empty() {
+                return Err(bad(format!("parameter `{name}` is empty")));
+            }
+            if params.insert(name, value.into_owned()).is_some() {
+                return Err(bad(format!("parameter `{name}` given twice")));
             }
         }
-        let socket = match socket {
-            Some(socket) => socket,
-            None => default_socket().map_err(|why| bad(why.to_string()))?,
+        let transport = match transport {
+            "unix" => {
+                if !authority_text.is_empty() {
+                    return Err(bad("a `unix` transport names no host: use DRIVER+unix:///PATH?socket=SOCKET".into()));
+                }
+                let socket = match params.remove("socket") {
+                    Some(socket) => PathBuf::from(socket),
+                    None => default_socket().map_err(|why| bad(why.to_string()))?,
+                };
+                Transport::Unix { socket }
+            }
+            "tls" => {
+                let (user, host, port) = parse_authority(authority_text).map_err(bad)?;
+                if user.is_some() {
+                    return Err(bad("a `tls` transport takes no user: the client certificate names the caller".into()));
+                }
+                let dir = match params.remove("pkipath") {
+                    Some(dir) => PathBuf::from(dir),
+                    None => default_pki_dir().map_err(|why| bad(why.to_string()))?,
+                };
+                Transport::Tls { host, port: port.unwrap_or(DEFAULT_TLS_PORT), files: TlsFiles::in_dir(&dir, "client") }
+            }
+            _ => {
+                let (user, host, port) = parse_authority(authority_text).map_err(bad)?;
+                let no_verify = match params.remove("no_verify").as_deref() {
+                    None | Some("0") => false,
+                    Some("1") => true,
+                    Some(other) => return Err(bad(format!("parameter `no_verify` is {other:?}, not 0 or 1"))),
+                };
+                Transport::Ssh(SshTarget {
+                    host,
+                    port,
+                    user,
+                    socket: params.remove("socket").map(PathBuf::from),
+                    keyfile: params.remove("keyfile").map(PathBuf::from),
+                    no_verify,
+                    proxy: params.remove("proxy"),
+                })
+            }
         };
         let mut remote = format!("{driver}://{location}");
         if !kept.is_empty() {
             remote.push('?');
             remote.push_str(&kept.join("&"));
         }
-        Ok(Some(RemoteTarget { socket, uri: remote }))
+        Ok(Some(RemoteTarget { transport, uri: remote }))
+    }
+}
+
+/// `[user@]host[:port]`, host possibly a bracketed IPv6 address. Nothing in it may look like
+/// an option to `ssh` or hold whitespace.
+fn parse_authority(text: &str) -> Result<(Option<String>, String, Option<u16>), String> {
+    let (user, hostport) = match text.rsplit_once('@') {
+        Some((user, rest)) => (Some(user), rest),
+        None => (None, text),
+    };
+    let (host, port) = if let Some(inner) = hostport.strip_prefix('[') {
+        let (host, after) = inner.split_once(']').ok_or("an IPv6 address lacks its closing `]`")?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':').ok_or("expected `:PORT` after `]`")?)),
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (hostport, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0).ok_or(format!("port {p:?} is not 1-65535"))?),
+    };
+    let plain =
+        |s: &str| !s.is_empty() && !s.starts_with('-') && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !plain(host) {
+        return Err(format!("host {host:?} is empty or not a host name"));
+    }
+    if let Some(user) = user {
+        if !plain(user) {
+            return Err(format!("user {user:?} is empty or not a user name"));
+        }
+    }
+    Ok((user.map(str::to_owned), host.to_owned(), port))
+}
+
+/// The client's certificate directory: `/etc/capvirt/pki` for root (the system config
+/// directory's), else `$XDG_CONFIG_HOME/capvirt/pki`, else `~/.pki/capvirt`.
+pub fn default_pki_dir() -> Result<PathBuf, &'static str> {
+    if rustix::process::geteuid().is_root() {
+        return Ok(config::system_dir().join(PKI_DIR));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        return Ok(Path::new(&dir).join("capvirt").join(PKI_DIR));
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => Ok(Path::new(&home).join(".pki/capvirt")),
+        None => Err("neither XDG_CONFIG_HOME nor HOME is set, so there is no certificate directory; add ?pkipath=DIR"),
     }
 }
 
@@ -117,6 +275,8 @@ pub struct RemoteConnection {
     client: capvirt_rpc::Client,
     /// Single-threaded: the calling thread drives its own call (no hand-off to a worker).
     runtime: tokio::runtime::Runtime,
+    /// The `ssh` child of an `+ssh` connection: killed when the connection is dropped.
+    ssh: Option<SshChild>,
 }
 
 impl RemoteConnection {
@@ -135,17 +295,42 @@ impl RemoteConnection {
             .enable_all()
             .build()
             .map_err(|e| failed(PluginError::driver_failure, format!("cannot start the RPC runtime: {e}")))?;
-        let client = runtime
-            .block_on(capvirt_rpc::Client::connect_unix(
-                &target.socket,
-                hello(&registry),
-                capvirt_rpc::DEFAULT_MAX_MESSAGE_BYTES,
-            ))
-            .map_err(|e| match e {
-                capvirt_rpc::ClientError::ProtocolMismatch { .. } => failed(PluginError::unsupported, e.to_string()),
-                _ => failed(PluginError::driver_failure, e.to_string()),
-            })?;
-        Ok(RemoteConnection { uri: uri.to_string(), target, readonly, registry, client, runtime })
+        let ours = hello(&registry);
+        let limit = capvirt_rpc::DEFAULT_MAX_MESSAGE_BYTES;
+        let mut ssh = None;
+        let connected = match &target.transport {
+            Transport::Unix { socket } => runtime.block_on(capvirt_rpc::Client::connect_unix(socket, ours, limit)),
+            Transport::Tls { host, port, files } => {
+                let material = files.load().map_err(|e| failed(PluginError::driver_failure, e.to_string()))?;
+                runtime.block_on(capvirt_rpc::Client::connect_tls(host, *port, &material, ours, limit))
+            }
+            Transport::Ssh(target_ssh) => {
+                let (child, stream) = {
+                    // The child's pipes become the runtime's (they need its reactor).
+                    let _entered = runtime.enter();
+                    SshChild::spawn(target_ssh).map_err(|e| failed(PluginError::driver_failure, e))?
+                };
+                let name = PathBuf::from(target.transport.describe());
+                let outcome = runtime.block_on(capvirt_rpc::Client::over_io(stream, &name, ours, limit));
+                if outcome.is_err() {
+                    // ssh's own words say why (host key, authentication, no `capvirt` there…).
+                    let said = child.stderr_after_exit(SSH_EXIT_WAIT);
+                    if !said.is_empty() {
+                        return Err(failed(
+                            PluginError::driver_failure,
+                            format!("cannot reach the capvirt daemon at {} through ssh: {said}", name.display()),
+                        ));
+                    }
+                }
+                ssh = Some(child);
+                outcome
+            }
+        };
+        let client = connected.map_err(|e| match e {
+            capvirt_rpc::ClientError::ProtocolMismatch { .. } => failed(PluginError::unsupported, e.to_string()),
+            _ => failed(PluginError::driver_failure, e.to_string()),
+        })?;
+        Ok(RemoteConnection { uri: uri.to_string(), target, readonly, registry, client, runtime, ssh })
     }
 
     pub fn uri(&self) -> &str {
@@ -190,7 +375,7 @@ impl RemoteConnection {
                 {
                     message.push_str(&format!(
                         " (the daemon at {} enforces registry {}; this client's is {})",
-                        self.target.socket.display(),
+                        self.target.transport.describe(),
                         daemon.registry_version,
                         self.registry.version()
                     ));
@@ -202,14 +387,133 @@ impl RemoteConnection {
                     capvirt_rpc::ClientError::TooLarge(_) => ErrorCategory::Usage,
                     _ => ErrorCategory::Other,
                 };
-                Err(CallError::Remote {
-                    id: id.to_string(),
-                    category,
-                    message: format!("`{id}` on {}: {error}", self.uri),
-                })
+                let mut message = format!("`{id}` on {}: {error}", self.uri);
+                if let Some(said) =
+                    self.ssh.as_ref().map(|c| c.stderr_after_exit(SSH_EXIT_WAIT)).filter(|s| !s.is_empty())
+                {
+                    message.push_str(&format!("; ssh said: {said}"));
+                }
+                Err(CallError::Remote { id: id.to_string(), category, message })
             }
         }
     }
+}
+
+/// How long a failed connection waits for `ssh` to exit and say why.
+const SSH_EXIT_WAIT: Duration = Duration::from_secs(5);
+/// The most of ssh's stderr kept (its last lines say why it failed).
+const SSH_STDERR_MAX: usize = 16 << 10;
+
+/// The `ssh` child carrying one connection; killed and reaped on drop.
+struct SshChild {
+    child: Mutex<Child>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+type SshStream = tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>;
+
+impl SshChild {
+    /// Starts `ssh … HOST capvirt proxy [--socket S]` with its standard input and output
+    /// as the connection. Must run inside the connection's runtime.
+    fn spawn(target: &SshTarget) -> Result<(SshChild, SshStream), String> {
+        let mut cmd = Command::new("ssh");
+        cmd.args(ssh_args(target)).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run `ssh`: {e}"))?;
+        let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (Some(stdin), Some(stdout), Some(mut stderr)) = pipes else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("ssh's pipes were not set up".into());
+        };
+        let said = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&said);
+        let reader = std::thread::Builder::new().name("ssh-stderr".into()).spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                let mut kept = sink.lock().unwrap_or_else(|p| p.into_inner());
+                kept.extend_from_slice(&buf[..n]);
+                let excess = kept.len().saturating_sub(SSH_STDERR_MAX);
+                kept.drain(..excess);
+            }
+        });
+        let guard = SshChild { child: Mutex::new(child), stderr: said, reader: Mutex::new(reader.ok()) };
+        let stdin = tokio::process::ChildStdin::from_std(stdin).map_err(|e| format!("ssh's input: {e}"))?;
+        let stdout = tokio::process::ChildStdout::from_std(stdout).map_err(|e| format!("ssh's output: {e}"))?;
+        Ok((guard, tokio::io::join(stdout, stdin)))
+    }
+
+    /// What ssh wrote on stderr, once it has exited (waiting up to `bound`), on one line.
+    fn stderr_after_exit(&self, bound: Duration) -> String {
+        let started = Instant::now();
+        let mut status = None;
+        while started.elapsed() < bound {
+            let exited = self.child.lock().ok().and_then(|mut c| c.try_wait().ok().flatten());
+            if let Some(exited) = exited {
+                status = Some(exited);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if status.is_some() {
+            // The pipe closes with the process: all it said is in.
+            if let Some(reader) = self.reader.lock().ok().and_then(|mut r| r.take()) {
+                let _ = reader.join();
+            }
+        }
+        let text = self.stderr.lock().map(|s| String::from_utf8_lossy(&s).into_owned()).unwrap_or_default();
+        let mut said: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        if let Some(code) = status.and_then(|s| s.code()).filter(|&c| c != 0) {
+            if said.is_empty() {
+                return format!("ssh exited with status {code}");
+            }
+        }
+        said.dedup();
+        said.join("; ")
+    }
+}
+
+impl Drop for SshChild {
+    fn drop(&mut self) {
+        if let Ok(child) = self.child.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `ssh`'s arguments: batch mode (never a password prompt on a terminal the CLI owns), no
+/// terminal, no escape character, and the far side's `capvirt proxy` as the command.
+fn ssh_args(target: &SshTarget) -> Vec<String> {
+    let mut args: Vec<String> = ["-T", "-e", "none", "-o", "BatchMode=yes"].map(String::from).into();
+    if let Some(port) = target.port {
+        args.extend(["-p".into(), port.to_string()]);
+    }
+    if let Some(user) = &target.user {
+        args.extend(["-l".into(), user.clone()]);
+    }
+    if let Some(keyfile) = &target.keyfile {
+        args.extend(["-i".into(), keyfile.display().to_string()]);
+    }
+    if target.no_verify {
+        args.extend(
+            ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+                .map(String::from),
+        );
+    }
+    args.extend(["--".into(), target.host.clone()]);
+    // The far side's shell parses the command: every word is quoted.
+    let mut command = vec![shell_quote(target.proxy.as_deref().unwrap_or("capvirt")), "proxy".to_string()];
+    if let Some(socket) = &target.socket {
+        command.extend(["--socket".to_string(), shell_quote(&socket.display().to_string())]);
+    }
+    args.push(command.join(" "));
+    args
+}
+
+/// `'…'` with each `'` as `'\''`: one word to a POSIX shell, whatever it holds.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 fn category(kind: capvirt_rpc::ErrorKind) -> ErrorCategory {
@@ -247,12 +551,36 @@ pub struct HostExecutor {
     connections: Mutex<HashMap<(String, bool), Arc<Connection>>>,
     /// Callers by (uid, gid): their groups come from the user database once.
     callers: Mutex<HashMap<(u32, u32), Arc<Caller>>>,
+    /// TLS callers by certificate subject (the CN is read from it).
+    certificate_callers: Mutex<HashMap<String, Arc<Caller>>>,
 }
 
 impl HostExecutor {
     pub fn new(host: Host) -> HostExecutor {
         let hello = hello(host.registry());
-        HostExecutor { host, hello, connections: Mutex::new(HashMap::new()), callers: Mutex::new(HashMap::new()) }
+        HostExecutor {
+            host,
+            hello,
+            connections: Mutex::new(HashMap::new()),
+            callers: Mutex::new(HashMap::new()),
+            certificate_callers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The caller a verified client certificate stands for: the local user the access
+    /// policy's `[certificates]` maps its CN to, else an unmapped caller (the policy's
+    /// `default` only). Cached like peers.
+    fn certificate_caller(&self, certificate: ClientCertificate) -> Arc<Caller> {
+        let mut callers = self.certificate_callers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(caller) = callers.get(&certificate.subject) {
+            return Arc::clone(caller);
+        }
+        let mapped = self.host.policy().access.certificate_user(certificate.common_name.as_deref());
+        let caller = Arc::new(Caller::from_certificate(&certificate.subject, mapped));
+        if callers.len() < MAX_CACHED_CONNECTIONS {
+            callers.insert(certificate.subject, Arc::clone(&caller));
+        }
+        caller
     }
 
     /// The caller with these ids, its groups looked up once per daemon (bounded like the
@@ -298,15 +626,19 @@ impl Executor for HostExecutor {
     }
 
     fn call(&self, call: IncomingCall, reporter: &Reporter) -> Result<Value, CallFailure> {
-        // The caller is the peer the kernel names (`SO_PEERCRED`), never anything it says: the
-        // access policy decides on, and the audit records, that identity.
-        let Some(peer) = call.peer else {
-            return Err(CallFailure::new(
-                capvirt_rpc::ErrorKind::Denied,
-                format!("`{}` refused: the caller's identity is unknown on this transport", call.capability),
-            ));
+        // The caller is the peer the kernel names (`SO_PEERCRED`) or the certificate the TLS
+        // handshake verified, never anything it says: the access policy decides on, and the
+        // audit records, that identity.
+        let caller = match (call.peer, call.certificate) {
+            (Some(peer), _) => self.caller(peer.uid, peer.gid),
+            (None, Some(certificate)) => self.certificate_caller(certificate),
+            (None, None) => {
+                return Err(CallFailure::new(
+                    capvirt_rpc::ErrorKind::Denied,
+                    format!("`{}` refused: the caller's identity is unknown on this transport", call.capability),
+                ))
+            }
         };
-        let caller = self.caller(peer.uid, peer.gid);
         let conn = self
             .connection(&call.uri, call.readonly)
             .map_err(|e| CallFailure::new(kind(e.category()), e.to_string().replace('\n', "; ")))?;
@@ -349,16 +681,59 @@ mod tests {
         let target = parse("test+unix:///default?socket=/tmp/a%20b/sock").ok().flatten();
         assert_eq!(
             target,
-            Some(RemoteTarget { socket: PathBuf::from("/tmp/a b/sock"), uri: "test:///default".into() })
+            Some(RemoteTarget {
+                transport: Transport::Unix { socket: PathBuf::from("/tmp/a b/sock") },
+                uri: "test:///default".into()
+            })
         );
         let target = parse("qemu+unix:///session?root=/r&socket=/s&emulator=/q").ok().flatten();
         assert_eq!(target.map(|t| t.uri), Some("qemu:///session?root=/r&emulator=/q".into()));
     }
 
     #[test]
+    fn tls_uris_name_host_port_and_certificate_directory() {
+        let target = parse("qemu+tls://[::1]:9999/session?root=/r&pkipath=/p%20q").ok().flatten();
+        let expected = Transport::Tls {
+            host: "::1".into(),
+            port: 9999,
+            files: TlsFiles {
+                cert: "/p q/clientcert.pem".into(),
+                key: "/p q/clientkey.pem".into(),
+                ca: "/p q/cacert.pem".into(),
+            },
+        };
+        assert_eq!(target, Some(RemoteTarget { transport: expected, uri: "qemu:///session?root=/r".into() }));
+        let target = parse("test+tls://host.example/default?pkipath=/p").ok().flatten();
+        assert!(matches!(target.map(|t| t.transport), Some(Transport::Tls { port: DEFAULT_TLS_PORT, .. })));
+        for bad in
+            ["test+tls://u@h/default?pkipath=/p", "test+tls://h:0/default", "test+tls:///default", "test+tls://h"]
+        {
+            assert!(parse(bad).is_err_and(|e| e.category() == ErrorCategory::Usage), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ssh_uris_become_ssh_arguments_with_the_proxy_quoted() {
+        let target = parse("test+ssh://op@h:2222/default?socket=/r/it's&keyfile=/k&no_verify=1&x=1").ok().flatten();
+        let Some(RemoteTarget { transport: Transport::Ssh(ssh), uri }) = target else { panic!("not ssh") };
+        assert_eq!(uri, "test:///default?x=1");
+        let args = ssh_args(&ssh);
+        let expected = "-T -e none -o BatchMode=yes -p 2222 -l op -i /k -o StrictHostKeyChecking=no \
+                        -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -- h";
+        assert_eq!(args[..args.len() - 1].join(" "), expected);
+        assert_eq!(args.last().map(String::as_str), Some(r"'capvirt' proxy --socket '/r/it'\''s'"));
+        // Nothing reaches ssh as an option.
+        for bad in
+            ["test+ssh://-oProxyCommand=x/default", "test+ssh://-l@h/default", "test+ssh://h/default?no_verify=yes"]
+        {
+            assert!(parse(bad).is_err_and(|e| e.category() == ErrorCategory::Usage), "{bad}");
+        }
+    }
+
+    #[test]
     fn other_transports_and_hosts_are_refused_clearly() {
-        let error = parse("qemu+ssh://host/system").err().map(|e| (e.category(), e.to_string()));
-        assert!(matches!(&error, Some((ErrorCategory::Unsupported, m)) if m.contains("`ssh` transport")), "{error:?}");
+        let error = parse("qemu+tcp://host/system").err().map(|e| (e.category(), e.to_string()));
+        assert!(matches!(&error, Some((ErrorCategory::Unsupported, m)) if m.contains("`tcp` transport")), "{error:?}");
         let error = parse("test+unix://host/default?socket=/s").err().map(|e| (e.category(), e.to_string()));
         assert!(matches!(&error, Some((ErrorCategory::Usage, m)) if m.contains("names no host")), "{error:?}");
         let error = parse("test+unix:///default?socket=/a&socket=/b").err().map(|e| e.to_string());

@@ -16,5 +16,6 @@ mod qemu;
 mod qemu_privilege;
 mod remote;
 mod remote_qemu;
+mod remote_transports;
 mod snapshot;
 mod verify;

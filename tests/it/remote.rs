@@ -315,8 +315,11 @@ fn without_a_daemon_the_error_names_the_socket() {
     let uri = format!("test+unix:///default?socket={}", socket.display());
     let line = failed(&sb.capvirt(&["-c", &uri, "list"]), 1).to_string();
     assert!(line.contains("cannot reach the capvirt daemon") && line.contains(&socket.display().to_string()), "{line}");
-    let line = failed(&sb.capvirt(&["-c", "qemu+ssh://host/system", "list"]), 4).to_string();
-    assert!(line.contains("`ssh` transport is not supported"), "{line}");
+    let line = failed(&sb.capvirt(&["-c", "qemu+tcp://host/system", "list"]), 4).to_string();
+    assert!(line.contains("`tcp` transport is not supported"), "{line}");
+    // ssh's own words come back when it cannot log in.
+    let line = failed(&sb.capvirt(&["-c", "qemu+ssh://no-such-host.invalid/system", "list"]), 1).to_string();
+    assert!(line.contains("through ssh: ssh: Could not resolve hostname no-such-host.invalid"), "{line}");
 }
 
 const NOBODY: u32 = 65534;

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use capvirt_plugin_api::Value;
 use hyper_util::rt::TokioIo;
 use prost::Message;
-use tokio::net::UnixStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::UnixStream,
+};
 use tonic::{
     transport::{Channel, Endpoint, Uri},
     Code, Status,
@@ -15,6 +18,7 @@ use tonic::{
 
 use crate::{
     proto::{self, call_update::Kind, capvirt_client::CapvirtClient},
+    tls::TlsMaterial,
     value, CallFailure, Hello, Update, ValueError, PROTOCOL_MAJOR,
 };
 
@@ -87,6 +91,20 @@ impl Client {
         ours: Hello,
         max_message_bytes: usize,
     ) -> Result<Client, ClientError> {
+        Client::over_io(stream, name, ours, max_message_bytes).await
+    }
+
+    /// A client over any connected byte stream (e.g. an ssh child's standard output and input
+    /// joined with [`tokio::io::join`]). `name` stands for the far side in errors.
+    pub async fn over_io<S>(
+        stream: S,
+        name: &Path,
+        ours: Hello,
+        max_message_bytes: usize,
+    ) -> Result<Client, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let stream = std::sync::Mutex::new(Some(stream));
         let channel = Endpoint::from_static("http://capvirt.pair")
             .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -100,6 +118,38 @@ impl Client {
             .await
             .map_err(|e| ClientError::Unreachable { socket: name.to_path_buf(), reason: error_chain(&e) })?;
         Client::negotiate(channel, name, ours, max_message_bytes).await
+    }
+
+    /// Connects to a daemon's TLS listener at `host:port`, presenting `tls`'s client
+    /// certificate and checking the daemon's against its CA and `host`.
+    pub async fn connect_tls(
+        host: &str,
+        port: u16,
+        tls: &TlsMaterial,
+        ours: Hello,
+        max_message_bytes: usize,
+    ) -> Result<Client, ClientError> {
+        // An IPv6 address is bracketed in the authority, not in the name checked.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let authority = if bare.contains(':') { format!("[{bare}]:{port}") } else { format!("{bare}:{port}") };
+        let name = PathBuf::from(format!("tls://{authority}"));
+        let unreachable = |reason: String| ClientError::Unreachable { socket: name.clone(), reason };
+        let endpoint = Endpoint::from_shared(format!("https://{authority}"))
+            .map_err(|e| unreachable(format!("not a host and port: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(crate::tls::HANDSHAKE_TIMEOUT)
+            .tls_config(tls.client_config(bare))
+            .map_err(|e| unreachable(format!("TLS settings refused: {}", error_chain(&e))))?;
+        let cert = &tls.files().cert;
+        let channel = endpoint.connect().await.map_err(|e| unreachable(tls_reason(&error_chain(&e), cert)))?;
+        // With TLS 1.3 the daemon judges the client's certificate after the client's side of
+        // the handshake is done: its refusal arrives on the first exchange.
+        match Client::negotiate(channel, &name, ours, max_message_bytes).await {
+            Err(ClientError::Unreachable { socket, reason }) => {
+                Err(ClientError::Unreachable { socket, reason: tls_reason(&reason, cert) })
+            }
+            other => other,
+        }
     }
 
     async fn negotiate(
@@ -120,7 +170,7 @@ impl Client {
                     reason: status.message().to_owned(),
                 })
             }
-            Err(status) => return Err(unreachable(status.message().to_owned())),
+            Err(status) => return Err(unreachable(status_reason(&status))),
         };
         if far.protocol_major != PROTOCOL_MAJOR {
             return Err(ClientError::ProtocolMismatch {
@@ -199,9 +249,47 @@ impl Client {
     }
 }
 
+/// A status's message with its causes (a transport failure's status says little by itself).
+fn status_reason(status: &Status) -> String {
+    let mut reason = status.message().to_owned();
+    if let Some(source) = std::error::Error::source(status) {
+        let chain = error_chain(source);
+        if !chain.is_empty() && !reason.contains(&chain) {
+            reason = if reason.is_empty() { chain } else { format!("{reason}: {chain}") };
+        }
+    }
+    reason
+}
+
+/// A TLS failure in words a user can act on, naming the client certificate when the daemon
+/// refused it; the library's own text stays at the end.
+fn tls_reason(reason: &str, client_cert: &Path) -> String {
+    let lower = reason.to_lowercase();
+    let refused_ours = format!(
+        "the daemon refused this client's certificate {} (not signed by the daemon's CA?)",
+        client_cert.display()
+    );
+    let hint = if reason.contains("UnknownIssuer") || reason.contains("invalid peer certificate") {
+        "the daemon's certificate is not signed by this client's CA, or does not name this host".to_owned()
+    } else if reason.contains("CertificateRequired") {
+        "the daemon requires a client certificate and none was presented".to_owned()
+    } else if reason.contains("alert") && (reason.contains("Certificate") || reason.contains("UnknownCA")) {
+        refused_ours
+    } else if !reason.contains("alert")
+        && ["broken pipe", "reset", "end of file", "closed", "canceled"].iter().any(|w| lower.contains(w))
+    {
+        // The alert is often lost to the client's first write: a connection closed right after
+        // the handshake is that refusal.
+        format!("the daemon closed the connection right after the TLS handshake: {refused_ours}")
+    } else {
+        return reason.to_owned();
+    };
+    format!("{hint} ({reason})")
+}
+
 /// An error's causes on one line, each said once (tonic's own text is only "transport error",
 /// and an IO error often appears twice in the chain).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = Some(error);
     while let Some(cause) = next {

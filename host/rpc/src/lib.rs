@@ -1,6 +1,7 @@
 //! capvirt's one RPC protocol: the capability call (id, argument record, result or typed
 //! error), progress and events, cancellation and version negotiation, over gRPC (tonic +
-//! prost) on a Unix socket.
+//! prost) on a Unix socket, on TCP with mutual TLS ([`tls`]), or on any byte stream (an ssh
+//! child's standard input and output).
 //!
 //! The wire format is defined once, in `proto/capvirt.proto`; [`value`] converts
 //! [`capvirt_plugin_api::Value`] to and from it losslessly. [`server`] serves any [`Executor`]
@@ -8,6 +9,7 @@
 
 pub mod client;
 pub mod server;
+pub mod tls;
 pub mod value;
 
 /// The generated protocol types and gRPC stubs.
@@ -17,7 +19,11 @@ pub mod proto {
 }
 
 pub use client::{Client, ClientError};
-pub use server::{serve_connection, serve_unix, CapvirtService, Executor, IncomingCall, PeerIdentity, Reporter};
+pub use server::{
+    serve_connection, serve_tls, serve_unix, CapvirtService, Executor, IncomingCall, PeerIdentity, Reporter,
+    TlsServeError,
+};
+pub use tls::{ClientCertificate, TlsError, TlsFiles, TlsMaterial};
 pub use value::ValueError;
 
 /// The protocol major both sides must share; bumped only by an incompatible wire change.

@@ -12,7 +12,7 @@ use std::{
 use capvirt_plugin_api::Value;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{UnixListener, UnixStream},
+    net::{TcpListener, UnixListener, UnixStream},
     sync::{mpsc, oneshot},
 };
 use tokio_stream::wrappers::UnixListenerStream;
@@ -23,6 +23,7 @@ use tonic::{
 
 use crate::{
     proto::{self, call_update::Kind, capvirt_server::CapvirtServer},
+    tls::{ClientCertificate, TlsError, TlsMaterial},
     value, CallFailure, Hello, Update, PROTOCOL_MAJOR,
 };
 
@@ -41,8 +42,10 @@ pub struct IncomingCall {
     pub readonly: bool,
     pub capability: String,
     pub args: Value,
-    /// Who is calling; `None` only when the transport cannot tell.
+    /// Who is calling, on a Unix socket (`SO_PEERCRED`).
     pub peer: Option<PeerIdentity>,
+    /// Who is calling, on TLS: the client certificate the handshake verified.
+    pub certificate: Option<ClientCertificate>,
 }
 
 /// What performs calls for the service: the daemon's host, or an isolated driver child.
@@ -157,11 +160,18 @@ impl<E: Executor> proto::capvirt_server::Capvirt for CapvirtService<E> {
 
     async fn call(&self, request: Request<proto::CallRequest>) -> Result<Response<Self::CallStream>, Status> {
         let peer = peer_identity(&request);
+        let certificate = client_certificate(&request);
         let request = request.into_inner();
         let args = value::from_wire_opt(request.args)
             .map_err(|e| Status::invalid_argument(format!("arguments of `{}`: {e}", request.capability)))?;
-        let call =
-            IncomingCall { uri: request.uri, readonly: request.readonly, capability: request.capability, args, peer };
+        let call = IncomingCall {
+            uri: request.uri,
+            readonly: request.readonly,
+            capability: request.capability,
+            args,
+            peer,
+            certificate,
+        };
         let (tx, rx) = mpsc::channel(UPDATE_QUEUE);
         let executor = Arc::clone(&self.executor);
         tokio::task::spawn_blocking(move || {
@@ -207,6 +217,47 @@ fn peer_identity<T>(request: &Request<T>) -> Option<PeerIdentity> {
         gid: cred.gid(),
         pid: cred.pid(),
     })
+}
+
+/// The verified client certificate's subject, when the transport is TLS (the handshake
+/// refused any certificate the CA did not sign, and any client without one).
+fn client_certificate<T>(request: &Request<T>) -> Option<ClientCertificate> {
+    let certs = request.peer_certs()?;
+    ClientCertificate::from_der(certs.first()?)
+}
+
+/// Serves `executor` with mutual TLS on `listener` until `shutdown` completes. Clients must
+/// present a certificate signed by the configured CA; calls carry its subject.
+pub async fn serve_tls<E: Executor>(
+    listener: TcpListener,
+    tls: &TlsMaterial,
+    executor: Arc<E>,
+    max_message_bytes: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TlsServeError> {
+    let files = tls.files();
+    let mut builder = tonic::transport::Server::builder().tls_config(tls.server_config()).map_err(|e| {
+        TlsServeError::Tls(TlsError::Config {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            reason: crate::client::error_chain(&e),
+        })
+    })?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    builder
+        .add_service(CapvirtService::new(executor).into_server(max_message_bytes))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(TlsServeError::Serve)
+}
+
+/// Why a TLS listener stopped or did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsServeError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Serve(tonic::transport::Error),
 }
 
 /// Serves `executor` on one already connected socket (an isolated driver's end of its

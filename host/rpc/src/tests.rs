@@ -32,6 +32,7 @@ impl Executor for TestExecutor {
                 ("readonly", Value::Bool(call.readonly)),
                 ("args", call.args),
                 ("uid", Value::from(call.peer.map(|p| u64::from(p.uid)))),
+                ("cn", Value::from(call.certificate.and_then(|c| c.common_name))),
             ])),
             "fail" => Err(CallFailure::new(ErrorKind::NotFound, "domain `nope` not found")),
             "chatty" => {
@@ -189,4 +190,166 @@ async fn no_daemon_is_a_clear_error_naming_the_socket() {
     let text = error.to_string();
     assert!(matches!(error, ClientError::Unreachable { .. }), "{text}");
     assert!(text.contains(&socket.display().to_string()) && text.contains("No such file"), "{text}");
+}
+
+/// A test PKI in a temporary directory: a CA, a server certificate for 127.0.0.1, and
+/// client certificates signed by it or by another CA.
+mod pki {
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+    use crate::TlsFiles;
+
+    pub struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pub pem: String,
+    }
+
+    pub fn ca(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("self-signed");
+        Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
+    }
+
+    /// Writes `{role}cert.pem`, `{role}key.pem` and `cacert.pem` (of `trusted`) into `dir`.
+    pub fn issue(dir: &Path, role: &str, cn: &str, sans: &[&str], by: &Ca, trusted: &Ca) -> TlsFiles {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &by.issuer).expect("signed");
+        let files = TlsFiles::in_dir(dir, role);
+        write(&files.cert, &cert.pem());
+        write(&files.key, &key.serialize_pem());
+        write(&files.ca, &trusted.pem);
+        files
+    }
+
+    fn write(path: &PathBuf, text: &str) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+}
+
+struct ServedTls {
+    dir: tempfile::TempDir,
+    port: u16,
+    ca: pki::Ca,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn serve_tls() -> ServedTls {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = pki::ca("test CA");
+    let files = pki::issue(&dir.path().join("server"), "server", "daemon", &["127.0.0.1", "localhost"], &ca, &ca);
+    let material = files.load().expect("server files load");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, _cancelled) = std_mpsc::channel();
+    let executor = Arc::new(TestExecutor { cancelled: Mutex::new(Some(tx)) });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = crate::serve_tls(listener, &material, executor, LIMIT, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    ServedTls { dir, port, ca, _stop: stop }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_calls_carry_the_verified_client_certificate() {
+    let served = serve_tls().await;
+    let files = pki::issue(&served.dir.path().join("alice"), "client", "alice", &[], &served.ca, &served.ca);
+    let material = files.load().expect("client files load");
+    for host in ["127.0.0.1", "localhost"] {
+        let client = Client::connect_tls(host, served.port, &material, ours(), LIMIT).await.expect("connects");
+        let result = client.call("test:///default", false, "echo", &Value::Unit, |_| {}).await.expect("transport ok");
+        let result = result.expect("call ok");
+        assert_eq!(result.get("cn"), Some(&Value::from("alice")));
+        // No Unix peer on TCP: the certificate is the only identity.
+        assert_eq!(result.get("uid"), Some(&Value::from(None::<u64>)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_a_client_of_another_ca_and_a_server_of_another_ca() {
+    let served = serve_tls().await;
+    let other = pki::ca("other CA");
+    // A client certificate the daemon's CA did not sign: refused at the handshake.
+    let files = pki::issue(&served.dir.path().join("mallory"), "client", "alice", &[], &other, &served.ca);
+    let material = files.load().expect("client files load");
+    let error = Client::connect_tls("127.0.0.1", served.port, &material, ours(), LIMIT).await.err().expect("refused");
+    let text = error.to_string();
+    assert!(text.contains("refused this client's certificate") && text.contains("mallory/clientcert.pem"), "{text}");
+    assert!(text.contains(&format!("tls://127.0.0.1:{}", served.port)), "{text}");
+    // A client trusting another CA refuses the daemon.
+    let files = pki::issue(&served.dir.path().join("lost"), "client", "alice", &[], &served.ca, &other);
+    let material = files.load().expect("client files load");
+    let error = Client::connect_tls("127.0.0.1", served.port, &material, ours(), LIMIT).await.err().expect("refused");
+    assert!(error.to_string().contains("daemon's certificate is not signed by this client's CA"), "{error}");
+    // A name the daemon's certificate does not carry.
+    let files = pki::issue(&served.dir.path().join("alice"), "client", "alice", &[], &served.ca, &served.ca);
+    let material = files.load().expect("client files load");
+    let error = Client::connect_tls("127.0.0.2", served.port, &material, ours(), LIMIT).await.err().expect("refused");
+    assert!(matches!(error, ClientError::Unreachable { .. }), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_a_client_without_a_certificate() {
+    let served = serve_tls().await;
+    // A raw TLS client that trusts the CA but presents nothing.
+    let ca = tonic::transport::Certificate::from_pem(&served.ca.pem);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", served.port))
+        .expect("endpoint")
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca).domain_name("127.0.0.1"))
+        .expect("tls config");
+    let outcome = match endpoint.connect().await {
+        Ok(channel) => CapvirtClient::new(channel).hello(proto::HelloMessage::from(ours())).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(outcome.is_err(), "a client without a certificate was served");
+}
+
+#[test]
+fn bad_tls_files_are_named_with_the_reason() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = pki::ca("test CA");
+    let files = pki::issue(dir.path(), "client", "alice", &[], &ca, &ca);
+    let missing = crate::TlsFiles { ca: dir.path().join("absent.pem"), ..files.clone() };
+    let text = missing.load().expect_err("refused").to_string();
+    assert!(text.contains("CA certificate") && text.contains("absent.pem") && text.contains("No such file"), "{text}");
+    let not_pem = dir.path().join("garbage.pem");
+    std::fs::write(&not_pem, "hello\n").expect("write");
+    let text = crate::TlsFiles { cert: not_pem.clone(), ..files.clone() }.load().expect_err("refused").to_string();
+    assert!(text.contains("garbage.pem") && text.contains("no PEM certificate"), "{text}");
+    let text = crate::TlsFiles { key: files.cert.clone(), ..files.clone() }.load().expect_err("refused").to_string();
+    assert!(text.contains("private key") && text.contains("no PEM private key"), "{text}");
+    // An expired certificate is named with its end date.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let old = dir.path().join("old.pem");
+    std::fs::write(&old, params.self_signed(&key).expect("signed").pem()).expect("write");
+    let text = crate::TlsFiles { cert: old, ..files.clone() }.load().expect_err("refused").to_string();
+    assert!(text.contains("old.pem") && text.contains("expired on Jan  1 00:00:00 2001"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tcp_peer_does_not_hold_up_the_handshakes_of_others() {
+    let served = serve_tls().await;
+    // Connected, never speaking TLS: its handshake waits (bounded by HANDSHAKE_TIMEOUT) apart.
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", served.port)).await.expect("connects");
+    let files = pki::issue(&served.dir.path().join("alice"), "client", "alice", &[], &served.ca, &served.ca);
+    let material = files.load().expect("client files load");
+    let connect = Client::connect_tls("127.0.0.1", served.port, &material, ours(), LIMIT);
+    let client = tokio::time::timeout(Duration::from_secs(5), connect).await.expect("not held up").expect("connects");
+    let outcome = client.call("test:///default", false, "echo", &Value::Unit, |_| {}).await.expect("transport ok");
+    assert!(outcome.is_ok());
 }

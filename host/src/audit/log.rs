@@ -50,6 +50,9 @@ struct Line<'a> {
     uid: u32,
     gid: u32,
     user: Option<&'a str>,
+    /// A TLS caller's certificate subject (absent for everyone else, so older lines are unchanged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate: Option<&'a str>,
     pid: u32,
     capability: &'a str,
     uri: &'a str,
@@ -127,6 +130,7 @@ impl AuditLog {
                 uid: identity.uid,
                 gid: identity.gid,
                 user: identity.user.as_deref(),
+                certificate: identity.certificate.as_deref(),
                 pid: std::process::id(),
                 capability: entry.capability,
                 uri: entry.uri,

@@ -41,6 +41,12 @@ fn try_run(argv: Vec<OsString>) -> Result<(), CliError> {
         let matches = commands::driver_child::cli().try_get_matches_from(&argv[1..]).map_err(CliError::clap)?;
         return commands::driver_child::run(&matches);
     }
+    // The far side of an `+ssh` connection (`capvirt proxy`, run by the client's ssh) only
+    // relays bytes: no registry, no command tree.
+    if argv.get(1).is_some_and(|arg| arg == "proxy") {
+        let matches = commands::proxy::cli().try_get_matches_from(&argv[1..]).map_err(CliError::clap)?;
+        return commands::proxy::run(&matches);
+    }
     // The registry shapes the command tree, so `--registry DIR` is read before clap runs.
     let registry_dir = context::prescan_registry_dir(&argv);
     let registry = match context::load_registry(registry_dir.as_deref()) {

@@ -1,16 +1,18 @@
-//! `capvirt daemon --listen unix:PATH`: serves every URI this host's plugins serve to remote
-//! clients (`DRIVER+unix:///PATH?socket=…`). Registry, policy, validation and audit run here,
-//! for every call, in this process's host.
+//! `capvirt daemon --listen unix:PATH --listen tcp:ADDR:PORT`: serves every URI this host's
+//! plugins serve to remote clients (`DRIVER+unix:///PATH?socket=…`, `DRIVER+ssh://…` through
+//! `capvirt proxy`, `DRIVER+tls://HOST:PORT/…`). Registry, policy, validation and audit run
+//! here, for every call, in this process's host.
 
 use std::{
     fs::{self, File},
     io,
+    net::SocketAddr,
     os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use clap::{value_parser, Arg, ArgMatches, Command};
+use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use rustix::fs::{flock, FlockOperation};
 
 use crate::{
@@ -21,16 +23,22 @@ use crate::{
 
 pub fn cli() -> Command {
     Command::new("daemon")
-        .about("Serve this host's drivers to remote clients (DRIVER+unix:// URIs)")
+        .about("Serve this host's drivers to remote clients (DRIVER+unix://, +ssh://, +tls:// URIs)")
         .long_about(
             "Serve every URI this host's plugins serve on a Unix socket. Clients connect with \
              DRIVER+unix:///PATH[?socket=SOCKET] (e.g. `capvirt -c test+unix:///default list`); every \
              call goes through this daemon's registry, policy, validation and audit log. The socket is \
-             created mode 0600 unless --socket-mode or capvirt.toml [daemon] say otherwise; a second daemon on the same socket is refused.",
+             created mode 0600 unless --socket-mode or capvirt.toml [daemon] say otherwise; a second daemon \
+             on the same socket is refused. DRIVER+ssh://HOST/PATH clients reach the socket through ssh and \
+             `capvirt proxy`. --listen tcp:ADDR:PORT serves DRIVER+tls://HOST:PORT/PATH with mutual TLS only \
+             (client certificates signed by --tls-ca; their CN maps to a local user through access.toml's \
+             [certificates]).",
         )
-        .arg(Arg::new("listen").long("listen").value_name("unix:PATH").help(
-            "Where to listen [default: /run/capvirt/capvirt-sock for root, else $XDG_RUNTIME_DIR/capvirt/capvirt-sock]",
+        .arg(Arg::new("listen").long("listen").value_name("unix:PATH|tcp:ADDR:PORT").action(ArgAction::Append).help(
+            "Where to listen, repeatable; tcp: always with mutual TLS [default: unix:/run/capvirt/capvirt-sock for root, \
+             else unix:$XDG_RUNTIME_DIR/capvirt/capvirt-sock]",
         ))
+        .args(tls_args())
         .arg(
             Arg::new("max-message-size")
                 .long("max-message-size")
@@ -53,10 +61,14 @@ pub fn cli() -> Command {
 pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     // First, while the process has one thread: taking the socket unsets LISTEN_FDS/LISTEN_PID.
     let activated = activated_listener(m)?;
-    let socket = match &activated {
-        Some(_) => PathBuf::new(),
-        None => listen_path(m)?,
+    let listens = match (&activated, m.get_many::<String>("listen")) {
+        (Some(_), _) => Vec::new(),
+        (None, Some(values)) => values.map(|v| parse_listen(v)).collect::<Result<Vec<_>, _>>()?,
+        (None, None) => vec![Listen::Unix(
+            remote::default_socket().map_err(|why| CliError::usage(format!("{why} (or give --listen unix:PATH)")))?,
+        )],
     };
+    let tls = tls_material(m, &listens)?;
     let max_message_bytes = m
         .get_one::<u64>("max-message-size")
         .map_or(capvirt_rpc::DEFAULT_MAX_MESSAGE_BYTES, |&n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -73,47 +85,76 @@ pub fn exec(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::other(format!("cannot start the daemon's runtime: {e}")))?;
     runtime.block_on(async {
-        let socket = match activated {
-            Some(listener) => ListeningSocket::activated(listener, &access)?,
-            None => {
-                access.create_parent(&socket)?;
-                let socket = ListeningSocket::bind(&socket)?;
-                access.apply(&socket.path)?;
-                socket
-            }
-        };
-        eprintln!(
-            "capvirt daemon: serving {} on unix:{}{}",
-            if schemes.is_empty() { "no schemes (no plugins loaded)".to_string() } else { schemes.join(", ") },
-            socket.path.display(),
-            if socket.lock.is_none() { " (socket passed by systemd)" } else { "" }
-        );
-        let listener = socket.take_listener()?;
-        notify_ready();
-        capvirt_rpc::serve_unix(listener, executor, max_message_bytes, shutdown_signal())
-            .await
-            .map_err(|e| CliError::other(format!("the daemon stopped: {e}")))?;
-        drop(socket);
-        Ok(())
-    })
-}
-
-/// The socket `--listen` names, else the default one.
-fn listen_path(m: &ArgMatches) -> Result<PathBuf, CliError> {
-    let socket = match m.get_one::<String>("listen") {
-        Some(listen) => match listen.strip_prefix("unix:") {
-            Some(path) if !path.is_empty() => PathBuf::from(path),
-            _ => {
-                return Err(CliError::usage(format!(
-                    "--listen {listen:?}: expected unix:PATH (the only transport so far)"
-                )))
-            }
-        },
-        None => {
-            remote::default_socket().map_err(|why| CliError::usage(format!("{why} (or give --listen unix:PATH)")))?
+        // Every listener is bound before any serves: a bad one fails the start, not later.
+        let mut sockets = Vec::new();
+        if let Some(listener) = activated {
+            sockets.push(ListeningSocket::activated(listener, &access)?);
         }
-    };
-    Ok(socket)
+        let mut tcp = Vec::new();
+        for listen in &listens {
+            match listen {
+                Listen::Unix(path) => {
+                    access.create_parent(path)?;
+                    let socket = ListeningSocket::bind(path)?;
+                    access.apply(&socket.path)?;
+                    sockets.push(socket);
+                }
+                Listen::Tcp(addr) => tcp.push(bind_tcp(*addr).await?),
+            }
+        }
+        let serving =
+            if schemes.is_empty() { "no schemes (no plugins loaded)".to_string() } else { schemes.join(", ") };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut servers = tokio::task::JoinSet::new();
+        for socket in &sockets {
+            eprintln!(
+                "capvirt daemon: serving {serving} on unix:{}{}",
+                socket.path.display(),
+                if socket.lock.is_none() { " (socket passed by systemd)" } else { "" }
+            );
+            let (listener, executor, mut stopped) = (socket.take_listener()?, Arc::clone(&executor), stopped.clone());
+            servers.spawn(async move {
+                capvirt_rpc::serve_unix(listener, executor, max_message_bytes, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| CliError::other(format!("the daemon stopped: {e}")))
+            });
+        }
+        for (listener, addr) in tcp {
+            let tls = tls.clone().ok_or_else(|| CliError::other("TLS settings missing for a tcp: listener"))?;
+            eprintln!(
+                "capvirt daemon: serving {serving} on tcp:{addr} with TLS (certificate {}, clients signed by {})",
+                tls.files().cert.display(),
+                tls.files().ca.display()
+            );
+            let (executor, mut stopped) = (Arc::clone(&executor), stopped.clone());
+            servers.spawn(async move {
+                capvirt_rpc::serve_tls(listener, &tls, executor, max_message_bytes, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| CliError::other(format!("the daemon stopped serving tcp:{addr}: {e}")))
+            });
+        }
+        drop(stopped);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        notify_ready();
+        // The first listener to fail ends the daemon (the others are stopped with the runtime).
+        let mut outcome = Ok(());
+        while let Some(joined) = servers.join_next().await {
+            let result = joined.map_err(|e| CliError::other(format!("a listener stopped: {e}"))).and_then(|r| r);
+            if result.is_err() {
+                outcome = result;
+                break;
+            }
+        }
+        drop(sockets);
+        outcome
+    })
 }
 
 /// Who besides root may connect to the socket (libvirt's `unix_sock_group` and
@@ -232,6 +273,75 @@ fn notify_ready() {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         eprintln!("capvirt daemon: warning: cannot notify systemd of readiness: {e}");
     }
+}
+
+/// One `--listen` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Listen {
+    Unix(PathBuf),
+    /// Always with mutual TLS: there is no plain TCP listener.
+    Tcp(SocketAddr),
+}
+
+fn parse_listen(text: &str) -> Result<Listen, CliError> {
+    if let Some(path) = text.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    if let Some(addr) = text.strip_prefix("tcp:") {
+        return addr.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
+            CliError::usage(format!(
+                "--listen {text:?}: expected tcp:ADDR:PORT with a numeric address (tcp:0.0.0.0:{0}, tcp:[::]:{0})",
+                remote::DEFAULT_TLS_PORT
+            ))
+        });
+    }
+    Err(CliError::usage(format!("--listen {text:?}: expected unix:PATH or tcp:ADDR:PORT")))
+}
+
+/// The TLS options; their defaults are libvirt's layout under the system config directory.
+fn tls_args() -> [Arg; 3] {
+    let arg = |name: &'static str, file: &str, what: &str| {
+        Arg::new(name)
+            .long(name)
+            .value_name("FILE")
+            .value_parser(value_parser!(PathBuf))
+            .help(format!("{what} (PEM), for tcp: listeners [default: /etc/capvirt/pki/{file}]"))
+    };
+    [
+        arg("tls-cert", "servercert.pem", "The daemon's certificate"),
+        arg("tls-key", "serverkey.pem", "Its private key"),
+        arg("tls-ca", "cacert.pem", "The CA that signs the clients' certificates"),
+    ]
+}
+
+/// The TLS files read and checked when a `tcp:` listener needs them: without them, no TCP.
+fn tls_material(m: &ArgMatches, listens: &[Listen]) -> Result<Option<capvirt_rpc::TlsMaterial>, CliError> {
+    let given = ["tls-cert", "tls-key", "tls-ca"].into_iter().find(|name| m.contains_id(name));
+    if !listens.iter().any(|l| matches!(l, Listen::Tcp(_))) {
+        return match given {
+            Some(name) => Err(CliError::usage(format!("--{name} is for tcp: listeners, and none is given"))),
+            None => Ok(None),
+        };
+    }
+    let defaults = capvirt_rpc::TlsFiles::in_dir(&crate::config::system_dir().join(remote::PKI_DIR), "server");
+    let pick = |name: &str, default: PathBuf| m.get_one::<PathBuf>(name).cloned().unwrap_or(default);
+    let files = capvirt_rpc::TlsFiles {
+        cert: pick("tls-cert", defaults.cert),
+        key: pick("tls-key", defaults.key),
+        ca: pick("tls-ca", defaults.ca),
+    };
+    files.load().map(Some).map_err(|e| {
+        CliError::usage(format!("a tcp: listener needs TLS, and {e} (see --tls-cert, --tls-key, --tls-ca)"))
+    })
+}
+
+async fn bind_tcp(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), CliError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::other(format!("cannot listen on tcp:{addr}: {e}")))?;
+    // Port 0 picks a free port: say which.
+    let bound = listener.local_addr().map_err(|e| CliError::other(format!("tcp:{addr}: {e}")))?;
+    Ok((listener, bound))
 }
 
 /// Resolves on SIGTERM or SIGINT.

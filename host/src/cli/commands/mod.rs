@@ -13,6 +13,7 @@ pub mod events;
 pub mod plugin;
 pub mod plugins;
 pub mod proposal;
+pub mod proxy;
 pub mod registry;
 
 use clap::{ArgMatches, Command};
@@ -33,6 +34,7 @@ pub fn fixed_commands() -> Vec<Command> {
         plugin::cli(),
         plugins::cli(),
         proposal::cli(),
+        proxy::cli(),
         registry::cli(),
     ]
 }
@@ -57,6 +59,7 @@ pub fn exec_fixed(name: &str, m: &ArgMatches, ctx: &mut Context) -> Option<Resul
         "plugin" => plugin::exec(m, ctx),
         "plugins" => plugins::exec(m, ctx),
         "proposal" => proposal::exec(m, ctx),
+        "proxy" => proxy::exec(m, ctx),
         "registry" => registry::exec(m, ctx),
         _ => return None,
     })
