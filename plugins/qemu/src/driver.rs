@@ -174,7 +174,11 @@ impl QemuDriver {
     }
 
     pub(crate) fn limits(&self) -> HostLimits<'_> {
-        HostLimits { memory_mib: capvirt_plugin_api::state::host_memory_kib() / 1024, images: &self.config.images }
+        HostLimits {
+            memory_mib: capvirt_plugin_api::state::host_memory_kib() / 1024,
+            images: &self.config.images,
+            bridges: self.config.system,
+        }
     }
 
     /// Drops this connection's monitor of `name` (QEMU restarted or gone).

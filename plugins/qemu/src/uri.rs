@@ -38,6 +38,8 @@ pub struct Config {
     pub emulator: Emulator,
     /// Where images may be (the host's `image_allow` connect option; set by `connect`).
     pub images: crate::spec::ImagePolicy,
+    /// `qemu:///system` (root; bridge interfaces), not `qemu:///session`.
+    pub system: bool,
 }
 
 /// Parses a `qemu://` URI.
@@ -63,7 +65,8 @@ pub fn parse(uri: &str) -> Result<Config, PluginError> {
             }
         }
     }
-    Ok(Config { uri: uri.to_string(), root: local.root, accel, emulator, images: Default::default() })
+    let system = local.instance == "system";
+    Ok(Config { uri: uri.to_string(), root: local.root, accel, emulator, images: Default::default(), system })
 }
 
 #[cfg(test)]
