@@ -189,10 +189,6 @@ pub fn setup(domain_dir: &Path, machine: &Machine, owner: Option<Owner>) -> Resu
     Ok(())
 }
 
-/// Packets the host received from the guest on `tap` (its `rx_packets` counter).
-pub fn received_packets(tap: &str) -> Option<u64> {
-    std::fs::read_to_string(Path::new(SYS_NET).join(tap).join("statistics/rx_packets")).ok()?.trim().parse().ok()
-}
 
 #[cfg(test)]
 mod tests {
