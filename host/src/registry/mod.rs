@@ -641,6 +641,7 @@ mod sdk_mirror_tests {
         spec.interfaces.push(nic);
         spec.interfaces.push(InterfaceSpec::new(InterfaceKind::Bridge));
         check(&registry, "DomainSpec", spec.to_value());
+        check(&registry, "DeviceSpec", NicDevice::new("hot0", Some(InterfaceSpec::new(InterfaceKind::User))).to_value());
         let mut info = DomainInfo::new("vm1", DomainState::Paused);
         info.vcpus = 2;
         check(&registry, "DomainInfo", info.clone().into_value());
@@ -660,7 +661,9 @@ mod sdk_mirror_tests {
         assert_eq!(enum_values(&registry, "DomainState"), words(DomainState::ALL.map(DomainState::as_str).to_vec()));
         assert_eq!(enum_values(&registry, "DiskFormat"), words(DiskFormat::ALL.map(DiskFormat::as_str).to_vec()));
         assert_eq!(enum_values(&registry, "DiskBus"), words(DiskBus::ALL.map(DiskBus::as_str).to_vec()));
-        assert_eq!(enum_values(&registry, "DeviceKind"), words(DeviceKind::ALL.map(DeviceKind::as_str).to_vec()));
+        // `nic` is read through `AnyDevice`: `DeviceKind` stays the exhaustive 1.0 enum.
+        let device_kinds = DeviceKind::ALL.map(DeviceKind::as_str).into_iter().chain([NicDevice::KIND]).collect();
+        assert_eq!(enum_values(&registry, "DeviceKind"), words(device_kinds));
         assert_eq!(
             enum_values(&registry, "GraphicsAdapter"),
             words(GraphicsAdapter::ALL.map(GraphicsAdapter::as_str).to_vec())
