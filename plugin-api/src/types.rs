@@ -201,9 +201,9 @@ impl NicDevice {
 
     /// The interface to plug, or an invalid-argument error saying it is missing.
     pub fn require_interface(&self) -> Result<&InterfaceSpec, PluginError> {
-        self.interface
-            .as_ref()
-            .ok_or_else(|| PluginError::invalid_argument(format!("device `{}`: kind \"nic\" needs `interface`", self.id)))
+        self.interface.as_ref().ok_or_else(|| {
+            PluginError::invalid_argument(format!("device `{}`: kind \"nic\" needs `interface`", self.id))
+        })
     }
 
     pub fn to_value(&self) -> Value {

@@ -641,7 +641,11 @@ mod sdk_mirror_tests {
         spec.interfaces.push(nic);
         spec.interfaces.push(InterfaceSpec::new(InterfaceKind::Bridge));
         check(&registry, "DomainSpec", spec.to_value());
-        check(&registry, "DeviceSpec", NicDevice::new("hot0", Some(InterfaceSpec::new(InterfaceKind::User))).to_value());
+        check(
+            &registry,
+            "DeviceSpec",
+            NicDevice::new("hot0", Some(InterfaceSpec::new(InterfaceKind::User))).to_value(),
+        );
         let mut info = DomainInfo::new("vm1", DomainState::Paused);
         info.vcpus = 2;
         check(&registry, "DomainInfo", info.clone().into_value());

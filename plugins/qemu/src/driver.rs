@@ -592,7 +592,8 @@ impl QemuDriver {
     fn attach_nic(&self, name: &str, nic: &NicDevice) -> Result<Value, PluginError> {
         spec::check_device_id(&nic.id, "device")?;
         let what = format!("device {}", nic.id);
-        let mut interface = spec::interface(nic.require_interface()?, &what, &format!("{name}/{}", nic.id), self.config.system)?;
+        let mut interface =
+            spec::interface(nic.require_interface()?, &what, &format!("{name}/{}", nic.id), self.config.system)?;
         interface.id = Some(nic.id.clone());
         let lock = self.store.lock(name, false)?;
         let mut live = self.live(&lock.paths)?;
@@ -678,7 +679,9 @@ impl QemuDriver {
             _ => e,
         })?;
         let netdev = qemu::netdev_id(id);
-        self.with_monitor(Op::new(name, "detach (netdev_del)"), |q| q.execute(&qmp::netdev_del { id: netdev.clone() }))?;
+        self.with_monitor(Op::new(name, "detach (netdev_del)"), |q| {
+            q.execute(&qmp::netdev_del { id: netdev.clone() })
+        })?;
         if bridged {
             crate::tap::delete(&crate::tap::name(&lock.paths.dir, id)).map_err(PluginError::from)?;
         }
@@ -893,7 +896,11 @@ impl QemuDriver {
 
 /// A device kind a newer SDK knows and this driver does not.
 fn unknown_device(device: &AnyDevice) -> PluginError {
-    PluginError::unsupported(format!("device `{}`: kind {:?} is not supported by the qemu driver", device.id(), device.kind_str()))
+    PluginError::unsupported(format!(
+        "device `{}`: kind {:?} is not supported by the qemu driver",
+        device.id(),
+        device.kind_str()
+    ))
 }
 
 /// An invalid-state error naming the state that caused the refusal.

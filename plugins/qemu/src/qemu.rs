@@ -336,9 +336,9 @@ pub fn launch(
     let result = crate::tap::setup(&paths.dir, &live.machine, None)
         .and_then(|()| launch_in(store, paths, live, mode, emulator))
         .and_then(|pid| {
-        record_runtime(paths, live)?;
-        Ok(pid)
-    });
+            record_runtime(paths, live)?;
+            Ok(pid)
+        });
     if result.is_err() {
         kill_running(store, paths);
         let _ = store::remove_runtime(paths);

@@ -594,7 +594,9 @@ pub fn interface(nic: &InterfaceSpec, what: &str, seed: &str, bridges: bool) -> 
                 )));
             }
             let bridge = nic.bridge.as_deref().ok_or_else(|| {
-                PluginError::invalid_argument(format!("{what}: kind \"bridge\" needs `bridge` (the host bridge's name)"))
+                PluginError::invalid_argument(format!(
+                    "{what}: kind \"bridge\" needs `bridge` (the host bridge's name)"
+                ))
             })?;
             check_bridge_name(bridge, what)?;
             if !nic.forwards.is_empty() {
@@ -931,7 +933,8 @@ mod tests {
         assert_eq!(nics[1].mac, "52:54:00:aa:bb:cc");
         assert_eq!(nics[0].forwards[1], Forward { protocol: Protocol::Udp, host_port: 8080, guest_port: 53 });
 
-        let refused = |spec: &DomainSpec| interfaces(spec, true).err().map(|e| e.message.to_string()).unwrap_or_default();
+        let refused =
+            |spec: &DomainSpec| interfaces(spec, true).err().map(|e| e.message.to_string()).unwrap_or_default();
         let mut twice = DomainSpec::new("vm", 64, 1);
         let mut dup = nic.clone();
         dup.forwards.push(PortForward::new(PortProtocol::Tcp, 8080, 81));

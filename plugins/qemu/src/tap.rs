@@ -72,7 +72,12 @@ pub struct Owner {
 }
 
 fn hex(bytes: &[u8], digits: usize) -> String {
-    bytes.iter().flat_map(|b| [b >> 4, b & 0xf]).take(digits).map(|n| char::from_digit(n.into(), 16).unwrap_or('0')).collect()
+    bytes
+        .iter()
+        .flat_map(|b| [b >> 4, b & 0xf])
+        .take(digits)
+        .map(|n| char::from_digit(n.into(), 16).unwrap_or('0'))
+        .collect()
 }
 
 /// The prefix of every tap of the domain whose directory is `domain_dir`.
@@ -188,7 +193,6 @@ pub fn setup(domain_dir: &Path, machine: &Machine, owner: Option<Owner>) -> Resu
     }
     Ok(())
 }
-
 
 #[cfg(test)]
 mod tests {

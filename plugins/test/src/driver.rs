@@ -525,5 +525,9 @@ impl TestDriver {
 
 /// A device kind a newer SDK knows and this driver does not.
 fn unknown_device(device: &AnyDevice) -> PluginError {
-    PluginError::unsupported(format!("device `{}`: kind {:?} is not supported by the test driver", device.id(), device.kind_str()))
+    PluginError::unsupported(format!(
+        "device `{}`: kind {:?} is not supported by the test driver",
+        device.id(),
+        device.kind_str()
+    ))
 }
