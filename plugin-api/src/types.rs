@@ -792,6 +792,41 @@ pub struct DomainInfo {
     /// The version of the hypervisor running the domain, when it runs and the driver knows
     /// (`Text`: a `&'static str` version is borrowed, not copied).
     pub hypervisor_version: Option<Text>,
+    /// Network interfaces (registry `InterfaceInfo`), in guest order; empty: left out.
+    pub interfaces: Vec<InterfaceInfo>,
+}
+
+/// A network interface as a domain has it (registry type `InterfaceInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InterfaceInfo {
+    pub id: String,
+    pub kind: InterfaceKind,
+    pub mac: String,
+    pub bridge: Option<String>,
+    /// The host-side device (a tap) while the domain runs.
+    pub host_device: Option<String>,
+}
+
+impl InterfaceInfo {
+    pub fn new(id: impl Into<String>, kind: InterfaceKind, mac: impl Into<String>) -> Self {
+        InterfaceInfo { id: id.into(), kind, mac: mac.into(), bridge: None, host_device: None }
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::record([
+            ("id", Value::from(self.id.clone())),
+            ("kind", Value::from(self.kind.as_str())),
+            ("mac", Value::from(self.mac.clone())),
+        ]);
+        if let Some(bridge) = &self.bridge {
+            v.set("bridge", bridge.clone());
+        }
+        if let Some(device) = &self.host_device {
+            v.set("host_device", device.clone());
+        }
+        v
+    }
 }
 
 impl DomainInfo {
@@ -805,12 +840,13 @@ impl DomainInfo {
             cpu_time_ns: 0,
             persistent: true,
             hypervisor_version: None,
+            interfaces: Vec::new(),
         }
     }
 
     pub fn into_value(self) -> Value {
         // Sized once: `domain.info` is the hottest call there is.
-        let mut fields = RVec::with_capacity(8);
+        let mut fields = RVec::with_capacity(9);
         fields.push(Field::new("name", self.name));
         fields.push(Field::new("state", self.state.as_str()));
         fields.push(Field::new("vcpus", Value::UInt(self.vcpus)));
@@ -820,6 +856,9 @@ impl DomainInfo {
         fields.push(Field::new("persistent", Value::Bool(self.persistent)));
         if let Some(version) = self.hypervisor_version {
             fields.push(Field::new("hypervisor_version", Value::Str(version)));
+        }
+        if !self.interfaces.is_empty() {
+            fields.push(Field::new("interfaces", Value::list(self.interfaces.iter().map(InterfaceInfo::to_value))));
         }
         Value::Record(fields)
     }

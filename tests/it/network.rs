@@ -204,6 +204,26 @@ fn a_bridged_guest_is_reached_over_its_tap_and_nics_hot_plug() {
         ),
     );
     sandbox.ok_uri(&uri, &["attach-device", "bridged", text(&hot_user)]);
+    // dominfo lists every interface: the tap of each bridged one, the MAC generated at attach.
+    let info = sandbox.json_uri(&uri, &["dominfo", "bridged"]);
+    let nics = info["interfaces"].as_array().cloned().unwrap_or_default();
+    let summary: Vec<(&str, &str, Option<&str>)> = nics
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap_or(""), n["kind"].as_str().unwrap_or(""), n["host_device"].as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("net0", "bridge", Some(tap.as_str())),
+            ("hot0", "bridge", Some(hot_tap.as_str())),
+            ("hot1", "user", None)
+        ],
+        "{info}"
+    );
+    assert_eq!(nics[0]["mac"], mac);
+    let generated = nics[2]["mac"].as_str().unwrap_or_default().to_string();
+    assert!(generated.starts_with("52:54:00:") && generated.len() == 17, "{generated}");
+    assert_ne!(nics[1]["mac"], nics[2]["mac"]);
     let listening = || TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).is_ok();
     assert!(listening(), "QEMU does not listen on the hot-plugged NIC's forwarded port {port}");
 
@@ -309,7 +329,8 @@ fn a_missing_bridge_fails_the_start_and_leaves_nothing() {
     define("lo");
     assert_refused(&sandbox.run_uri(&uri, &["start", "vm"]), 2, "not a bridge");
     assert!(!exists(&tap), "{tap} left behind by a failed start");
-    let bad = sandbox.write("bad.toml", &guest_spec("bad", &disk, "kind = \"bridge\"\nbridge = \"a-bridge-name-too-long\"\n"));
+    let bad = sandbox
+        .write("bad.toml", &guest_spec("bad", &disk, "kind = \"bridge\"\nbridge = \"a-bridge-name-too-long\"\n"));
     assert_refused(&sandbox.run_uri(&uri, &["define", text(&bad)]), 2, "not a Linux interface name");
     sandbox.ok_uri(&uri, &["undefine", "vm"]);
 }
@@ -339,6 +360,12 @@ fn the_test_driver_hot_plugs_nics_in_memory() {
     assert_eq!(refused.map(|e| e.category()), Some(ErrorCategory::InvalidState), "attach to a shut-off domain");
     conn.call("domain.start", domain("vm")).unwrap_or_else(|e| panic!("{e}"));
     conn.call("domain.attach-device", nic("hot0", Some(user()))).unwrap_or_else(|e| panic!("attach: {e}"));
+    let info = conn.call("domain.info", domain("vm")).unwrap_or_else(|e| panic!("info: {e}"));
+    let nics = info.get("interfaces").and_then(Value::as_list).unwrap_or(&[]);
+    assert_eq!(nics.len(), 1, "{info}");
+    assert_eq!(nics[0].get("id").and_then(Value::as_str), Some("hot0"));
+    let generated = nics[0].get("mac").and_then(Value::as_str).unwrap_or_default();
+    assert!(generated.starts_with("52:54:00:"), "no generated MAC reported: {info}");
     let twice = conn.call("domain.attach-device", nic("hot0", Some(user()))).err();
     assert_eq!(twice.map(|e| e.category()), Some(ErrorCategory::Usage));
     let bare = conn.call("domain.attach-device", nic("hot1", None)).err().unwrap_or_else(|| panic!("accepted"));

@@ -649,6 +649,7 @@ mod sdk_mirror_tests {
         let mut info = DomainInfo::new("vm1", DomainState::Paused);
         info.vcpus = 2;
         check(&registry, "DomainInfo", info.clone().into_value());
+        info.interfaces.push(InterfaceInfo::new("net0", InterfaceKind::User, random_mac("vm1")));
         info.hypervisor_version = Some("7.2.22".into());
         check(&registry, "DomainInfo", info.into_value());
         check(&registry, "BlockStats", BlockStats::new(1, 2, 3, 4, 5).into_value());
@@ -708,6 +709,11 @@ mod sdk_mirror_tests {
         assert_eq!(built(FilesystemSpec::new("/srv", "/data").to_value()), fields("FilesystemSpec"));
         let mut info = DomainInfo::new("x", DomainState::Running);
         info.hypervisor_version = Some("1.0".into());
+        let mut nic = InterfaceInfo::new("net0", InterfaceKind::Bridge, "52:54:00:00:00:01");
+        nic.bridge = Some("br0".into());
+        nic.host_device = Some("cv0123456789abc".into());
+        assert_eq!(built(nic.to_value()), fields("InterfaceInfo"));
+        info.interfaces.push(nic);
         assert_eq!(built(info.into_value()), fields("DomainInfo"));
         assert_eq!(built(BlockStats::default().into_value()), fields("BlockStats"));
         assert_eq!(built(HostInfo::new("u", "h", "v").into_value()), fields("HostInfo"));

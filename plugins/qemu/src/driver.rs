@@ -9,7 +9,7 @@ use capvirt_plugin_api::{
     prelude::*,
     types::{
         console_output, domain_summary, png_image, AnyDevice, BlockStats, DeviceSpec, DomainInfo, DomainSpec,
-        DomainState, HostInfo, NicDevice,
+        DomainState, HostInfo, InterfaceInfo, InterfaceKind, NicDevice,
     },
     Text,
 };
@@ -394,6 +394,20 @@ impl QemuDriver {
         info.memory_kib = machine.memory_mib.saturating_mul(1024);
         info.max_memory_kib = machine.memory_mib.saturating_mul(1024);
         info.cpu_time_ns = pid.map(qemu::cpu_time_ns).unwrap_or(0);
+        info.interfaces = machine
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(index, nic)| {
+                let id = nic.device_id(index);
+                let kind = if nic.bridge.is_some() { InterfaceKind::Bridge } else { InterfaceKind::User };
+                let mut entry = InterfaceInfo::new(id.clone(), kind, nic.mac.clone());
+                entry.bridge = nic.bridge.clone();
+                entry.host_device =
+                    nic.bridge.as_ref().filter(|_| pid.is_some()).map(|_| crate::tap::name(&paths.dir, &id));
+                entry
+            })
+            .collect();
         Ok(info.into_value())
     }
 

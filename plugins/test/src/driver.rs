@@ -9,7 +9,7 @@ use capvirt_plugin_api::{
     prelude::*,
     types::{
         console_output, domain_summary, format_mac, parse_mac, random_mac, AnyDevice, BlockStats, DeviceSpec,
-        DomainInfo, DomainSpec, DomainState, HostInfo, InterfaceKind, NicDevice,
+        DomainInfo, DomainSpec, DomainState, HostInfo, InterfaceInfo, InterfaceKind, NicDevice,
     },
     Text,
 };
@@ -214,6 +214,16 @@ impl TestDriver {
         if domain.state.is_active() {
             info.hypervisor_version = Some(Text::from(env!("CARGO_PKG_VERSION")));
         }
+        let defined = domain.spec.interfaces.iter().enumerate().map(|(i, nic)| (format!("net{i}"), nic));
+        let plugged = domain.live_nics.iter().filter_map(|n| n.interface.as_ref().map(|nic| (n.id.clone(), nic)));
+        info.interfaces = defined
+            .chain(plugged)
+            .filter_map(|(id, nic)| {
+                let mut entry = InterfaceInfo::new(id, nic.kind, nic.mac.clone()?);
+                entry.bridge = nic.bridge.clone();
+                Some(entry)
+            })
+            .collect();
         Ok(info.into_value())
     }
 
