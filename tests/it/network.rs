@@ -227,6 +227,22 @@ fn a_bridged_guest_is_reached_over_its_tap_and_nics_hot_plug() {
     let listening = || TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).is_ok();
     assert!(listening(), "QEMU does not listen on the hot-plugged NIC's forwarded port {port}");
 
+    // Save drops every tap with its QEMU; restore brings the hot-plugged NICs back on their
+    // ports (the device model must match the saved state) with their taps and MACs.
+    let saved = sandbox.path().join("bridged.save");
+    sandbox.ok_uri(&uri, &["save", "bridged", text(&saved)]);
+    assert!(!exists(&tap) && !exists(&hot_tap), "taps left after save");
+    sandbox.ok_uri(&uri, &["restore", text(&saved)]);
+    assert_eq!(bridge.ports(), {
+        let mut both = vec![tap.clone(), hot_tap.clone()];
+        both.sort();
+        both
+    });
+    assert!(wait_until(LINK_WAIT, || carrier(&hot_tap)), "restored QEMU never opened {hot_tap}");
+    let restored = sandbox.json_uri(&uri, &["dominfo", "bridged"]);
+    assert_eq!(restored["interfaces"], info["interfaces"], "interfaces changed across save/restore");
+    assert!(wait_until(LINK_WAIT, listening), "forwarded port {port} not back after restore");
+
     // Missing and malformed ones are refused before QEMU sees them.
     let missing = sandbox.write(
         "missing.toml",

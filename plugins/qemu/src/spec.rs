@@ -799,6 +799,16 @@ pub struct Live {
 
 /// PCIe root ports every domain started by this driver gets for NIC hot-plug.
 pub const HOTPLUG_PORTS: u8 = 4;
+/// The most hot-plug ports a saved live configuration may ask for.
+pub const MAX_HOTPLUG_PORTS: u8 = 16;
+
+/// Gives interfaces re-validated from a save file (`to_spec` knows no device ids) the
+/// hot-plug ids they had, position by position.
+pub fn keep_nic_ids(validated: &mut Machine, saved: &Machine) {
+    for (nic, was) in validated.interfaces.iter_mut().zip(&saved.interfaces) {
+        nic.id = was.id.clone();
+    }
+}
 
 impl Live {
     /// Assigns USB ports in definition order: USB disks, then devices.
@@ -833,6 +843,29 @@ impl Live {
     /// The lowest hot-plug root port no interface uses.
     pub fn free_nic_port(&self) -> Option<u8> {
         (0..self.hotplug_ports).find(|port| !self.nic_ports.values().any(|p| p == port))
+    }
+
+    /// Checks the hot-plug records of a live configuration read from a save file (caller
+    /// data): at most [`MAX_HOTPLUG_PORTS`] ports, each hot-plugged interface (valid id) on
+    /// its own port, no port for anything else.
+    pub fn check_nic_ports(&self) -> Result<(), String> {
+        if self.hotplug_ports > MAX_HOTPLUG_PORTS {
+            return Err(format!("{} hot-plug ports (at most {MAX_HOTPLUG_PORTS})", self.hotplug_ports));
+        }
+        let plugged: Vec<&str> = self.machine.interfaces.iter().filter_map(|n| n.id.as_deref()).collect();
+        let mut seen = Vec::new();
+        for id in &plugged {
+            check_device_id(id, "interface").map_err(|e| e.message.to_string())?;
+            let port = self.nic_ports.get(*id).copied().ok_or_else(|| format!("no hot-plug port for '{id}'"))?;
+            if port >= self.hotplug_ports || seen.contains(&port) {
+                return Err(format!("invalid hot-plug port {port} for '{id}'"));
+            }
+            seen.push(port);
+        }
+        if self.nic_ports.len() != plugged.len() {
+            return Err("hot-plug ports for unknown interfaces".into());
+        }
+        Ok(())
     }
 
     /// Every QEMU device id in use (disks, USB devices, interfaces and the driver's own).
@@ -972,6 +1005,26 @@ mod tests {
             spec.interfaces[0].bridge = Some(bad.into());
             assert!(refused(&spec).contains("not a Linux interface name"), "{bad:?}: {}", refused(&spec));
         }
+    }
+
+    #[test]
+    fn saved_hot_plug_records_are_checked() {
+        let mut live = Live::new(machine(), "tcg");
+        let plugged =
+            Interface { mac: "52:54:00:00:00:09".into(), forwards: Vec::new(), bridge: None, id: Some("hot0".into()) };
+        live.machine.interfaces.push(plugged);
+        assert!(live.check_nic_ports().is_err_and(|e| e.contains("no hot-plug port")));
+        live.nic_ports.insert("hot0".into(), HOTPLUG_PORTS);
+        assert!(live.check_nic_ports().is_err_and(|e| e.contains("invalid hot-plug port")));
+        live.nic_ports.insert("hot0".into(), 0);
+        assert_eq!(live.check_nic_ports(), Ok(()));
+        live.nic_ports.insert("ghost".into(), 1);
+        assert!(live.check_nic_ports().is_err_and(|e| e.contains("unknown interfaces")));
+        // A save file's interfaces lose their ids in `to_spec`; `keep_nic_ids` puts them back.
+        let mut validated = live.machine.clone();
+        validated.interfaces[0].id = None;
+        keep_nic_ids(&mut validated, &live.machine);
+        assert_eq!(validated, live.machine);
     }
 
     #[test]
