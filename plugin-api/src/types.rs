@@ -104,7 +104,9 @@ impl DiskBus {
     }
 }
 
-/// Hot-pluggable device model (registry type `DeviceKind`).
+/// Hot-pluggable device model (registry type `DeviceKind`), the USB models. The registry's
+/// fourth word, `nic` ([`NicDevice::KIND`]), is no variant here: this enum is exhaustive since
+/// 1.0 and drivers match on it, so network interfaces come through [`AnyDevice`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
     UsbTablet,
@@ -176,6 +178,85 @@ pub struct DeviceSpec {
 impl DeviceSpec {
     pub fn new(kind: DeviceKind, id: impl Into<String>) -> Self {
         DeviceSpec { kind, id: id.into(), path: None, format: None }
+    }
+}
+
+/// A network interface hot-plugged into or unplugged from a running domain (a registry
+/// `DeviceSpec` of kind `nic`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NicDevice {
+    pub id: String,
+    /// The interface to plug (`attach-device`: required); a detach names the device by `id` only.
+    pub interface: Option<InterfaceSpec>,
+}
+
+impl NicDevice {
+    /// The registry's `DeviceKind` word of a network interface.
+    pub const KIND: &'static str = "nic";
+
+    pub fn new(id: impl Into<String>, interface: Option<InterfaceSpec>) -> Self {
+        NicDevice { id: id.into(), interface }
+    }
+
+    /// The interface to plug, or an invalid-argument error saying it is missing.
+    pub fn require_interface(&self) -> Result<&InterfaceSpec, PluginError> {
+        self.interface.as_ref().ok_or_else(|| {
+            PluginError::invalid_argument(format!("device `{}`: kind \"nic\" needs `interface`", self.id))
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::record([("kind", Value::from(Self::KIND)), ("id", Value::from(self.id.clone()))]);
+        if let Some(interface) = &self.interface {
+            v.set("interface", interface.to_value());
+        }
+        v
+    }
+}
+
+/// Any registry `DeviceSpec`: a USB device or a network interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AnyDevice {
+    Usb(DeviceSpec),
+    Nic(NicDevice),
+}
+
+impl AnyDevice {
+    pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        if str_field(v, "device", "kind")? != NicDevice::KIND {
+            return DeviceSpec::from_value(v).map(AnyDevice::Usb);
+        }
+        let id = str_field(v, "device", "id")?.to_string();
+        if v.get("path").is_some() || v.get("format").is_some() {
+            return Err(PluginError::invalid_argument(format!("device `{id}`: nic takes no `path` or `format`")));
+        }
+        let interface = v.get("interface").map(InterfaceSpec::from_value).transpose()?;
+        Ok(AnyDevice::Nic(NicDevice { id, interface }))
+    }
+
+    /// The device id, whatever the kind.
+    pub fn id(&self) -> &str {
+        match self {
+            AnyDevice::Usb(device) => &device.id,
+            AnyDevice::Nic(nic) => &nic.id,
+        }
+    }
+
+    /// The registry's kind word.
+    pub fn kind_str(&self) -> &'static str {
+        match self {
+            AnyDevice::Usb(device) => device.kind.as_str(),
+            AnyDevice::Nic(_) => NicDevice::KIND,
+        }
+    }
+
+    pub fn to_value(&self) -> Value {
+        match self {
+            AnyDevice::Usb(device) => device.to_value(),
+            AnyDevice::Nic(nic) => nic.to_value(),
+        }
     }
 }
 
@@ -559,8 +640,33 @@ impl DiskSpec {
     }
 }
 
+/// A device of a domain spec's `devices`: network interfaces have their own list.
+fn boot_device(v: &Value) -> Result<DeviceSpec, PluginError> {
+    if opt_str_field(v, "device", "kind")? == Some(NicDevice::KIND) {
+        return Err(PluginError::invalid_argument(format!(
+            "devices: `{}` is a nic; a domain spec lists its network interfaces under [[interfaces]]",
+            opt_str_field(v, "device", "id")?.unwrap_or_default()
+        )));
+    }
+    DeviceSpec::from_value(v)
+}
+
 impl DeviceSpec {
+    /// A USB device; a `nic` is refused as unsupported (drivers that hot-plug network
+    /// interfaces read [`AnyDevice::from_value`]).
     pub fn from_value(v: &Value) -> Result<Self, PluginError> {
+        if str_field(v, "device", "kind")? == NicDevice::KIND {
+            return Err(PluginError::unsupported(format!(
+                "device `{}`: kind \"nic\" (network interface hot-plug) is not supported by this driver",
+                opt_str_field(v, "device", "id")?.unwrap_or_default()
+            )));
+        }
+        if v.get("interface").is_some() {
+            return Err(PluginError::invalid_argument(format!(
+                "device `{}`: `interface` applies to kind \"nic\" only",
+                opt_str_field(v, "device", "id")?.unwrap_or_default()
+            )));
+        }
         Ok(DeviceSpec {
             kind: enum_field(v, "device", "kind", DeviceKind::parse)?,
             id: str_field(v, "device", "id")?.to_string(),
@@ -620,7 +726,7 @@ impl DomainSpec {
             memory_mib: u64_field(v, "domain spec", "memory_mib")?,
             vcpus: u64_field(v, "domain spec", "vcpus")?,
             disks: list_field(v, "disks").iter().map(DiskSpec::from_value).collect::<Result<_, _>>()?,
-            devices: list_field(v, "devices").iter().map(DeviceSpec::from_value).collect::<Result<_, _>>()?,
+            devices: list_field(v, "devices").iter().map(boot_device).collect::<Result<_, _>>()?,
             graphics,
             boot: v.get("boot").filter(|b| !b.is_unit()).map(BootSpec::from_value).transpose()?,
             filesystems: list_field(v, "filesystems")
@@ -686,6 +792,41 @@ pub struct DomainInfo {
     /// The version of the hypervisor running the domain, when it runs and the driver knows
     /// (`Text`: a `&'static str` version is borrowed, not copied).
     pub hypervisor_version: Option<Text>,
+    /// Network interfaces (registry `InterfaceInfo`), in guest order; empty: left out.
+    pub interfaces: Vec<InterfaceInfo>,
+}
+
+/// A network interface as a domain has it (registry type `InterfaceInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InterfaceInfo {
+    pub id: String,
+    pub kind: InterfaceKind,
+    pub mac: String,
+    pub bridge: Option<String>,
+    /// The host-side device (a tap) while the domain runs.
+    pub host_device: Option<String>,
+}
+
+impl InterfaceInfo {
+    pub fn new(id: impl Into<String>, kind: InterfaceKind, mac: impl Into<String>) -> Self {
+        InterfaceInfo { id: id.into(), kind, mac: mac.into(), bridge: None, host_device: None }
+    }
+
+    pub fn to_value(&self) -> Value {
+        let mut v = Value::record([
+            ("id", Value::from(self.id.clone())),
+            ("kind", Value::from(self.kind.as_str())),
+            ("mac", Value::from(self.mac.clone())),
+        ]);
+        if let Some(bridge) = &self.bridge {
+            v.set("bridge", bridge.clone());
+        }
+        if let Some(device) = &self.host_device {
+            v.set("host_device", device.clone());
+        }
+        v
+    }
 }
 
 impl DomainInfo {
@@ -699,12 +840,13 @@ impl DomainInfo {
             cpu_time_ns: 0,
             persistent: true,
             hypervisor_version: None,
+            interfaces: Vec::new(),
         }
     }
 
     pub fn into_value(self) -> Value {
         // Sized once: `domain.info` is the hottest call there is.
-        let mut fields = RVec::with_capacity(8);
+        let mut fields = RVec::with_capacity(9);
         fields.push(Field::new("name", self.name));
         fields.push(Field::new("state", self.state.as_str()));
         fields.push(Field::new("vcpus", Value::UInt(self.vcpus)));
@@ -714,6 +856,9 @@ impl DomainInfo {
         fields.push(Field::new("persistent", Value::Bool(self.persistent)));
         if let Some(version) = self.hypervisor_version {
             fields.push(Field::new("hypervisor_version", Value::Str(version)));
+        }
+        if !self.interfaces.is_empty() {
+            fields.push(Field::new("interfaces", Value::list(self.interfaces.iter().map(InterfaceInfo::to_value))));
         }
         Value::Record(fields)
     }
@@ -872,5 +1017,24 @@ mod tests {
         assert!(dev.disk_backing().is_err());
         let tablet = DeviceSpec { path: Some("/x".into()), ..DeviceSpec::new(DeviceKind::UsbTablet, "t") };
         assert!(tablet.disk_backing().is_err());
+    }
+    #[test]
+    fn nics_come_through_any_device_and_old_readers_answer_unsupported() {
+        let mut interface = InterfaceSpec::new(InterfaceKind::User);
+        interface.forwards.push(PortForward::new(PortProtocol::Tcp, 8080, 80));
+        let nic = NicDevice::new("hot0", Some(interface));
+        let value = nic.to_value();
+        assert_eq!(AnyDevice::from_value(&value).ok(), Some(AnyDevice::Nic(nic.clone())));
+        assert_eq!(DeviceSpec::from_value(&value).err().map(|e| e.kind), Some(crate::ErrorKind::Unsupported));
+        let tablet = DeviceSpec::new(DeviceKind::UsbTablet, "t");
+        assert_eq!(AnyDevice::from_value(&tablet.to_value()).ok(), Some(AnyDevice::Usb(tablet.clone())));
+        let mut odd = tablet.to_value();
+        odd.set("interface", InterfaceSpec::new(InterfaceKind::User).to_value());
+        assert!(AnyDevice::from_value(&odd).is_err());
+        assert!(NicDevice::new("bare", None).require_interface().is_err());
+        let mut spec = DomainSpec::new("vm", 64, 1).to_value();
+        spec.set("devices", Value::list([value]));
+        let refused = DomainSpec::from_value(&spec).err().map(|e| e.message.to_string()).unwrap_or_default();
+        assert!(refused.contains("[[interfaces]]"), "{refused}");
     }
 }

@@ -11,6 +11,7 @@ mod events;
 mod fuzz_regressions;
 mod isolate;
 mod maint;
+mod network;
 mod plugins;
 mod qemu;
 mod qemu_privilege;

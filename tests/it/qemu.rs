@@ -696,7 +696,7 @@ fn interfaces_refuse_bridges_and_a_taken_host_port_fails_the_start_only() {
     let base = spec_toml("net", 64, &disk, true);
     let bridge =
         sandbox.write("bridge.toml", &format!("{base}\n[[interfaces]]\nkind = \"bridge\"\nbridge = \"br0\"\n"));
-    assert_refused(&sandbox.run("a", &["define", bridge.to_str().unwrap_or_default()]), 4, "not implemented");
+    assert_refused(&sandbox.run("a", &["define", bridge.to_str().unwrap_or_default()]), 4, "needs qemu:///system");
     // A host port someone else listens on: define is fine, start says which rule failed.
     let holder = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap_or_else(|e| panic!("bind: {e}"));
     let port = holder.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("{e}"));

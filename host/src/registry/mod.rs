@@ -641,9 +641,15 @@ mod sdk_mirror_tests {
         spec.interfaces.push(nic);
         spec.interfaces.push(InterfaceSpec::new(InterfaceKind::Bridge));
         check(&registry, "DomainSpec", spec.to_value());
+        check(
+            &registry,
+            "DeviceSpec",
+            NicDevice::new("hot0", Some(InterfaceSpec::new(InterfaceKind::User))).to_value(),
+        );
         let mut info = DomainInfo::new("vm1", DomainState::Paused);
         info.vcpus = 2;
         check(&registry, "DomainInfo", info.clone().into_value());
+        info.interfaces.push(InterfaceInfo::new("net0", InterfaceKind::User, random_mac("vm1")));
         info.hypervisor_version = Some("7.2.22".into());
         check(&registry, "DomainInfo", info.into_value());
         check(&registry, "BlockStats", BlockStats::new(1, 2, 3, 4, 5).into_value());
@@ -660,7 +666,9 @@ mod sdk_mirror_tests {
         assert_eq!(enum_values(&registry, "DomainState"), words(DomainState::ALL.map(DomainState::as_str).to_vec()));
         assert_eq!(enum_values(&registry, "DiskFormat"), words(DiskFormat::ALL.map(DiskFormat::as_str).to_vec()));
         assert_eq!(enum_values(&registry, "DiskBus"), words(DiskBus::ALL.map(DiskBus::as_str).to_vec()));
-        assert_eq!(enum_values(&registry, "DeviceKind"), words(DeviceKind::ALL.map(DeviceKind::as_str).to_vec()));
+        // `nic` is read through `AnyDevice`: `DeviceKind` stays the exhaustive 1.0 enum.
+        let device_kinds = DeviceKind::ALL.map(DeviceKind::as_str).into_iter().chain([NicDevice::KIND]).collect();
+        assert_eq!(enum_values(&registry, "DeviceKind"), words(device_kinds));
         assert_eq!(
             enum_values(&registry, "GraphicsAdapter"),
             words(GraphicsAdapter::ALL.map(GraphicsAdapter::as_str).to_vec())
@@ -701,6 +709,11 @@ mod sdk_mirror_tests {
         assert_eq!(built(FilesystemSpec::new("/srv", "/data").to_value()), fields("FilesystemSpec"));
         let mut info = DomainInfo::new("x", DomainState::Running);
         info.hypervisor_version = Some("1.0".into());
+        let mut nic = InterfaceInfo::new("net0", InterfaceKind::Bridge, "52:54:00:00:00:01");
+        nic.bridge = Some("br0".into());
+        nic.host_device = Some("cv0123456789abc".into());
+        assert_eq!(built(nic.to_value()), fields("InterfaceInfo"));
+        info.interfaces.push(nic);
         assert_eq!(built(info.into_value()), fields("DomainInfo"));
         assert_eq!(built(BlockStats::default().into_value()), fields("BlockStats"));
         assert_eq!(built(HostInfo::new("u", "h", "v").into_value()), fields("HostInfo"));

@@ -10,8 +10,8 @@ use std::{
 use capvirt_plugin_api::{
     prelude::*,
     types::{
-        console_output, domain_summary, png_image, BlockStats, DeviceSpec, DomainInfo, DomainSpec, DomainState,
-        HostInfo,
+        console_output, domain_summary, png_image, AnyDevice, BlockStats, DeviceSpec, DomainInfo, DomainSpec,
+        DomainState, HostInfo, InterfaceInfo, InterfaceKind, NicDevice,
     },
     Text,
 };
@@ -69,6 +69,9 @@ const CHANNEL_WAIT: Duration = Duration::from_secs(10);
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the size of a screen dump read back (16384 x 16384 pixels of 3 bytes, and more).
 const MAX_SCREENDUMP: u64 = 1 << 30;
+/// Bound on the guest releasing a hot-plugged PCI network interface (ACPI hot-plug: the guest
+/// OS ejects it; a loaded TCG guest takes seconds).
+const NIC_UNPLUG_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a screen dump.
 const SCREENDUMP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -117,8 +120,16 @@ impl Plugin for QemuDriver {
             "domain.destroy" => self.destroy(args.str("domain")?),
             "domain.reboot" => self.reboot(args.str("domain")?),
             "domain.block-stats" => self.block_stats(args.str("domain")?, args.opt_str("device")?),
-            "domain.attach-device" => self.attach(args.str("domain")?, &DeviceSpec::from_value(args.get("device")?)?),
-            "domain.detach-device" => self.detach(args.str("domain")?, &DeviceSpec::from_value(args.get("device")?)?),
+            "domain.attach-device" => match AnyDevice::from_value(args.get("device")?)? {
+                AnyDevice::Nic(nic) => self.attach_nic(args.str("domain")?, &nic),
+                AnyDevice::Usb(device) => self.attach(args.str("domain")?, &device),
+                other => Err(unknown_device(&other)),
+            },
+            "domain.detach-device" => match AnyDevice::from_value(args.get("device")?)? {
+                AnyDevice::Nic(nic) => self.detach_nic(args.str("domain")?, &nic.id),
+                AnyDevice::Usb(device) => self.detach(args.str("domain")?, &device),
+                other => Err(unknown_device(&other)),
+            },
             "domain.migrate" => self.migrate(args.str("domain")?, args.str("dest_uri")?, ctx),
             "domain.save" => self.save(args.str("domain")?, args.str("path")?, ctx),
             "domain.restore" => self.restore(args.str("path")?, ctx),
@@ -180,7 +191,11 @@ impl QemuDriver {
     }
 
     pub(crate) fn limits(&self) -> HostLimits<'_> {
-        HostLimits { memory_mib: capvirt_plugin_api::state::host_memory_kib() / 1024, images: &self.config.images }
+        HostLimits {
+            memory_mib: capvirt_plugin_api::state::host_memory_kib() / 1024,
+            images: &self.config.images,
+            bridges: self.config.system,
+        }
     }
 
     /// Drops this connection's monitor of `name` (QEMU restarted or gone).
@@ -385,6 +400,20 @@ impl QemuDriver {
         info.memory_kib = machine.memory_mib.saturating_mul(1024);
         info.max_memory_kib = machine.memory_mib.saturating_mul(1024);
         info.cpu_time_ns = pid.map(qemu::cpu_time_ns).unwrap_or(0);
+        info.interfaces = machine
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(index, nic)| {
+                let id = nic.device_id(index);
+                let kind = if nic.bridge.is_some() { InterfaceKind::Bridge } else { InterfaceKind::User };
+                let mut entry = InterfaceInfo::new(id.clone(), kind, nic.mac.clone());
+                entry.bridge = nic.bridge.clone();
+                entry.host_device =
+                    nic.bridge.as_ref().filter(|_| pid.is_some()).map(|_| crate::tap::name(&paths.dir, &id));
+                entry
+            })
+            .collect();
         Ok(info.into_value())
     }
 
@@ -579,12 +608,117 @@ impl QemuDriver {
         Ok(total.into_value())
     }
 
+    /// Hot-plugs a network interface: its tap (bridge), `netdev_add`, then `device_add` on a
+    /// free hot-plug root port. Live only: the definition keeps its interfaces (as libvirt's
+    /// default `--live`); save/restore and migration carry it with the live configuration.
+    fn attach_nic(&self, name: &str, nic: &NicDevice) -> Result<Value, PluginError> {
+        spec::check_device_id(&nic.id, "device")?;
+        let what = format!("device {}", nic.id);
+        let mut interface =
+            spec::interface(nic.require_interface()?, &what, &format!("{name}/{}", nic.id), self.config.system)?;
+        interface.id = Some(nic.id.clone());
+        let lock = self.store.lock(name, false)?;
+        let mut live = self.live(&lock.paths)?;
+        if live.device_ids().contains(&nic.id) || nic.id.starts_with("capvirt-") {
+            return Err(PluginError::invalid_argument(format!("domain '{name}' already has a device '{}'", nic.id)));
+        }
+        spec::check_conflicts(&live.machine.interfaces, &interface, &what)?;
+        if live.machine.interfaces.len() >= spec::MAX_INTERFACES {
+            return Err(PluginError::invalid_state(format!(
+                "domain '{name}' already has {} network interfaces",
+                spec::MAX_INTERFACES
+            )));
+        }
+        let port = qemu::take_nic_port(&mut live, &nic.id).ok_or_else(|| match live.hotplug_ports {
+            0 => PluginError::unsupported(format!(
+                "domain '{name}' runs on a QEMU started by a driver without NIC hot-plug; restart it"
+            )),
+            ports => PluginError::invalid_state(format!(
+                "domain '{name}' has no free hot-plug slot for a network interface ({ports} in use)"
+            )),
+        })?;
+        let tap = interface.bridge.as_ref().map(|bridge| (crate::tap::name(&lock.paths.dir, &nic.id), bridge));
+        if let Some((tap, bridge)) = &tap {
+            // Owned by the account QEMU runs as, which opens it by name.
+            let owner = privilege::runner(&self.config)?.tap_owner();
+            crate::tap::create(tap, bridge, owner).map_err(|e| {
+                let error = PluginError::from(e);
+                PluginError::new(error.kind, format!("{what}: {}", error.message))
+            })?;
+        }
+        let undo_tap = || {
+            if let Some((tap, _)) = &tap {
+                let _ = crate::tap::delete(tap);
+            }
+        };
+        let netdev = qemu::netdev_add(&lock.paths, &interface, &nic.id)?;
+        let op = Op::new(name, "attach (netdev_add)").refused_as(ErrorKind::InvalidArgument);
+        if let Err(e) = self.with_monitor(op, |q| q.execute(&netdev)) {
+            undo_tap();
+            return Err(e);
+        }
+        let add = qemu::nic_device(&interface, &nic.id, Some(port));
+        let op = Op::new(name, "attach (device_add)").refused_as(ErrorKind::InvalidArgument);
+        if let Err(e) = self.with_monitor(op, |q| q.execute(&add)) {
+            let id = qemu::netdev_id(&nic.id);
+            let _ = self.with_monitor(Op::new(name, "netdev_del"), |q| q.execute(&qmp::netdev_del { id: id.clone() }));
+            undo_tap();
+            return Err(e);
+        }
+        live.machine.interfaces.push(interface);
+        store::write_toml(&lock.paths.live, &live)?;
+        Ok(Value::Unit)
+    }
+
+    /// Unplugs a hot-plugged network interface: `device_del`, the guest's release
+    /// (DEVICE_DELETED), `netdev_del`, then its tap.
+    fn detach_nic(&self, name: &str, id: &str) -> Result<Value, PluginError> {
+        let lock = self.store.lock(name, false)?;
+        let mut live = self.live(&lock.paths)?;
+        let found = live.machine.interfaces.iter().enumerate().find(|(i, nic)| nic.device_id(*i) == id);
+        let Some((index, nic)) = found else {
+            return Err(PluginError::not_found(format!("domain '{name}' has no network interface '{id}'")));
+        };
+        if nic.id.is_none() {
+            return Err(PluginError::unsupported(format!(
+                "'{id}' is an interface of the domain's definition; only hot-plugged interfaces can be detached"
+            )));
+        }
+        let bridged = nic.bridge.is_some();
+        let device = id.to_string();
+        self.with_monitor(Op::new(name, "detach (device_del)"), |q| {
+            q.execute(&qmp::device_del { id: device.clone() })?;
+            let deadline = Instant::now() + NIC_UNPLUG_TIMEOUT;
+            q.wait_event(deadline, |e| {
+                e.name == "DEVICE_DELETED" && e.data.get("device").and_then(|d| d.as_str()) == Some(&device)
+            })
+        })
+        .map_err(|e| match e.kind {
+            ErrorKind::Timeout => PluginError::timeout(format!(
+                "the guest of domain '{name}' did not release network interface '{id}' within {} s \
+                 (it needs an OS that handles ACPI PCI hot-unplug)",
+                NIC_UNPLUG_TIMEOUT.as_secs()
+            )),
+            _ => e,
+        })?;
+        let netdev = qemu::netdev_id(id);
+        self.with_monitor(Op::new(name, "detach (netdev_del)"), |q| {
+            q.execute(&qmp::netdev_del { id: netdev.clone() })
+        })?;
+        if bridged {
+            crate::tap::delete(&crate::tap::name(&lock.paths.dir, id)).map_err(PluginError::from)?;
+        }
+        live.machine.interfaces.remove(index);
+        live.nic_ports.remove(id);
+        store::write_toml(&lock.paths.live, &live)?;
+        Ok(Value::Unit)
+    }
+
     fn attach(&self, name: &str, device: &DeviceSpec) -> Result<Value, PluginError> {
         let device = spec::device(device, &self.config.images)?;
         let lock = self.store.lock(name, false)?;
         let mut live = self.live(&lock.paths)?;
-        let taken = live.machine.disks.iter().any(|d| d.target == device.id)
-            || live.machine.devices.iter().any(|d| d.id == device.id);
+        let taken = live.device_ids().contains(&device.id);
         if taken {
             return Err(PluginError::invalid_argument(format!("domain '{name}' already has a device '{}'", device.id)));
         }
@@ -816,6 +950,15 @@ fn remove_fdsets(q: &mut Qmp, node: &str) -> Result<(), QmpError> {
         }
     }
     Ok(())
+}
+
+/// A device kind a newer SDK knows and this driver does not.
+fn unknown_device(device: &AnyDevice) -> PluginError {
+    PluginError::unsupported(format!(
+        "device `{}`: kind {:?} is not supported by the qemu driver",
+        device.id(),
+        device.kind_str()
+    ))
 }
 
 /// An invalid-state error naming the state that caused the refusal.

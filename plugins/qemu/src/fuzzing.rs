@@ -117,7 +117,7 @@ fn images() -> &'static ImagePolicy {
 
 /// Host limits the fuzzed specs are validated against.
 fn limits() -> HostLimits<'static> {
-    HostLimits { memory_mib: 64 << 10, images: images() }
+    HostLimits { memory_mib: 64 << 10, images: images(), bridges: true }
 }
 
 /// Validates a domain spec as `define` does; a valid one must survive the trip through its

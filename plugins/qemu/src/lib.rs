@@ -30,6 +30,7 @@ mod screenshot;
 mod snapshot;
 mod spec;
 pub mod store;
+mod tap;
 mod uri;
 
 pub use driver::{QemuDriver, CAPABILITIES};

@@ -248,7 +248,8 @@ impl QemuDriver {
         // The file is caller data: its definition is validated like a define.
         let limits = self.limits();
         let definition = spec::validate(&header.definition.to_spec(), limits)?;
-        let live_machine = spec::validate(&header.live.machine.to_spec(), limits)?;
+        let mut live_machine = spec::validate(&header.live.machine.to_spec(), limits)?;
+        spec::keep_nic_ids(&mut live_machine, &header.live.machine);
         if definition.name != live_machine.name {
             return Err(PluginError::invalid_argument(format!("{path}: inconsistent domain names")));
         }
@@ -505,6 +506,7 @@ fn check_live(live: Live, path: &str) -> Result<Live, PluginError> {
     if live.usb_ports.len() != users.len() {
         return Err(bad("USB ports for unknown devices".into()));
     }
+    live.check_nic_ports().map_err(bad)?;
     Ok(live)
 }
 

@@ -74,6 +74,17 @@ pub fn user_option(options: &Value) -> Result<String, PluginError> {
     Ok(name.to_string())
 }
 
+impl Runner {
+    /// The owner of the devices the driver creates for QEMU (tap devices); `None`: the
+    /// calling process's own identity.
+    pub fn tap_owner(&self) -> Option<crate::tap::Owner> {
+        match self {
+            Runner::Caller => None,
+            Runner::Account(account) => Some(crate::tap::Owner { uid: account.uid, gid: account.gid }),
+        }
+    }
+}
+
 /// Who runs the QEMUs of a connection: the configured account for `qemu:///system` when this
 /// process is root (refused, with the command that creates it, when the account is missing).
 pub fn runner(config: &Config) -> Result<Runner, PluginError> {
@@ -81,16 +92,6 @@ pub fn runner(config: &Config) -> Result<Runner, PluginError> {
         return Ok(Runner::Caller);
     }
     account(&config.qemu_user).map(Runner::Account)
-}
-
-/// The uid and gid a connection's QEMUs run as (`None`: the calling process's own), for what
-/// the driver creates on QEMU's behalf (e.g. tap devices it hands over).
-#[allow(dead_code, reason = "for the devices the driver creates for QEMU (tap devices)")]
-pub fn qemu_ids(config: &Config) -> Result<Option<(u32, u32)>, PluginError> {
-    Ok(match runner(config)? {
-        Runner::Caller => None,
-        Runner::Account(account) => Some((account.uid, account.gid)),
-    })
 }
 
 fn account(name: &str) -> Result<Account, PluginError> {

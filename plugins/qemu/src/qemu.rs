@@ -28,7 +28,7 @@ use crate::{
     emulator::Emulator,
     monitor::{self, with_socket_path, Monitor, CHANNELS},
     privilege::{self, BootFiles, Runner},
-    spec::{Adapter, Bus, Device, Format, Kind, Live, USB_PORTS},
+    spec::{Adapter, Bus, Device, Format, Forward, Interface, Kind, Live, USB_PORTS},
     store::{self, DomainPaths, Liveness, Store},
     uri::Accel,
 };
@@ -159,6 +159,68 @@ pub fn usb_device(device: &Device, port: u8, node: Option<&str>) -> qmp::device_
     qmp::device_add::new(driver, Some(device.id.clone()), Some("usb.0".to_string()), arguments)
 }
 
+/// The root port `port` kept for NIC hot-plug.
+fn hotplug_port(port: u8) -> qmp::device_add {
+    let chassis = u32::from(port) + 1;
+    qmp::device_add::new("pcie-root-port", Some(hotplug_bus(port)), None, props([("chassis", Any::from(chassis))]))
+}
+
+fn hotplug_bus(port: u8) -> String {
+    format!("capvirt-hp{port}")
+}
+
+/// The netdev of the interface with device id `device_id`.
+pub fn netdev_id(device_id: &str) -> String {
+    format!("capvirt-{device_id}")
+}
+
+fn netdev_type(nic: &Interface) -> &'static str {
+    if nic.bridge.is_some() {
+        "tap"
+    } else {
+        "user"
+    }
+}
+
+/// A forward in QEMU's `hostfwd` syntax, on the host's loopback address only.
+fn hostfwd(f: &Forward) -> String {
+    format!("{}:127.0.0.1:{}-:{}", f.protocol.as_str(), f.host_port, f.guest_port)
+}
+
+/// The virtio-net device of an interface; a hot-plugged one sits on root port `port`.
+pub fn nic_device(nic: &Interface, device_id: &str, port: Option<u8>) -> qmp::device_add {
+    let netdev = netdev_id(device_id);
+    // No option ROM: guests boot their disks or a kernel, never the network.
+    let arguments =
+        props([("netdev", Any::from(netdev)), ("mac", Any::from(nic.mac.as_str())), ("romfile", Any::from(""))]);
+    qmp::device_add::new("virtio-net-pci", Some(device_id.to_string()), port.map(hotplug_bus), arguments)
+}
+
+/// The `netdev_add` of a hot-plugged interface (its tap already created for a bridge).
+pub fn netdev_add(paths: &DomainPaths, nic: &Interface, device_id: &str) -> Result<qmp::netdev_add, PluginError> {
+    let mut netdev = serde_json::json!({ "type": netdev_type(nic), "id": netdev_id(device_id) });
+    if nic.bridge.is_some() {
+        netdev["ifname"] = crate::tap::name(&paths.dir, device_id).into();
+        netdev["script"] = "no".into();
+        netdev["downscript"] = "no".into();
+    }
+    if !nic.forwards.is_empty() {
+        let forwards: Vec<serde_json::Value> =
+            nic.forwards.iter().map(|f| serde_json::json!({ "str": hostfwd(f) })).collect();
+        netdev["hostfwd"] = forwards.into();
+    }
+    serde_json::from_value(netdev)
+        .map(qmp::netdev_add)
+        .map_err(|e| PluginError::internal(format!("cannot encode netdev_add for '{device_id}': {e}")))
+}
+
+/// Takes a free hot-plug root port for a new interface.
+pub fn take_nic_port(live: &mut Live, device_id: &str) -> Option<u8> {
+    let port = live.free_nic_port()?;
+    live.nic_ports.insert(device_id.to_string(), port);
+    Some(port)
+}
+
 /// QEMU's arguments for a domain. Images are named only as fd sets (see [`images`]); `boot`
 /// says where QEMU reads the kernel and initrd.
 pub fn command_line(
@@ -239,26 +301,22 @@ pub fn command_line(
         };
         args.json("-device", &qmp::device_add::new(driver, Some("video0".to_string()), None, std::iter::empty()))?;
     }
+    for port in 0..live.hotplug_ports {
+        args.json("-device", &hotplug_port(port))?;
+    }
     for (index, nic) in machine.interfaces.iter().enumerate() {
-        // User-mode networking: the option text holds only fixed words and validated integers.
-        let netdev = format!("capvirt-net{index}");
-        let mut options = format!("user,id={netdev}");
+        let id = nic.device_id(index);
+        // The option text holds only fixed words, validated integers and derived names.
+        let mut options = format!("{},id={}", netdev_type(nic), netdev_id(&id));
+        if nic.bridge.is_some() {
+            options.push_str(&format!(",ifname={},script=no,downscript=no", crate::tap::name(&paths.dir, &id)));
+        }
         for f in &nic.forwards {
-            options.push_str(&format!(",hostfwd={}:127.0.0.1:{}-:{}", f.protocol.as_str(), f.host_port, f.guest_port));
+            options.push_str(&format!(",hostfwd={}", hostfwd(f)));
         }
         args.add(&["-netdev", &options]);
-        let device = qmp::device_add::new(
-            "virtio-net-pci",
-            Some(format!("net{index}")),
-            None,
-            // No option ROM: guests boot their disks or a kernel, never the network.
-            props([
-                ("netdev", Any::from(netdev.as_str())),
-                ("mac", Any::from(nic.mac.as_str())),
-                ("romfile", Any::from("")),
-            ]),
-        );
-        args.json("-device", &device)?;
+        let port = nic.id.as_ref().and_then(|id| live.nic_ports.get(id).copied());
+        args.json("-device", &nic_device(nic, &id, port))?;
     }
     // The first serial port, on a socket that logs what the guest prints (`domain.console-read`)
     // and takes typed lines (`domain.console-write`).
@@ -316,7 +374,10 @@ pub fn launch(
     store::remove_runtime(paths)?;
     store::make_private_dir(&paths.run)?;
     crate::console::Log::open(paths)?.reset()?;
-    let result = privilege::prepare(store, paths, runner)
+    // Taps of bridge interfaces, owned by the account QEMU runs as so it can open them; a
+    // failed start removes them with the runtime files.
+    let result = crate::tap::setup(&paths.dir, &live.machine, runner.tap_owner())
+        .and_then(|()| privilege::prepare(store, paths, runner))
         .and_then(|dir| BootFiles::stage(&live.machine, &dir, runner))
         .and_then(|boot| {
             let launched = launch_in(store, paths, live, mode, emulator, runner, &boot);

@@ -118,14 +118,32 @@ pub struct Forward {
     pub guest_port: u16,
 }
 
-/// A user-mode (NAT) virtio network interface with its MAC address, fixed at define.
+/// A virtio network interface with its MAC address (fixed at define, or at hot-plug): user-mode
+/// NAT, or a tap on a host bridge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interface {
     pub mac: String,
     #[serde(default)]
     pub forwards: Vec<Forward>,
+    /// `bridge` interfaces: the host bridge its tap joins; absent: user-mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// Hot-plugged interfaces: the device id given at attach (interfaces of the definition
+    /// are `net0`, `net1`, … by position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
+
+impl Interface {
+    /// Its QEMU device id: the id given at hot-plug, else `net` + its position.
+    pub fn device_id(&self, index: usize) -> String {
+        self.id.clone().unwrap_or_else(|| format!("net{index}"))
+    }
+}
+
+/// The longest Linux network interface name (IFNAMSIZ - 1).
+pub const MAX_IFNAME_LEN: usize = 15;
 
 /// A validated domain definition (what `domain.toml` holds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +161,7 @@ pub struct Machine {
     /// Direct kernel boot; absent: the firmware boots the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<KernelBoot>,
-    /// Network interfaces, in guest order (all user-mode virtio for now).
+    /// Network interfaces, in guest order (hot-plugged ones last, in the live configuration).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<Interface>,
 }
@@ -256,8 +274,10 @@ impl Machine {
             .interfaces
             .iter()
             .map(|nic| {
-                let mut spec = InterfaceSpec::new(InterfaceKind::User);
+                let kind = if nic.bridge.is_some() { InterfaceKind::Bridge } else { InterfaceKind::User };
+                let mut spec = InterfaceSpec::new(kind);
                 spec.mac = Some(nic.mac.clone());
+                spec.bridge = nic.bridge.clone();
                 spec.forwards = nic
                     .forwards
                     .iter()
@@ -287,6 +307,9 @@ pub struct HostLimits<'a> {
     pub memory_mib: u64,
     /// Where the connection's images may be.
     pub images: &'a ImagePolicy,
+    /// Whether `bridge` interfaces are possible: `qemu:///system`, where the driver runs as
+    /// root and creates taps.
+    pub bridges: bool,
 }
 
 /// Host areas no image, kernel or save file may be in unless the allow list names a path
@@ -539,59 +562,115 @@ fn port(value: u64, what: &str) -> Result<u16, PluginError> {
         .ok_or_else(|| PluginError::invalid_argument(format!("{what} {value} is not a port number (1 to 65535)")))
 }
 
+/// Checks a host bridge name before it reaches `ip` or QEMU: a Linux interface name.
+pub fn check_bridge_name(bridge: &str, what: &str) -> Result<(), PluginError> {
+    let ok = !bridge.is_empty()
+        && bridge.len() <= MAX_IFNAME_LEN
+        && bridge.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !bridge.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(PluginError::invalid_argument(format!(
+            "{what}: bridge {bridge:?} is not a Linux interface name (1 to {MAX_IFNAME_LEN} letters, digits, '.', '_', '-')"
+        )))
+    }
+}
+
+/// Validates one interface (`what` names it in errors); `seed` seeds a generated MAC.
+pub fn interface(nic: &InterfaceSpec, what: &str, seed: &str, bridges: bool) -> Result<Interface, PluginError> {
+    let bridge = match nic.kind {
+        InterfaceKind::User => {
+            if nic.bridge.is_some() {
+                return Err(PluginError::invalid_argument(format!("{what}: `bridge` applies to kind \"bridge\" only")));
+            }
+            None
+        }
+        InterfaceKind::Bridge => {
+            if !bridges {
+                return Err(PluginError::unsupported(format!(
+                    "{what}: kind \"bridge\" needs qemu:///system (the driver creates a tap device as root); \
+                     qemu:///session offers kind = \"user\" with forwards"
+                )));
+            }
+            let bridge = nic.bridge.as_deref().ok_or_else(|| {
+                PluginError::invalid_argument(format!(
+                    "{what}: kind \"bridge\" needs `bridge` (the host bridge's name)"
+                ))
+            })?;
+            check_bridge_name(bridge, what)?;
+            if !nic.forwards.is_empty() {
+                return Err(PluginError::invalid_argument(format!(
+                    "{what}: `forwards` apply to kind \"user\" only (a bridged guest is reached at its own address)"
+                )));
+            }
+            Some(bridge.to_string())
+        }
+    };
+    let mac = match &nic.mac {
+        Some(text) => format_mac(parse_mac(text).ok_or_else(|| {
+            PluginError::invalid_argument(format!(
+                "{what}: mac {text:?} is not a unicast Ethernet address (six hex pairs separated by ':')"
+            ))
+        })?),
+        None => random_mac(seed),
+    };
+    let mut forwards = Vec::with_capacity(nic.forwards.len());
+    let mut host_ports = HashSet::new();
+    for f in &nic.forwards {
+        let protocol = match f.protocol {
+            PortProtocol::Tcp => Protocol::Tcp,
+            PortProtocol::Udp => Protocol::Udp,
+        };
+        let forward = Forward {
+            protocol,
+            host_port: port(f.host_port, &format!("{what}: host_port"))?,
+            guest_port: port(f.guest_port, &format!("{what}: guest_port"))?,
+        };
+        if !host_ports.insert((protocol, forward.host_port)) {
+            return Err(forwarded_twice(what, forward));
+        }
+        forwards.push(forward);
+    }
+    Ok(Interface { mac, forwards, bridge, id: None })
+}
+
+fn forwarded_twice(what: &str, forward: Forward) -> PluginError {
+    PluginError::invalid_argument(format!(
+        "{what}: host port {}/{} is forwarded twice",
+        forward.host_port,
+        forward.protocol.as_str()
+    ))
+}
+
+/// Refuses a new interface whose MAC or forwarded host ports another interface already uses.
+pub fn check_conflicts(existing: &[Interface], nic: &Interface, what: &str) -> Result<(), PluginError> {
+    if existing.iter().any(|other| other.mac == nic.mac) {
+        return Err(PluginError::invalid_argument(format!("{what}: mac {} is used twice", nic.mac)));
+    }
+    for forward in &nic.forwards {
+        let taken = existing
+            .iter()
+            .flat_map(|other| &other.forwards)
+            .any(|f| f.protocol == forward.protocol && f.host_port == forward.host_port);
+        if taken {
+            return Err(forwarded_twice(what, *forward));
+        }
+    }
+    Ok(())
+}
+
 /// Validates network interfaces; generates the MAC addresses the spec leaves out.
-fn interfaces(spec: &DomainSpec) -> Result<Vec<Interface>, PluginError> {
+fn interfaces(spec: &DomainSpec, bridges: bool) -> Result<Vec<Interface>, PluginError> {
     if spec.interfaces.len() > MAX_INTERFACES {
         return Err(PluginError::invalid_argument(format!("more than {MAX_INTERFACES} network interfaces")));
     }
-    let mut macs = HashSet::new();
-    let mut host_ports = HashSet::new();
-    let mut out = Vec::with_capacity(spec.interfaces.len());
+    let mut out: Vec<Interface> = Vec::with_capacity(spec.interfaces.len());
     for (index, nic) in spec.interfaces.iter().enumerate() {
         let what = format!("interface {index}");
-        match nic.kind {
-            InterfaceKind::User => {}
-            InterfaceKind::Bridge => {
-                return Err(PluginError::unsupported(format!(
-                "{what}: kind \"bridge\" is not implemented by the qemu driver yet; use kind = \"user\" with forwards"
-            )))
-            }
-        }
-        if nic.bridge.is_some() {
-            return Err(PluginError::invalid_argument(format!("{what}: `bridge` applies to kind \"bridge\" only")));
-        }
-        let mac = match &nic.mac {
-            Some(text) => format_mac(parse_mac(text).ok_or_else(|| {
-                PluginError::invalid_argument(format!(
-                    "{what}: mac {text:?} is not a unicast Ethernet address (six hex pairs separated by ':')"
-                ))
-            })?),
-            None => random_mac(&format!("{}/{index}", spec.name)),
-        };
-        if !macs.insert(mac.clone()) {
-            return Err(PluginError::invalid_argument(format!("{what}: mac {mac} is used twice")));
-        }
-        let mut forwards = Vec::with_capacity(nic.forwards.len());
-        for f in &nic.forwards {
-            let protocol = match f.protocol {
-                PortProtocol::Tcp => Protocol::Tcp,
-                PortProtocol::Udp => Protocol::Udp,
-            };
-            let forward = Forward {
-                protocol,
-                host_port: port(f.host_port, &format!("{what}: host_port"))?,
-                guest_port: port(f.guest_port, &format!("{what}: guest_port"))?,
-            };
-            if !host_ports.insert((protocol, forward.host_port)) {
-                return Err(PluginError::invalid_argument(format!(
-                    "{what}: host port {}/{} is forwarded twice",
-                    forward.host_port,
-                    protocol.as_str()
-                )));
-            }
-            forwards.push(forward);
-        }
-        out.push(Interface { mac, forwards });
+        let nic = interface(nic, &what, &format!("{}/{index}", spec.name), bridges)?;
+        check_conflicts(&out, &nic, &what)?;
+        out.push(nic);
     }
     Ok(out)
 }
@@ -669,7 +748,7 @@ pub fn validate(spec: &DomainSpec, limits: HostLimits) -> Result<Machine, Plugin
         ));
     }
     let boot = spec.boot.as_ref().map(|b| kernel_boot(b, limits.images)).transpose()?.flatten();
-    let interfaces = interfaces(spec)?;
+    let interfaces = interfaces(spec, limits.bridges)?;
     let machine = Machine {
         name: spec.name.clone(),
         memory_mib: spec.memory_mib,
@@ -708,6 +787,27 @@ pub struct Live {
     /// The running QEMU's own version (QMP `query-version`), shown by `domain.info`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_version: Option<String>,
+    /// PCIe root ports kept free for hot-plugged network interfaces (q35's root bus takes no
+    /// hot-plug). 0 in states recorded by drivers without NIC hot-plug, whose QEMUs have none:
+    /// a restore or migration destination recreates exactly what the state was saved with.
+    #[serde(default)]
+    pub hotplug_ports: u8,
+    /// Root port of each hot-plugged interface (by device id).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nic_ports: std::collections::BTreeMap<String, u8>,
+}
+
+/// PCIe root ports every domain started by this driver gets for NIC hot-plug.
+pub const HOTPLUG_PORTS: u8 = 4;
+/// The most hot-plug ports a saved live configuration may ask for.
+pub const MAX_HOTPLUG_PORTS: u8 = 16;
+
+/// Gives interfaces re-validated from a save file (`to_spec` knows no device ids) the
+/// hot-plug ids they had, position by position.
+pub fn keep_nic_ids(validated: &mut Machine, saved: &Machine) {
+    for (nic, was) in validated.interfaces.iter_mut().zip(&saved.interfaces) {
+        nic.id = was.id.clone();
+    }
 }
 
 impl Live {
@@ -720,7 +820,15 @@ impl Live {
             .map(|d| d.target.clone())
             .chain(machine.devices.iter().map(|d| d.id.clone()));
         let usb_ports = users.zip(1..=USB_PORTS).collect();
-        Live { accel: accel.to_string(), machine, usb_ports, machine_type: None, qemu_version: None }
+        Live {
+            accel: accel.to_string(),
+            machine,
+            usb_ports,
+            machine_type: None,
+            qemu_version: None,
+            hotplug_ports: HOTPLUG_PORTS,
+            nic_ports: Default::default(),
+        }
     }
 
     /// The lowest USB port nobody uses.
@@ -730,6 +838,44 @@ impl Live {
 
     pub fn port(&self, id: &str) -> Option<u8> {
         self.usb_ports.get(id).copied()
+    }
+
+    /// The lowest hot-plug root port no interface uses.
+    pub fn free_nic_port(&self) -> Option<u8> {
+        (0..self.hotplug_ports).find(|port| !self.nic_ports.values().any(|p| p == port))
+    }
+
+    /// Checks the hot-plug records of a live configuration read from a save file (caller
+    /// data): at most [`MAX_HOTPLUG_PORTS`] ports, each hot-plugged interface (valid id) on
+    /// its own port, no port for anything else.
+    pub fn check_nic_ports(&self) -> Result<(), String> {
+        if self.hotplug_ports > MAX_HOTPLUG_PORTS {
+            return Err(format!("{} hot-plug ports (at most {MAX_HOTPLUG_PORTS})", self.hotplug_ports));
+        }
+        let plugged: Vec<&str> = self.machine.interfaces.iter().filter_map(|n| n.id.as_deref()).collect();
+        let mut seen = Vec::new();
+        for id in &plugged {
+            check_device_id(id, "interface").map_err(|e| e.message.to_string())?;
+            let port = self.nic_ports.get(*id).copied().ok_or_else(|| format!("no hot-plug port for '{id}'"))?;
+            if port >= self.hotplug_ports || seen.contains(&port) {
+                return Err(format!("invalid hot-plug port {port} for '{id}'"));
+            }
+            seen.push(port);
+        }
+        if self.nic_ports.len() != plugged.len() {
+            return Err("hot-plug ports for unknown interfaces".into());
+        }
+        Ok(())
+    }
+
+    /// Every QEMU device id in use (disks, USB devices, interfaces and the driver's own).
+    pub fn device_ids(&self) -> Vec<String> {
+        let machine = &self.machine;
+        let mut ids: Vec<String> = machine.disks.iter().map(|d| d.target.clone()).collect();
+        ids.extend(machine.devices.iter().map(|d| d.id.clone()));
+        ids.extend(machine.interfaces.iter().enumerate().map(|(i, nic)| nic.device_id(i)));
+        ids.extend(["usb".to_string(), "video0".to_string()]);
+        ids
     }
 }
 
@@ -815,12 +961,13 @@ mod tests {
         let mut named = InterfaceSpec::new(InterfaceKind::User);
         named.mac = Some("52:54:00:AA:BB:CC".into());
         spec.interfaces.push(named);
-        let nics = interfaces(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let nics = interfaces(&spec, false).unwrap_or_else(|e| panic!("{e}"));
         assert!(parse_mac(&nics[0].mac).is_some(), "{}", nics[0].mac);
         assert_eq!(nics[1].mac, "52:54:00:aa:bb:cc");
         assert_eq!(nics[0].forwards[1], Forward { protocol: Protocol::Udp, host_port: 8080, guest_port: 53 });
 
-        let refused = |spec: &DomainSpec| interfaces(spec).err().map(|e| e.message.to_string()).unwrap_or_default();
+        let refused =
+            |spec: &DomainSpec| interfaces(spec, true).err().map(|e| e.message.to_string()).unwrap_or_default();
         let mut twice = DomainSpec::new("vm", 64, 1);
         let mut dup = nic.clone();
         dup.forwards.push(PortForward::new(PortProtocol::Tcp, 8080, 81));
@@ -840,15 +987,63 @@ mod tests {
         let mut bridge = InterfaceSpec::new(InterfaceKind::Bridge);
         bridge.bridge = Some("br0".into());
         bridged.interfaces.push(bridge);
-        let error = interfaces(&bridged).err();
+        // qemu:///session cannot create taps: unsupported, saying where it works.
+        let error = interfaces(&bridged, false).err();
         assert_eq!(error.as_ref().map(|e| e.kind), Some(capvirt_plugin_api::ErrorKind::Unsupported));
-        assert!(refused(&bridged).contains("not implemented"));
+        assert!(error.is_some_and(|e| e.message.contains("needs qemu:///system")));
+        let nics = interfaces(&bridged, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(nics[0].bridge.as_deref(), Some("br0"));
+        assert_eq!(Machine { interfaces: nics, ..machine() }.to_spec().interfaces[0].bridge.as_deref(), Some("br0"));
+        let mut unnamed = DomainSpec::new("vm", 64, 1);
+        unnamed.interfaces.push(InterfaceSpec::new(InterfaceKind::Bridge));
+        assert!(refused(&unnamed).contains("needs `bridge`"));
+        let mut forwarded = bridged.clone();
+        forwarded.interfaces[0].forwards.push(PortForward::new(PortProtocol::Tcp, 8080, 80));
+        assert!(refused(&forwarded).contains("`forwards` apply to kind \"user\" only"));
+        for bad in ["br0 x", "a-very-long-bridge-name", "-br", "br/0", ""] {
+            let mut spec = bridged.clone();
+            spec.interfaces[0].bridge = Some(bad.into());
+            assert!(refused(&spec).contains("not a Linux interface name"), "{bad:?}: {}", refused(&spec));
+        }
+    }
+
+    #[test]
+    fn saved_hot_plug_records_are_checked() {
+        let mut live = Live::new(machine(), "tcg");
+        let plugged =
+            Interface { mac: "52:54:00:00:00:09".into(), forwards: Vec::new(), bridge: None, id: Some("hot0".into()) };
+        live.machine.interfaces.push(plugged);
+        assert!(live.check_nic_ports().is_err_and(|e| e.contains("no hot-plug port")));
+        live.nic_ports.insert("hot0".into(), HOTPLUG_PORTS);
+        assert!(live.check_nic_ports().is_err_and(|e| e.contains("invalid hot-plug port")));
+        live.nic_ports.insert("hot0".into(), 0);
+        assert_eq!(live.check_nic_ports(), Ok(()));
+        live.nic_ports.insert("ghost".into(), 1);
+        assert!(live.check_nic_ports().is_err_and(|e| e.contains("unknown interfaces")));
+        // A save file's interfaces lose their ids in `to_spec`; `keep_nic_ids` puts them back.
+        let mut validated = live.machine.clone();
+        validated.interfaces[0].id = None;
+        keep_nic_ids(&mut validated, &live.machine);
+        assert_eq!(validated, live.machine);
     }
 
     #[test]
     fn names_never_become_paths() {
         for bad in ["../x", "a/b", ".x", "a..b", ""] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    fn machine() -> Machine {
+        Machine {
+            name: "vm".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            disks: Vec::new(),
+            devices: Vec::new(),
+            graphics: None,
+            boot: None,
+            interfaces: Vec::new(),
         }
     }
 
@@ -872,10 +1067,20 @@ mod tests {
                 initrd: None,
                 cmdline: Some("console=ttyS0 quiet".into()),
             }),
-            interfaces: vec![Interface {
-                mac: "52:54:00:12:34:56".into(),
-                forwards: vec![Forward { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
-            }],
+            interfaces: vec![
+                Interface {
+                    mac: "52:54:00:12:34:56".into(),
+                    forwards: vec![Forward { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
+                    bridge: None,
+                    id: None,
+                },
+                Interface {
+                    mac: "52:54:00:12:34:57".into(),
+                    forwards: Vec::new(),
+                    bridge: Some("br0".into()),
+                    id: Some("hot0".into()),
+                },
+            ],
         };
         let text = toml::to_string(&machine).unwrap_or_else(|e| panic!("{e}"));
         let back: Machine = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));

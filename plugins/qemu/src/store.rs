@@ -255,6 +255,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PluginError> {
 
 /// Removes a domain's runtime directories (after its QEMU is gone).
 pub fn remove_runtime(paths: &DomainPaths) -> Result<(), PluginError> {
+    // The taps of bridge interfaces belong to the QEMU that stopped (best effort: a tap left
+    // behind is removed at the domain's next start or undefine).
+    let _ = crate::tap::sweep(&paths.dir);
     for dir in [&paths.emulator, &paths.run] {
         match fs::remove_dir_all(dir) {
             Ok(()) => {}

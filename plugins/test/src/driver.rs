@@ -8,8 +8,8 @@ use std::{
 use capvirt_plugin_api::{
     prelude::*,
     types::{
-        console_output, domain_summary, format_mac, parse_mac, random_mac, BlockStats, DeviceSpec, DomainInfo,
-        DomainSpec, DomainState, HostInfo, InterfaceKind,
+        console_output, domain_summary, format_mac, parse_mac, random_mac, AnyDevice, BlockStats, DeviceSpec,
+        DomainInfo, DomainSpec, DomainState, HostInfo, InterfaceInfo, InterfaceKind, NicDevice,
     },
     Text,
 };
@@ -116,8 +116,16 @@ impl Plugin for TestDriver {
             "domain.define" => self.define(args.get("spec")?),
             "domain.undefine" => self.undefine(args.str("domain")?),
             "domain.block-stats" => self.block_stats(args.str("domain")?, args.opt_str("device")?),
-            "domain.attach-device" => self.attach(args.str("domain")?, DeviceSpec::from_value(args.get("device")?)?),
-            "domain.detach-device" => self.detach(args.str("domain")?, DeviceSpec::from_value(args.get("device")?)?),
+            "domain.attach-device" => match AnyDevice::from_value(args.get("device")?)? {
+                AnyDevice::Nic(nic) => self.attach_nic(args.str("domain")?, nic),
+                AnyDevice::Usb(device) => self.attach(args.str("domain")?, device),
+                other => Err(unknown_device(&other)),
+            },
+            "domain.detach-device" => match AnyDevice::from_value(args.get("device")?)? {
+                AnyDevice::Nic(nic) => self.detach_nic(args.str("domain")?, &nic.id),
+                AnyDevice::Usb(device) => self.detach(args.str("domain")?, device),
+                other => Err(unknown_device(&other)),
+            },
             "domain.migrate" => self.migrate(args.str("domain")?, args.str("dest_uri")?, ctx),
             "domain.save" => self.save(args.str("domain")?, Path::new(args.str("path")?)),
             "domain.restore" => self.restore(Path::new(args.str("path")?)),
@@ -206,6 +214,16 @@ impl TestDriver {
         if domain.state.is_active() {
             info.hypervisor_version = Some(Text::from(env!("CARGO_PKG_VERSION")));
         }
+        let defined = domain.spec.interfaces.iter().enumerate().map(|(i, nic)| (format!("net{i}"), nic));
+        let plugged = domain.live_nics.iter().filter_map(|n| n.interface.as_ref().map(|nic| (n.id.clone(), nic)));
+        info.interfaces = defined
+            .chain(plugged)
+            .filter_map(|(id, nic)| {
+                let mut entry = InterfaceInfo::new(id, nic.kind, nic.mac.clone()?);
+                entry.bridge = nic.bridge.clone();
+                Some(entry)
+            })
+            .collect();
         Ok(info.into_value())
     }
 
@@ -317,11 +335,69 @@ impl TestDriver {
         Ok(stats.into_value())
     }
 
+    /// Plugs a network interface into the running domain (live only, like the QEMU driver):
+    /// validated like a spec's interface, with a generated MAC when it names none.
+    fn attach_nic(&self, name: &str, mut nic: NicDevice) -> Result<Value, PluginError> {
+        let mut interface = nic.require_interface()?.clone();
+        let what = format!("device {}", nic.id);
+        match interface.kind {
+            InterfaceKind::Bridge if interface.bridge.is_none() => {
+                return Err(PluginError::invalid_argument(format!("{what}: kind \"bridge\" needs `bridge`")))
+            }
+            InterfaceKind::Bridge if !interface.forwards.is_empty() => {
+                return Err(PluginError::invalid_argument(format!("{what}: `forwards` apply to kind \"user\" only")))
+            }
+            InterfaceKind::User if interface.bridge.is_some() => {
+                return Err(PluginError::invalid_argument(format!("{what}: `bridge` applies to kind \"bridge\" only")))
+            }
+            _ => {}
+        }
+        interface.mac = Some(match &interface.mac {
+            Some(text) => format_mac(parse_mac(text).ok_or_else(|| {
+                PluginError::invalid_argument(format!("{what}: mac {text:?} is not a unicast Ethernet address"))
+            })?),
+            None => random_mac(&format!("{name}/{}", nic.id)),
+        });
+        let mut state = self.lock()?;
+        let domain = Self::active_domain(&mut state, name)?;
+        if Self::device_taken(domain, &nic.id) {
+            return Err(PluginError::invalid_argument(format!("domain '{name}' already has a device '{}'", nic.id)));
+        }
+        let macs = domain.spec.interfaces.iter().chain(domain.live_nics.iter().filter_map(|n| n.interface.as_ref()));
+        if macs.clone().any(|other| other.mac == interface.mac) {
+            return Err(PluginError::invalid_argument(format!(
+                "{what}: mac {} is used twice",
+                interface.mac.unwrap_or_default()
+            )));
+        }
+        nic.interface = Some(interface);
+        domain.live_nics.push(nic);
+        Ok(Value::Unit)
+    }
+
+    fn detach_nic(&self, name: &str, id: &str) -> Result<Value, PluginError> {
+        let mut state = self.lock()?;
+        let domain = Self::active_domain(&mut state, name)?;
+        let index = domain
+            .live_nics
+            .iter()
+            .position(|n| n.id == id)
+            .ok_or_else(|| PluginError::not_found(format!("domain '{name}' has no network interface '{id}'")))?;
+        domain.live_nics.remove(index);
+        Ok(Value::Unit)
+    }
+
+    fn device_taken(domain: &Domain, id: &str) -> bool {
+        domain.live_devices.iter().any(|d| d.id == id)
+            || domain.live_nics.iter().any(|n| n.id == id)
+            || domain.spec.disk_targets().iter().any(|t| t == id)
+    }
+
     fn attach(&self, name: &str, device: DeviceSpec) -> Result<Value, PluginError> {
         device.disk_backing()?;
         let mut state = self.lock()?;
         let domain = Self::active_domain(&mut state, name)?;
-        if domain.live_devices.iter().any(|d| d.id == device.id) || domain.spec.disk_targets().contains(&device.id) {
+        if Self::device_taken(domain, &device.id) {
             return Err(PluginError::invalid_argument(format!("domain '{name}' already has a device '{}'", device.id)));
         }
         domain.live_devices.push(device);
@@ -455,4 +531,13 @@ impl TestDriver {
         info.memory_kib = 8 * 1024 * 1024;
         info.into_value()
     }
+}
+
+/// A device kind a newer SDK knows and this driver does not.
+fn unknown_device(device: &AnyDevice) -> PluginError {
+    PluginError::unsupported(format!(
+        "device `{}`: kind {:?} is not supported by the test driver",
+        device.id(),
+        device.kind_str()
+    ))
 }

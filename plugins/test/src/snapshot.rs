@@ -82,6 +82,7 @@ pub fn revert(state: &mut State, domain: &str, name: &str) -> Result<Value, Plug
     target.state = snapshot.domain.state;
     target.cpu_time_ns = snapshot.domain.cpu_time_ns;
     target.live_devices = snapshot.domain.live_devices;
+    target.live_nics = snapshot.domain.live_nics;
     target.console = snapshot.domain.console;
     Ok(Value::Unit)
 }

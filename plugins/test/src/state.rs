@@ -10,6 +10,7 @@ use std::{
 use capvirt_plugin_api::{
     types::{
         BlockStats, DeviceSpec, DiskBus, DiskFormat, DiskSpec, DomainSpec, DomainState, GraphicsAdapter, GraphicsSpec,
+        NicDevice,
     },
     PluginError, Value,
 };
@@ -23,6 +24,8 @@ pub struct Domain {
     pub cpu_time_ns: u64,
     /// Devices present while active: the spec's, plus hot-plugged ones.
     pub live_devices: Vec<DeviceSpec>,
+    /// Network interfaces hot-plugged while active (MAC filled in); the spec's stay in `spec`.
+    pub live_nics: Vec<NicDevice>,
     /// What the guest printed on its serial console since it last started (kept once it stops).
     pub console: Vec<u8>,
 }
@@ -31,7 +34,7 @@ impl Domain {
     pub fn new(spec: DomainSpec, state: DomainState) -> Domain {
         let live_devices = if state.is_active() { spec.devices.clone() } else { Vec::new() };
         let console = if state.is_active() { boot_console(&spec.name) } else { Vec::new() };
-        Domain { spec, state, cpu_time_ns: 0, live_devices, console }
+        Domain { spec, state, cpu_time_ns: 0, live_devices, live_nics: Vec::new(), console }
     }
 
     /// Deterministic counters per disk while the domain runs.
@@ -44,6 +47,7 @@ impl Domain {
         self.state = DomainState::Running;
         self.cpu_time_ns = 0;
         self.live_devices = self.spec.devices.clone();
+        self.live_nics.clear();
         self.console = boot_console(&self.spec.name);
     }
 
@@ -51,6 +55,7 @@ impl Domain {
         self.state = DomainState::ShutOff;
         self.cpu_time_ns = 0;
         self.live_devices.clear();
+        self.live_nics.clear();
     }
 }
 
