@@ -651,9 +651,27 @@ impl QemuDriver {
                 let _ = crate::tap::delete(tap);
             }
         };
-        let netdev = qemu::netdev_add(&lock.paths, &interface, &nic.id)?;
+        let netdev = qemu::netdev_add(&interface, &nic.id)?;
+        // A bridge's tap goes over as a descriptor, on the channel that then uses it (QEMU
+        // keeps `getfd` names per monitor).
+        let tap_fd = match &tap {
+            Some((tap, _)) => match crate::tap::open(tap) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    undo_tap();
+                    return Err(PluginError::from(e));
+                }
+            },
+            None => None,
+        };
         let op = Op::new(name, "attach (netdev_add)").refused_as(ErrorKind::InvalidArgument);
-        if let Err(e) = self.with_monitor(op, |q| q.execute(&netdev)) {
+        let added = self.with_monitor(op, |q| {
+            if let Some(fd) = &tap_fd {
+                q.execute_with_fd(&qmp::getfd { fdname: qemu::tap_fd_name(&nic.id) }, fd.as_fd())?;
+            }
+            q.execute(&netdev)
+        });
+        if let Err(e) = added {
             undo_tap();
             return Err(e);
         }

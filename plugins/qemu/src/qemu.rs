@@ -82,6 +82,18 @@ pub fn fdset_path(set: usize) -> PathBuf {
 
 /// The image files QEMU gets as descriptors, in descriptor order: each disk (read-only or
 /// not), then each USB disk of the live configuration.
+/// The taps of the bridge interfaces (device id, tap name), in the order their descriptors
+/// follow the images' (`FIRST_IMAGE_FD + images(live).len()` onwards).
+fn bridged_taps(paths: &DomainPaths, live: &Live) -> Vec<(String, String)> {
+    let nics = live.machine.interfaces.iter().enumerate().filter(|(_, nic)| nic.bridge.is_some());
+    nics.map(|(index, nic)| {
+        let id = nic.device_id(index);
+        let tap = crate::tap::name(&paths.dir, &id);
+        (id, tap)
+    })
+    .collect()
+}
+
 fn images(live: &Live) -> Vec<(&Path, bool)> {
     let machine = &live.machine;
     let disks = machine.disks.iter().map(|d| (d.path.as_path(), d.readonly));
@@ -196,13 +208,17 @@ pub fn nic_device(nic: &Interface, device_id: &str, port: Option<u8>) -> qmp::de
     qmp::device_add::new("virtio-net-pci", Some(device_id.to_string()), port.map(hotplug_bus), arguments)
 }
 
-/// The `netdev_add` of a hot-plugged interface (its tap already created for a bridge).
-pub fn netdev_add(paths: &DomainPaths, nic: &Interface, device_id: &str) -> Result<qmp::netdev_add, PluginError> {
+/// The descriptor name a hot-plugged bridge interface's tap is passed under (`getfd`).
+pub fn tap_fd_name(device_id: &str) -> String {
+    format!("capvirt-tap-{device_id}")
+}
+
+/// The `netdev_add` of a hot-plugged interface (for a bridge, its tap already passed to QEMU
+/// with `getfd` under [`tap_fd_name`]).
+pub fn netdev_add(nic: &Interface, device_id: &str) -> Result<qmp::netdev_add, PluginError> {
     let mut netdev = serde_json::json!({ "type": netdev_type(nic), "id": netdev_id(device_id) });
     if nic.bridge.is_some() {
-        netdev["ifname"] = crate::tap::name(&paths.dir, device_id).into();
-        netdev["script"] = "no".into();
-        netdev["downscript"] = "no".into();
+        netdev["fd"] = tap_fd_name(device_id).into();
     }
     if !nic.forwards.is_empty() {
         let forwards: Vec<serde_json::Value> =
@@ -304,12 +320,15 @@ pub fn command_line(
     for port in 0..live.hotplug_ports {
         args.json("-device", &hotplug_port(port))?;
     }
+    // Taps are opened here and handed over (see `launch_in`), after the images.
+    let first_tap_fd = FIRST_IMAGE_FD + images(live).len() as i32;
+    let tap_ids: Vec<String> = bridged_taps(paths, live).into_iter().map(|(id, _)| id).collect();
     for (index, nic) in machine.interfaces.iter().enumerate() {
         let id = nic.device_id(index);
         // The option text holds only fixed words, validated integers and derived names.
         let mut options = format!("{},id={}", netdev_type(nic), netdev_id(&id));
-        if nic.bridge.is_some() {
-            options.push_str(&format!(",ifname={},script=no,downscript=no", crate::tap::name(&paths.dir, &id)));
+        if let Some(position) = tap_ids.iter().position(|t| *t == id) {
+            options.push_str(&format!(",fd={}", first_tap_fd + position as i32));
         }
         for f in &nic.forwards {
             options.push_str(&format!(",hostfwd={}", hostfwd(f)));
@@ -453,6 +472,12 @@ fn launch_in(
     for (index, (path, readonly)) in images(live).into_iter().enumerate() {
         let file = privilege::open_image(path, readonly)?;
         mappings.push(FdMapping { parent_fd: OwnedFd::from(file), child_fd: FIRST_IMAGE_FD + index as i32 });
+    }
+    // Taps too: QEMU never opens /dev/net/tun itself.
+    let first_tap_fd = FIRST_IMAGE_FD + images(live).len() as i32;
+    for (position, (_, tap)) in bridged_taps(paths, live).into_iter().enumerate() {
+        let fd = crate::tap::open(&tap).map_err(PluginError::from)?;
+        mappings.push(FdMapping { parent_fd: fd, child_fd: first_tap_fd + position as i32 });
     }
     let log = OpenOptions::new()
         .create(true)

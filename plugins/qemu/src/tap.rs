@@ -1,8 +1,9 @@
 //! Host tap devices of `bridge` interfaces (`qemu:///system` only: creating a tap takes
 //! CAP_NET_ADMIN).
 //!
-//! Each bridge interface gets a persistent tap created with iproute2's `ip` before QEMU opens
-//! it (`-netdev tap,ifname=…,script=no`), enslaved to the bridge and up. Names are derived from
+//! Each bridge interface gets a persistent tap created with iproute2's `ip`, enslaved to the
+//! bridge and up; the driver opens it and hands QEMU the descriptor (`-netdev tap,fd=N`, QMP
+//! `getfd` for hot-plug), so QEMU, unprivileged and filtered, never opens `/dev/net/tun`. Names are derived from
 //! the domain's directory and the interface's QEMU device id, so they are the same at every
 //! start, at most 15 characters (the kernel's limit) and share a per-domain prefix: stopping a
 //! domain (whatever stopped it) removes every tap with its prefix, and a start first removes
@@ -38,6 +39,8 @@ pub enum TapError {
     NoIp(std::io::Error),
     /// `ip` refused a command (its arguments and message).
     Ip { command: String, message: String },
+    /// The tap could not be opened for QEMU (`/dev/net/tun`, `TUNSETIFF`).
+    Open { tap: String, message: String },
 }
 
 impl fmt::Display for TapError {
@@ -50,6 +53,7 @@ impl fmt::Display for TapError {
             TapError::NotABridge(bridge) => write!(f, "'{bridge}' is a network interface of this host but not a bridge"),
             TapError::NoIp(e) => write!(f, "cannot run `ip` (iproute2) to manage tap devices: {e}"),
             TapError::Ip { command, message } => write!(f, "`{command}` failed: {message}"),
+            TapError::Open { tap, message } => write!(f, "cannot open tap '{tap}' for QEMU: {message}"),
         }
     }
 }
@@ -59,7 +63,9 @@ impl From<TapError> for PluginError {
         match e {
             TapError::NoBridge(_) => PluginError::not_found(e.to_string()),
             TapError::NotABridge(_) => PluginError::invalid_argument(e.to_string()),
-            TapError::NoIp(_) | TapError::Ip { .. } => PluginError::driver_failure(e.to_string()),
+            TapError::NoIp(_) | TapError::Ip { .. } | TapError::Open { .. } => {
+                PluginError::driver_failure(e.to_string())
+            }
         }
     }
 }
@@ -119,6 +125,23 @@ fn ip(args: &[&str]) -> Result<(), TapError> {
 /// Creates the persistent tap `tap` (owned by `owner` when given, so that an unprivileged QEMU
 /// can open it), enslaves it to `bridge` and brings it up. A tap of that name left by an
 /// earlier run is replaced. On failure nothing is left behind.
+/// Opens the persistent tap `tap` (made by [`create`]) as QEMU's end of it: QEMU gets the
+/// descriptor (`-netdev tap,fd=N`, or `getfd` for hot-plug) and never opens `/dev/net/tun`,
+/// which is often root-only and which an unprivileged QEMU under its seccomp filter should not
+/// reach anyway (libvirt does the same).
+pub fn open(tap: &str) -> Result<std::os::fd::OwnedFd, TapError> {
+    use std::os::fd::AsFd;
+    let failed = |message: String| TapError::Open { tap: tap.to_string(), message };
+    // Attach only: no address, MTU or link-state change (those are `ip`'s business).
+    let device = tun_rs::DeviceBuilder::new()
+        .name(tap)
+        .layer(tun_rs::Layer::L2)
+        .build_sync()
+        .map_err(|e| failed(e.to_string()))?;
+    // A descriptor of our own; the device's is closed when it drops.
+    device.as_fd().try_clone_to_owned().map_err(|e| failed(e.to_string()))
+}
+
 pub fn create(tap: &str, bridge: &str, owner: Option<Owner>) -> Result<(), TapError> {
     check_bridge(bridge)?;
     if Path::new(SYS_NET).join(tap).exists() {
