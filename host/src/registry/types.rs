@@ -71,6 +71,31 @@ pub struct FieldDef {
     pub bounds: Bounds,
     pub label: Option<String>,
     pub doc: String,
+    /// How the hot path checks this field, precomputed from `ty` and `bounds` once the
+    /// registry is built (see [`TypeTable::plan_fields`]).
+    pub(crate) quick: Quick,
+}
+
+/// A field's check reduced to what a value of the right shape needs, so that checking the
+/// usual argument and result records needs neither a type lookup nor a recursive call. A value
+/// that does not pass the quick check goes through [`TypeTable::validate`], which decides and
+/// words the error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Quick {
+    /// Nothing known: always the general check.
+    #[default]
+    General,
+    /// A primitive of exactly this kind, unbounded, with nothing to normalize.
+    Bool,
+    Str,
+    Bytes,
+    Float,
+    UInt,
+    Int,
+    /// A named string type of format `name`, at most `max_len` bytes.
+    Name { max_len: u64 },
+    /// A named enum.
+    Enum(TypeId),
 }
 
 impl FieldDef {
@@ -364,7 +389,7 @@ impl TypeTable {
                     if field.value.is_unit() && decl.ty != Ty::Unit {
                         return Ok(false);
                     }
-                    if !trivially_valid(&decl.ty, decl.bounds, &field.value) {
+                    if !self.quick_valid(decl.quick, &field.value) {
                         self.validate(&decl.ty, decl.bounds, &mut field.value, &path.field(&decl.name))?;
                     }
                     next += 1;
@@ -375,6 +400,84 @@ impl TypeTable {
             }
         }
         Ok(next == given.len())
+    }
+
+    /// Whether `value` passes `quick` as is (`false` leaves the decision to the general check).
+    #[inline(always)]
+    fn quick_valid(&self, quick: Quick, value: &Value) -> bool {
+        match (quick, value) {
+            (Quick::Bool, Value::Bool(_))
+            | (Quick::Str, Value::Str(_))
+            | (Quick::Bytes, Value::Bytes(_))
+            | (Quick::Float, Value::Float(_))
+            | (Quick::UInt, Value::UInt(_))
+            | (Quick::Int, Value::Int(_)) => true,
+            (Quick::Name { max_len }, Value::Str(s)) => s.len() as u64 <= max_len && is_name(s.as_bytes()),
+            (Quick::Enum(id), Value::Str(s)) => match &self.get(id).body {
+                TypeBody::Enum { values } => values.iter().any(|v| same_text(v, s.as_str())),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// The quick check for a field of type `ty` with `bounds` (every body must be known).
+    pub(crate) fn quick_for(&self, ty: &Ty, bounds: Bounds) -> Quick {
+        let unbounded = bounds.min.is_none() && bounds.max.is_none();
+        match ty {
+            Ty::Bool => Quick::Bool,
+            Ty::Str => Quick::Str,
+            Ty::Bytes => Quick::Bytes,
+            Ty::Float => Quick::Float,
+            Ty::UInt if unbounded => Quick::UInt,
+            Ty::Int if unbounded => Quick::Int,
+            Ty::Named(id) => match &self.get(*id).body {
+                TypeBody::Enum { .. } => Quick::Enum(*id),
+                TypeBody::Scalar { base: Ty::Str, format: Some(StringFormat::Name), max_len, bounds: own }
+                    if unbounded && own.min.is_none() && own.max.is_none() =>
+                {
+                    Quick::Name { max_len: max_len.unwrap_or(u64::MAX) }
+                }
+                TypeBody::Scalar { base, format: None, max_len: None, bounds: own }
+                    if unbounded && own.min.is_none() && own.max.is_none() =>
+                {
+                    self.quick_for(base, Bounds::default())
+                }
+                _ => Quick::General,
+            },
+            _ => Quick::General,
+        }
+    }
+
+    /// Sets the quick check of every record field, once every body is known.
+    pub(crate) fn plan_fields(&mut self) {
+        let quick: Vec<Vec<Quick>> = self
+            .defs
+            .iter()
+            .map(|def| match &def.body {
+                TypeBody::Record { fields } => fields.iter().map(|f| self.quick_for(&f.ty, f.bounds)).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        for (def, quick) in self.defs.iter_mut().zip(quick) {
+            if let TypeBody::Record { fields } = &mut def.body {
+                for (field, quick) in fields.iter_mut().zip(quick) {
+                    field.quick = quick;
+                }
+            }
+        }
+    }
+
+    /// The fields of `ty` when it is a record type: results are checked against them directly.
+    #[inline]
+    pub(crate) fn record_of(&self, ty: &Ty) -> Option<(&str, &[FieldDef])> {
+        match ty {
+            Ty::Named(id) => match &self.get(*id).body {
+                TypeBody::Record { fields } => Some((&self.get(*id).name, fields)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// A short human description of a type, for messages and help.
@@ -501,6 +604,19 @@ const NAME_BYTES: [bool; 256] = {
     }
     table
 };
+
+/// Whether `bytes` is a valid `name` (see [`check_format`], which words why one is not).
+#[inline]
+fn is_name(bytes: &[u8]) -> bool {
+    let Some(first) = bytes.first() else { return false };
+    let mut ok = first.is_ascii_alphanumeric();
+    let mut previous = 0u8;
+    for &b in bytes {
+        ok &= NAME_BYTES[usize::from(b)] & !(b == b'.' && previous == b'.');
+        previous = b;
+    }
+    ok
+}
 
 /// Checks a string against a declared format; the error says what is wrong.
 pub fn check_format(format: StringFormat, s: &str) -> Result<(), String> {
