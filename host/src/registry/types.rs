@@ -386,10 +386,11 @@ impl TypeTable {
         for decl in fields {
             match given.get_mut(next) {
                 Some(field) if same_text(field.name.as_str(), &decl.name) => {
-                    if field.value.is_unit() && decl.ty != Ty::Unit {
-                        return Ok(false);
-                    }
+                    // A quick pass is never a unit value, so the unit test waits for a miss.
                     if !self.quick_valid(decl.quick, &field.value) {
+                        if field.value.is_unit() && decl.ty != Ty::Unit {
+                            return Ok(false);
+                        }
                         self.validate(&decl.ty, decl.bounds, &mut field.value, &path.field(&decl.name))?;
                     }
                     next += 1;
