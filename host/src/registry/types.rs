@@ -93,7 +93,9 @@ pub(crate) enum Quick {
     UInt,
     Int,
     /// A named string type of format `name`, at most `max_len` bytes.
-    Name { max_len: u64 },
+    Name {
+        max_len: u64,
+    },
     /// A named enum.
     Enum(TypeId),
 }
@@ -572,10 +574,14 @@ fn same_text(a: &str, b: &str) -> bool {
         return false;
     }
     let word = |s: &[u8], at: usize| s.get(at..at + 8).and_then(|w| w.try_into().ok()).map(u64::from_ne_bytes);
+    let half = |s: &[u8], at: usize| s.get(at..at + 4).and_then(|w| w.try_into().ok()).map(u32::from_ne_bytes);
     match n {
-        // Two overlapping words cover 8..=16 bytes.
+        // Two overlapping words cover 8..=16 bytes, two overlapping half words 4..=7.
         8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
-        0..=7 => a.iter().zip(b).all(|(x, y)| x == y),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        // First, middle and last byte cover 1..=3.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        0 => true,
         _ => a == b,
     }
 }
@@ -682,8 +688,27 @@ mod tests {
 
     #[test]
     fn same_text_is_equality() {
-        let words =
-            ["", "a", "ab", "state", "vcpus", "running", "shut off", "memory_kib", "cpu_time_ns", "max_memory_kib"];
+        let words = [
+            "",
+            "a",
+            "ab",
+            "ba",
+            "abc",
+            "abd",
+            "acc",
+            "xbc",
+            "name",
+            "namf",
+            "nbme",
+            "state",
+            "statf",
+            "vcpus",
+            "running",
+            "shut off",
+            "memory_kib",
+            "cpu_time_ns",
+            "max_memory_kib",
+        ];
         let long = "hypervisor_version_and_more";
         for a in words.iter().chain([&long]) {
             for b in words.iter().chain([&long]) {
@@ -692,6 +717,18 @@ mod tests {
         }
         assert!(!same_text("memory_kib", "memory_kiB") && !same_text("Memory_kib", "memory_kib"));
         assert!(!same_text("hypervisor_version_and_more", "hypervisor_version_and_mork"));
+        // A difference at any one position of any length is seen.
+        let base = "abcdefghijklmnopqrstu";
+        for n in 0..=base.len() {
+            let a = &base[..n];
+            assert!(same_text(a, a));
+            for i in 0..n {
+                let mut b = a.as_bytes().to_vec();
+                b[i] = b'_';
+                let b = String::from_utf8(b).unwrap_or_default();
+                assert!(!same_text(a, &b), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]
