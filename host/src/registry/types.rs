@@ -731,6 +731,49 @@ mod tests {
         }
     }
 
+    /// A value the quick check passes is one the general check passes unchanged, for every
+    /// field and parameter of the embedded registry.
+    #[test]
+    fn quick_checks_never_pass_what_the_general_check_refuses() {
+        let registry = crate::registry::Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
+        let types = &registry.types;
+        let samples = [
+            Value::Bool(true),
+            Value::Int(-1),
+            Value::Int(5),
+            Value::UInt(5),
+            Value::UInt(u64::MAX),
+            Value::Float(0.5),
+            Value::from("test"),
+            Value::from("bad/name"),
+            Value::from("a..b"),
+            Value::from(""),
+            Value::from("running"),
+            Value::from("qcow2"),
+            Value::from("x".repeat(300)),
+            Value::Bytes(vec![1u8, 2].into()),
+        ];
+        let record_fields = types.iter().filter_map(|def| match &def.body {
+            TypeBody::Record { fields } => Some(fields.as_slice()),
+            _ => None,
+        });
+        let params = registry.capabilities().iter().map(|cap| cap.params.as_slice());
+        let mut quick_fields = 0;
+        for field in record_fields.chain(params).flatten() {
+            assert_eq!(field.quick, types.quick_for(&field.ty, field.bounds), "{}", field.name);
+            quick_fields += usize::from(field.quick != Quick::General);
+            for sample in &samples {
+                if types.quick_valid(field.quick, sample) {
+                    let mut value = sample.clone();
+                    let checked = types.validate(&field.ty, field.bounds, &mut value, &ValuePath::root(&field.name));
+                    assert!(checked.is_ok(), "{}: quick passed {sample:?}, general said {checked:?}", field.name);
+                    assert_eq!(&value, sample, "{}", field.name);
+                }
+            }
+        }
+        assert!(quick_fields > 20, "only {quick_fields} fields have a quick check");
+    }
+
     #[test]
     fn name_format_refuses_paths_and_control_characters() {
         for bad in ["", "../etc", "a/b", "a..b", ".hidden", "a\nb", "a b", "-x"] {
