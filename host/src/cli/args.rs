@@ -9,6 +9,41 @@ use capvirt_plugin_api::Value;
 use super::CliError;
 use crate::registry::{Ty, TypeBody, TypeTable};
 
+/// The subcommand `argv` names when that is plain: the first word after global options this
+/// scan knows (`-c URI`, `--connect=URI`, `-r`, `--plugin-dir DIR`…). `None` for anything else
+/// (help, version, `--`, an unknown or bundled option, no command), which then gets clap's full
+/// treatment.
+pub fn prescan_subcommand(argv: &[std::ffi::OsString]) -> Option<&str> {
+    const WITH_VALUE: [&str; 8] =
+        ["-c", "--connect", "--plugin-dir", "-o", "--output", "--registry", "--enable", "--isolate-timeout"];
+    const FLAGS: [&str; 3] = ["-r", "--readonly", "--isolate"];
+    let mut words = argv.iter().skip(1);
+    while let Some(word) = words.next() {
+        let word = word.to_str()?;
+        if !word.starts_with('-') {
+            return Some(word);
+        }
+        if FLAGS.contains(&word) {
+            continue;
+        }
+        if WITH_VALUE.contains(&word) || word == "--audit-log" {
+            words.next()?;
+            continue;
+        }
+        let attached = WITH_VALUE.iter().chain(&["--audit-log"]).any(|option| {
+            if option.starts_with("--") {
+                word.strip_prefix(option).is_some_and(|rest| rest.starts_with('='))
+            } else {
+                word.len() > 2 && word.starts_with(option)
+            }
+        });
+        if !attached {
+            return None;
+        }
+    }
+    None
+}
+
 /// Parses `text` as a value of type `ty` for parameter `name`.
 ///
 /// Scalars are written plainly (`42`, `true`, `running`); records and lists as TOML inline
@@ -100,5 +135,39 @@ fn truncated(text: &str, limit: usize) -> String {
     match text.char_indices().nth(limit) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(words: &[&str]) -> Option<String> {
+        let argv: Vec<std::ffi::OsString> = words.iter().map(Into::into).collect();
+        prescan_subcommand(&argv).map(str::to_string)
+    }
+
+    #[test]
+    fn prescan_finds_the_plain_subcommand_only() {
+        assert_eq!(scan(&["capvirt", "list"]).as_deref(), Some("list"));
+        assert_eq!(scan(&["capvirt", "-c", "test:///default", "list", "--all"]).as_deref(), Some("list"));
+        assert_eq!(scan(&["capvirt", "--connect=test:///default", "-r", "dominfo", "x"]).as_deref(), Some("dominfo"));
+        assert_eq!(scan(&["capvirt", "-ctest:///default", "-ojson", "list"]).as_deref(), Some("list"));
+        assert_eq!(
+            scan(&["capvirt", "--plugin-dir", "/p", "--audit-log", "/a", "suspend", "x"]).as_deref(),
+            Some("suspend")
+        );
+        // Unsure: clap decides with the whole tree.
+        for words in [
+            &["capvirt"][..],
+            &["capvirt", "--help"],
+            &["capvirt", "-V"],
+            &["capvirt", "-rc", "test:///default", "list"],
+            &["capvirt", "--", "list"],
+            &["capvirt", "-c"],
+            &["capvirt", "--connectx", "list"],
+        ] {
+            assert_eq!(scan(words), None, "{words:?}");
+        }
     }
 }

@@ -240,6 +240,9 @@ impl Registry {
                 }
             }
             normalize_defaults(&mut params, &types, &mut |m| push(&path, m));
+            for param in &mut params {
+                param.quick = types.quick_for(&param.ty, param.bounds);
+            }
             let result = match types.parse_expr(&doc.result.ty) {
                 Ok(ty) => ty,
                 Err(message) => {
@@ -312,7 +315,12 @@ impl Registry {
 
     /// Validates a driver's result against the declared result type.
     pub fn validate_result(&self, capability: &Capability, result: &mut Value) -> Result<(), ValidationError> {
-        self.types.validate(&capability.result, Bounds::default(), result, &ValuePath::root("result"))
+        let path = ValuePath::root("result");
+        // Records (most results) straight to their fields' checks.
+        match self.types.record_of(&capability.result) {
+            Some((name, fields)) => self.types.validate_record(name, fields, result, &path),
+            None => self.types.validate(&capability.result, Bounds::default(), result, &path),
+        }
     }
 }
 
@@ -409,6 +417,7 @@ fn compile_types(file: &TypesFile, push: &mut impl FnMut(&str, String)) -> TypeT
             fields[field_index].default = Some(value);
         }
     }
+    table.plan_fields();
     if let Some(cycle) = find_record_cycle(&table) {
         push("types.toml", format!("record `{cycle}` contains itself (a value of it could never end)"));
     }
@@ -456,6 +465,8 @@ fn compile_field(table: &TypeTable, decl: &model::FieldDecl) -> Result<FieldDef,
         bounds: Bounds { min: decl.min, max: decl.max },
         label: decl.label.clone(),
         doc: decl.doc.clone(),
+        // Set once every type body is known (`TypeTable::plan_fields`, `plan_params`).
+        quick: Default::default(),
     })
 }
 

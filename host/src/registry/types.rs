@@ -71,6 +71,33 @@ pub struct FieldDef {
     pub bounds: Bounds,
     pub label: Option<String>,
     pub doc: String,
+    /// How the hot path checks this field, precomputed from `ty` and `bounds` once the
+    /// registry is built (see [`TypeTable::plan_fields`]).
+    pub(crate) quick: Quick,
+}
+
+/// A field's check reduced to what a value of the right shape needs, so that checking the
+/// usual argument and result records needs neither a type lookup nor a recursive call. A value
+/// that does not pass the quick check goes through [`TypeTable::validate`], which decides and
+/// words the error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Quick {
+    /// Nothing known: always the general check.
+    #[default]
+    General,
+    /// A primitive of exactly this kind, unbounded, with nothing to normalize.
+    Bool,
+    Str,
+    Bytes,
+    Float,
+    UInt,
+    Int,
+    /// A named string type of format `name`, at most `max_len` bytes.
+    Name {
+        max_len: u64,
+    },
+    /// A named enum.
+    Enum(TypeId),
 }
 
 impl FieldDef {
@@ -361,10 +388,11 @@ impl TypeTable {
         for decl in fields {
             match given.get_mut(next) {
                 Some(field) if same_text(field.name.as_str(), &decl.name) => {
-                    if field.value.is_unit() && decl.ty != Ty::Unit {
-                        return Ok(false);
-                    }
-                    if !trivially_valid(&decl.ty, decl.bounds, &field.value) {
+                    // A quick pass is never a unit value, so the unit test waits for a miss.
+                    if !self.quick_valid(decl.quick, &field.value) {
+                        if field.value.is_unit() && decl.ty != Ty::Unit {
+                            return Ok(false);
+                        }
                         self.validate(&decl.ty, decl.bounds, &mut field.value, &path.field(&decl.name))?;
                     }
                     next += 1;
@@ -375,6 +403,84 @@ impl TypeTable {
             }
         }
         Ok(next == given.len())
+    }
+
+    /// Whether `value` passes `quick` as is (`false` leaves the decision to the general check).
+    #[inline(always)]
+    fn quick_valid(&self, quick: Quick, value: &Value) -> bool {
+        match (quick, value) {
+            (Quick::Bool, Value::Bool(_))
+            | (Quick::Str, Value::Str(_))
+            | (Quick::Bytes, Value::Bytes(_))
+            | (Quick::Float, Value::Float(_))
+            | (Quick::UInt, Value::UInt(_))
+            | (Quick::Int, Value::Int(_)) => true,
+            (Quick::Name { max_len }, Value::Str(s)) => s.len() as u64 <= max_len && is_name(s.as_bytes()),
+            (Quick::Enum(id), Value::Str(s)) => match &self.get(id).body {
+                TypeBody::Enum { values } => values.iter().any(|v| same_text(v, s.as_str())),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// The quick check for a field of type `ty` with `bounds` (every body must be known).
+    pub(crate) fn quick_for(&self, ty: &Ty, bounds: Bounds) -> Quick {
+        let unbounded = bounds.min.is_none() && bounds.max.is_none();
+        match ty {
+            Ty::Bool => Quick::Bool,
+            Ty::Str => Quick::Str,
+            Ty::Bytes => Quick::Bytes,
+            Ty::Float => Quick::Float,
+            Ty::UInt if unbounded => Quick::UInt,
+            Ty::Int if unbounded => Quick::Int,
+            Ty::Named(id) => match &self.get(*id).body {
+                TypeBody::Enum { .. } => Quick::Enum(*id),
+                TypeBody::Scalar { base: Ty::Str, format: Some(StringFormat::Name), max_len, bounds: own }
+                    if unbounded && own.min.is_none() && own.max.is_none() =>
+                {
+                    Quick::Name { max_len: max_len.unwrap_or(u64::MAX) }
+                }
+                TypeBody::Scalar { base, format: None, max_len: None, bounds: own }
+                    if unbounded && own.min.is_none() && own.max.is_none() =>
+                {
+                    self.quick_for(base, Bounds::default())
+                }
+                _ => Quick::General,
+            },
+            _ => Quick::General,
+        }
+    }
+
+    /// Sets the quick check of every record field, once every body is known.
+    pub(crate) fn plan_fields(&mut self) {
+        let quick: Vec<Vec<Quick>> = self
+            .defs
+            .iter()
+            .map(|def| match &def.body {
+                TypeBody::Record { fields } => fields.iter().map(|f| self.quick_for(&f.ty, f.bounds)).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        for (def, quick) in self.defs.iter_mut().zip(quick) {
+            if let TypeBody::Record { fields } = &mut def.body {
+                for (field, quick) in fields.iter_mut().zip(quick) {
+                    field.quick = quick;
+                }
+            }
+        }
+    }
+
+    /// The fields of `ty` when it is a record type: results are checked against them directly.
+    #[inline]
+    pub(crate) fn record_of(&self, ty: &Ty) -> Option<(&str, &[FieldDef])> {
+        match ty {
+            Ty::Named(id) => match &self.get(*id).body {
+                TypeBody::Record { fields } => Some((&self.get(*id).name, fields)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// A short human description of a type, for messages and help.
@@ -468,10 +574,14 @@ fn same_text(a: &str, b: &str) -> bool {
         return false;
     }
     let word = |s: &[u8], at: usize| s.get(at..at + 8).and_then(|w| w.try_into().ok()).map(u64::from_ne_bytes);
+    let half = |s: &[u8], at: usize| s.get(at..at + 4).and_then(|w| w.try_into().ok()).map(u32::from_ne_bytes);
     match n {
-        // Two overlapping words cover 8..=16 bytes.
+        // Two overlapping words cover 8..=16 bytes, two overlapping half words 4..=7.
         8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
-        0..=7 => a.iter().zip(b).all(|(x, y)| x == y),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        // First, middle and last byte cover 1..=3.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        0 => true,
         _ => a == b,
     }
 }
@@ -501,6 +611,19 @@ const NAME_BYTES: [bool; 256] = {
     }
     table
 };
+
+/// Whether `bytes` is a valid `name` (see [`check_format`], which words why one is not).
+#[inline]
+fn is_name(bytes: &[u8]) -> bool {
+    let Some(first) = bytes.first() else { return false };
+    let mut ok = first.is_ascii_alphanumeric();
+    let mut previous = 0u8;
+    for &b in bytes {
+        ok &= NAME_BYTES[usize::from(b)] & !(b == b'.' && previous == b'.');
+        previous = b;
+    }
+    ok
+}
 
 /// Checks a string against a declared format; the error says what is wrong.
 pub fn check_format(format: StringFormat, s: &str) -> Result<(), String> {
@@ -565,8 +688,27 @@ mod tests {
 
     #[test]
     fn same_text_is_equality() {
-        let words =
-            ["", "a", "ab", "state", "vcpus", "running", "shut off", "memory_kib", "cpu_time_ns", "max_memory_kib"];
+        let words = [
+            "",
+            "a",
+            "ab",
+            "ba",
+            "abc",
+            "abd",
+            "acc",
+            "xbc",
+            "name",
+            "namf",
+            "nbme",
+            "state",
+            "statf",
+            "vcpus",
+            "running",
+            "shut off",
+            "memory_kib",
+            "cpu_time_ns",
+            "max_memory_kib",
+        ];
         let long = "hypervisor_version_and_more";
         for a in words.iter().chain([&long]) {
             for b in words.iter().chain([&long]) {
@@ -575,6 +717,61 @@ mod tests {
         }
         assert!(!same_text("memory_kib", "memory_kiB") && !same_text("Memory_kib", "memory_kib"));
         assert!(!same_text("hypervisor_version_and_more", "hypervisor_version_and_mork"));
+        // A difference at any one position of any length is seen.
+        let base = "abcdefghijklmnopqrstu";
+        for n in 0..=base.len() {
+            let a = &base[..n];
+            assert!(same_text(a, a));
+            for i in 0..n {
+                let mut b = a.as_bytes().to_vec();
+                b[i] = b'_';
+                let b = String::from_utf8(b).unwrap_or_default();
+                assert!(!same_text(a, &b), "{a:?} {b:?}");
+            }
+        }
+    }
+
+    /// A value the quick check passes is one the general check passes unchanged, for every
+    /// field and parameter of the embedded registry.
+    #[test]
+    fn quick_checks_never_pass_what_the_general_check_refuses() {
+        let registry = crate::registry::Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
+        let types = &registry.types;
+        let samples = [
+            Value::Bool(true),
+            Value::Int(-1),
+            Value::Int(5),
+            Value::UInt(5),
+            Value::UInt(u64::MAX),
+            Value::Float(0.5),
+            Value::from("test"),
+            Value::from("bad/name"),
+            Value::from("a..b"),
+            Value::from(""),
+            Value::from("running"),
+            Value::from("qcow2"),
+            Value::from("x".repeat(300)),
+            Value::Bytes(vec![1u8, 2].into()),
+        ];
+        let record_fields = types.iter().filter_map(|def| match &def.body {
+            TypeBody::Record { fields } => Some(fields.as_slice()),
+            _ => None,
+        });
+        let params = registry.capabilities().iter().map(|cap| cap.params.as_slice());
+        let mut quick_fields = 0;
+        for field in record_fields.chain(params).flatten() {
+            assert_eq!(field.quick, types.quick_for(&field.ty, field.bounds), "{}", field.name);
+            quick_fields += usize::from(field.quick != Quick::General);
+            for sample in &samples {
+                if types.quick_valid(field.quick, sample) {
+                    let mut value = sample.clone();
+                    let checked = types.validate(&field.ty, field.bounds, &mut value, &ValuePath::root(&field.name));
+                    assert!(checked.is_ok(), "{}: quick passed {sample:?}, general said {checked:?}", field.name);
+                    assert_eq!(&value, sample, "{}", field.name);
+                }
+            }
+        }
+        assert!(quick_fields > 20, "only {quick_fields} fields have a quick check");
     }
 
     #[test]

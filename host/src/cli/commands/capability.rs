@@ -18,11 +18,17 @@ use crate::{
 
 /// One subcommand per capability with a `[cli]` hint (rejected/removed ones excluded).
 pub fn commands(registry: &Registry) -> Vec<Command> {
+    commands_named(registry, None)
+}
+
+/// [`commands`], only the one named `only` when given (a start builds just what it runs).
+pub fn commands_named(registry: &Registry, only: Option<&str>) -> Vec<Command> {
     registry
         .capabilities()
         .iter()
         .filter(|cap| !cap.stage().is_forbidden())
         .filter_map(|cap| cap.doc.cli.as_ref().map(|hint| (cap, hint)))
+        .filter(|(_, hint)| only.is_none_or(|name| hint.command == name))
         .map(|(cap, hint)| {
             let mut about = if hint.about.is_empty() { cap.doc.title.clone() } else { hint.about.clone() };
             match cap.stage() {
