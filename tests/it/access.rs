@@ -23,8 +23,13 @@ impl Setup {
         }
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         set_mode(dir.path(), 0o755);
+        // A hard link where possible: a copy is open for writing for a moment, and a child
+        // another test thread forks in that moment inherits the descriptor, so executing the
+        // copy can fail with ETXTBSY ("Text file busy") until that child execs.
         let copy = |from: &PathBuf, to: PathBuf| {
-            fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+            if fs::hard_link(from, &to).is_err() {
+                fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+            }
             set_mode(&to, 0o755);
         };
         copy(&artifacts().capvirt, dir.path().join("capvirt"));
