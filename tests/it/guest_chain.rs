@@ -141,11 +141,14 @@ fn on_real_qemu() {
     let defined = watcher.expect(DOMAIN, "defined");
     assert_eq!((defined["detail"].as_str(), defined["state"].as_str()), (Some("added"), Some("shut off")));
     assert_eq!(watcher.expect(DOMAIN, "started")["state"], "running");
+    let mut pauses = 0;
     let shutdown = loop {
         let event = watcher.next_of(DOMAIN, EVENT_WAIT);
         if event["kind"] != "suspended" {
             break event;
         }
+        pauses += 1;
+        assert!(pauses <= 2, "more pauses than snapshot jobs: {:#?}", watcher.seen);
         assert_eq!(event["state"], "paused", "{event}");
         assert_eq!(watcher.expect(DOMAIN, "resumed")["state"], "running");
     };
