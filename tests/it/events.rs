@@ -25,14 +25,14 @@ use capvirt_tests::{
 
 /// Bound on one expected event reaching the watcher (the QEMU driver polls every 50 ms; QEMU
 /// under TCG on a busy machine is slow to start).
-const EVENT_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const EVENT_WAIT: Duration = Duration::from_secs(60);
 /// Bound on the test guest booting under TCG to its READY line.
 const GUEST_BOOT: Duration = Duration::from_secs(180);
 /// Bound on a watcher ending after Ctrl-C (it looks at its cancellation every 50 ms).
-const CANCEL_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 /// Checks an event record against the registry's `DomainEvent` type.
-fn assert_declared_shape(event: &Value) {
+pub(crate) fn assert_declared_shape(event: &Value) {
     let registry = Registry::embedded().unwrap_or_else(|e| panic!("registry: {e}"));
     let id = registry.types.lookup("DomainEvent").unwrap_or_else(|| panic!("no DomainEvent type"));
     let mut checked = event.clone();
@@ -43,14 +43,14 @@ fn assert_declared_shape(event: &Value) {
 }
 
 /// A `capvirt events` child, killed (and reaped) when dropped, also when a test fails.
-struct Watcher {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<serde_json::Value>,
+pub(crate) struct Watcher {
+    pub(crate) child: Child,
+    pub(crate) lines: mpsc::Receiver<String>,
+    pub(crate) seen: Vec<serde_json::Value>,
 }
 
 impl Watcher {
-    fn spawn(mut cmd: Command) -> Watcher {
+    pub(crate) fn spawn(mut cmd: Command) -> Watcher {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn capvirt events: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
@@ -67,7 +67,7 @@ impl Watcher {
     }
 
     /// Waits for the next event of `domain` (others are kept in `seen` too).
-    fn next_of(&mut self, domain: &str, within: Duration) -> serde_json::Value {
+    pub(crate) fn next_of(&mut self, domain: &str, within: Duration) -> serde_json::Value {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -85,7 +85,7 @@ impl Watcher {
     }
 
     /// The next event of `domain`, which must be of `kind`.
-    fn expect(&mut self, domain: &str, kind: &str) -> serde_json::Value {
+    pub(crate) fn expect(&mut self, domain: &str, kind: &str) -> serde_json::Value {
         let event = self.next_of(domain, EVENT_WAIT);
         assert_eq!(event["kind"], kind, "expected '{kind}' next; events so far: {:#?}", self.seen);
         event
@@ -100,7 +100,7 @@ impl Drop for Watcher {
 }
 
 /// Sends SIGINT (what Ctrl-C does) and waits, bounded, for the exit status.
-fn interrupt(watcher: &mut Watcher) -> std::process::ExitStatus {
+pub(crate) fn interrupt(watcher: &mut Watcher) -> std::process::ExitStatus {
     let pid = rustix::process::Pid::from_raw(watcher.child.id() as i32).unwrap_or_else(|| panic!("pid"));
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap_or_else(|e| panic!("SIGINT: {e}"));
     let deadline = Instant::now() + CANCEL_WAIT;
@@ -230,9 +230,9 @@ fn events_without_loop_end_after_the_first_and_a_named_domain_must_exist() {
 
 /// Collects the events a library call reports; cancels it on request.
 #[derive(Default)]
-struct Collector {
-    events: Mutex<Vec<Value>>,
-    cancel: AtomicBool,
+pub(crate) struct Collector {
+    pub(crate) events: Mutex<Vec<Value>>,
+    pub(crate) cancel: AtomicBool,
 }
 
 impl CallObserver for Collector {
@@ -246,7 +246,7 @@ impl CallObserver for Collector {
 }
 
 impl Collector {
-    fn kinds_of(&self, domain: &str) -> Vec<String> {
+    pub(crate) fn kinds_of(&self, domain: &str) -> Vec<String> {
         let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         events
             .iter()

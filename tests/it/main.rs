@@ -9,6 +9,7 @@ mod container;
 mod dispatch;
 mod events;
 mod fuzz_regressions;
+mod guest_chain;
 mod isolate;
 mod maint;
 mod network;

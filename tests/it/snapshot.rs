@@ -5,12 +5,12 @@
 use std::{fs, path::Path};
 
 /// The experimental capabilities these tests call.
-const SNAPSHOT_CAPABILITIES: [&str; 4] =
+pub(crate) const SNAPSHOT_CAPABILITIES: [&str; 4] =
     ["domain.snapshot-create", "domain.snapshot-list", "domain.snapshot-revert", "domain.snapshot-delete"];
 
 /// A host config enabling the snapshot capabilities, in `config_home/capvirt/config.toml`
 /// (both sandboxes point `XDG_CONFIG_HOME` at their own directory).
-fn enable_snapshots(config_home: &Path) {
+pub(crate) fn enable_snapshots(config_home: &Path) {
     let dir = config_home.join("capvirt");
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let list: Vec<String> = SNAPSHOT_CAPABILITIES.iter().map(|id| format!("\"{id}\"")).collect();
@@ -18,7 +18,7 @@ fn enable_snapshots(config_home: &Path) {
         .unwrap_or_else(|e| panic!("config: {e}"));
 }
 
-mod qemu {
+pub(crate) mod qemu {
     use std::{
         fs,
         io::{Read, Write},
@@ -52,7 +52,7 @@ mod qemu {
     }
 
     /// One HTTP/1.0 GET of `path` on 127.0.0.1:`port`, bounded; the body, or why it failed.
-    fn http(port: u16, path: &str) -> Result<String, String> {
+    pub(crate) fn http(port: u16, path: &str) -> Result<String, String> {
         let timeout = Duration::from_secs(10);
         let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut stream =
@@ -70,7 +70,7 @@ mod qemu {
     }
 
     /// Polls `path` until the answer contains `expected`; the last answer.
-    fn http_until(port: u16, path: &str, expected: &str) -> Result<String, String> {
+    pub(crate) fn http_until(port: u16, path: &str, expected: &str) -> Result<String, String> {
         let mut answer = Err(String::from("never asked"));
         wait_until(GUEST_ANSWER, || {
             answer = http(port, path);
