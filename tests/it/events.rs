@@ -260,7 +260,10 @@ impl Collector {
 fn test_driver_events_reach_a_library_watcher_from_another_thread() {
     let mut config =
         HostConfig { plugin_dirs: vec![test_plugin_dir().to_path_buf()], check_results: true, ..Default::default() };
-    config.policy.enabled.insert("domain.events".to_string());
+    for experimental in ["domain.events", "domain.snapshot-create", "domain.snapshot-revert", "domain.snapshot-delete"]
+    {
+        config.policy.enabled.insert(experimental.to_string());
+    }
     let host = Host::new(config).unwrap_or_else(|e| panic!("host: {e}"));
     let watching = host.connect("test:///events-lib", false).unwrap_or_else(|e| panic!("connect: {e}"));
     let acting = host.connect("test:///events-lib", false).unwrap_or_else(|e| panic!("connect: {e}"));
@@ -271,6 +274,7 @@ fn test_driver_events_reach_a_library_watcher_from_another_thread() {
         )])
     };
     let domain = |name: &str| Value::record([("domain", Value::string(name))]);
+    let snapshot = |name: &str| Value::record([("domain", Value::string("vm")), ("name", Value::string(name))]);
     let collector = Collector::default();
     thread::scope(|scope| {
         let watcher = scope.spawn(|| watching.call_observed("domain.events", Value::record_empty(), &collector));
@@ -285,6 +289,11 @@ fn test_driver_events_reach_a_library_watcher_from_another_thread() {
             ("domain.start", domain("vm")),
             ("domain.suspend", domain("vm")),
             ("domain.resume", domain("vm")),
+            // Taken running; reverting the paused domain to it resumes it, as QEMU does.
+            ("domain.snapshot-create", snapshot("s1")),
+            ("domain.suspend", domain("vm")),
+            ("domain.snapshot-revert", snapshot("s1")),
+            ("domain.snapshot-delete", snapshot("s1")),
             ("domain.reboot", domain("vm")),
             ("domain.shutdown", domain("vm")),
             ("domain.undefine", domain("vm")),
@@ -293,7 +302,18 @@ fn test_driver_events_reach_a_library_watcher_from_another_thread() {
         }
         // A refused call changes nothing and reports nothing.
         assert!(acting.call("domain.resume", domain("probe")).is_err());
-        let expected = ["defined", "started", "suspended", "resumed", "reset", "shutdown", "stopped", "undefined"];
+        let expected = [
+            "defined",
+            "started",
+            "suspended",
+            "resumed",
+            "suspended",
+            "resumed",
+            "reset",
+            "shutdown",
+            "stopped",
+            "undefined",
+        ];
         let all_in = wait_until(EVENT_WAIT, || collector.kinds_of("vm").len() >= expected.len());
         assert!(all_in, "events so far: {:?}", collector.kinds_of("vm"));
         collector.cancel.store(true, Ordering::Relaxed);
@@ -309,10 +329,12 @@ fn test_driver_events_reach_a_library_watcher_from_another_thread() {
         assert_declared_shape(event);
     }
     let vm: Vec<&Value> = events.iter().filter(|e| e.get("domain").and_then(Value::as_str) == Some("vm")).collect();
-    assert_eq!(vm[5].get("origin").and_then(Value::as_str), Some("guest"), "{}", vm[5]);
-    assert_eq!(vm[4].get("origin").and_then(Value::as_str), Some("host"), "{}", vm[4]);
+    assert_eq!(vm[7].get("origin").and_then(Value::as_str), Some("guest"), "{}", vm[7]);
+    assert_eq!(vm[6].get("origin").and_then(Value::as_str), Some("host"), "{}", vm[6]);
     assert_eq!(vm[2].get("state").and_then(Value::as_str), Some("paused"), "{}", vm[2]);
-    assert!(vm[7].get("state").is_none_or(Value::is_unit), "{}", vm[7]);
+    assert_eq!(vm[5].get("detail").and_then(Value::as_str), Some("snapshot-revert"), "{}", vm[5]);
+    assert_eq!(vm[5].get("state").and_then(Value::as_str), Some("running"), "{}", vm[5]);
+    assert!(vm[9].get("state").is_none_or(Value::is_unit), "{}", vm[9]);
 }
 
 #[test]

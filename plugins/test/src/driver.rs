@@ -81,7 +81,7 @@ impl Plugin for TestDriver {
     fn invoke(&self, capability: &str, args: &Args<'_>, ctx: &Context<'_>) -> Result<Value, PluginError> {
         // Lifecycle changes publish their events in the order they are applied.
         let publishing = events::mutates_lifecycle(capability).then(events::order);
-        let existed = match &publishing {
+        let before = match &publishing {
             Some(_) => self.lock().ok().and_then(|state| events::before(&state, capability, args)),
             None => None,
         };
@@ -148,7 +148,7 @@ impl Plugin for TestDriver {
             other => Err(PluginError::unsupported(format!("the test driver does not implement `{other}`"))),
         };
         if let (Some(_order), Ok(value)) = (&publishing, &result) {
-            self.publish(capability, args, value, existed);
+            self.publish(capability, args, value, before);
         }
         result
     }
@@ -158,9 +158,9 @@ impl TestDriver {
     /// Publishes a successful lifecycle change to the watchers of this host (and, for a
     /// migration, of the destination host).
     /// The change has happened: a failure here loses events, never the call's result.
-    fn publish(&self, capability: &str, args: &Args<'_>, result: &Value, existed: Option<bool>) {
+    fn publish(&self, capability: &str, args: &Args<'_>, result: &Value, before: Option<events::Before>) {
         if let Ok(mut state) = self.lock() {
-            events::publish(&mut state, capability, args, result, existed);
+            events::publish(&mut state, capability, args, result, before);
         }
         if let (Ok(dest_uri), Ok(name)) = (args.str("dest_uri"), args.str("domain")) {
             if let Ok(dest) = state::state_for(dest_uri) {

@@ -10,6 +10,7 @@ use std::sync::{
 use capvirt_plugin_api::{
     events::{DomainEvent, EventKind, Origin, Stream},
     prelude::*,
+    types::DomainState,
 };
 
 use crate::{driver::TestDriver, state::State};
@@ -33,7 +34,17 @@ pub fn mutates_lifecycle(capability: &str) -> bool {
             | "domain.migrate"
             | "domain.save"
             | "domain.restore"
+            | "domain.snapshot-revert"
     )
+}
+
+/// What a lifecycle call found before it ran, for the events its success publishes.
+#[derive(Debug, Clone, Copy)]
+pub enum Before {
+    /// `domain.define`: whether it replaces a definition (else adds one).
+    Defined(bool),
+    /// `domain.snapshot-revert`: the domain's state, which the revert may change.
+    State(DomainState),
 }
 
 /// Serializes lifecycle mutations with their publication (a poisoned lock only means an earlier
@@ -42,18 +53,23 @@ pub fn order() -> MutexGuard<'static, ()> {
     MUTATION_ORDER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What a call is about to change, read before it runs: whether `domain.define` adds or
-/// replaces a definition.
-pub fn before(state: &State, capability: &str, args: &Args<'_>) -> Option<bool> {
-    if capability != "domain.define" {
-        return None;
+/// What a call is about to change, read before it runs.
+pub fn before(state: &State, capability: &str, args: &Args<'_>) -> Option<Before> {
+    match capability {
+        "domain.define" => {
+            let name = args.get("spec").ok()?.get("name")?.as_str()?;
+            Some(Before::Defined(state.domains.contains_key(name)))
+        }
+        "domain.snapshot-revert" => {
+            let name = args.opt_str("domain").ok().flatten()?;
+            state.domains.get(name).map(|d| Before::State(d.state))
+        }
+        _ => None,
     }
-    let name = args.get("spec").ok()?.get("name")?.as_str()?;
-    Some(state.domains.contains_key(name))
 }
 
 /// The events of a successful call, published to `state`'s watchers.
-pub fn publish(state: &mut State, capability: &str, args: &Args<'_>, result: &Value, existed: Option<bool>) {
+pub fn publish(state: &mut State, capability: &str, args: &Args<'_>, result: &Value, before: Option<Before>) {
     let domain = match capability {
         "domain.define" => args.get("spec").ok().and_then(|s| s.get("name")).and_then(Value::as_str),
         "domain.restore" => result.as_str(),
@@ -64,7 +80,8 @@ pub fn publish(state: &mut State, capability: &str, args: &Args<'_>, result: &Va
     let event = |kind| DomainEvent::new(domain.clone(), kind, now);
     let events = match capability {
         "domain.define" => {
-            vec![event(EventKind::Defined).detail(if existed == Some(true) { "updated" } else { "added" })]
+            let replaced = matches!(before, Some(Before::Defined(true)));
+            vec![event(EventKind::Defined).detail(if replaced { "updated" } else { "added" })]
         }
         "domain.undefine" => vec![event(EventKind::Undefined)],
         "domain.start" => vec![event(EventKind::Started).detail("booted")],
@@ -83,6 +100,16 @@ pub fn publish(state: &mut State, capability: &str, args: &Args<'_>, result: &Va
         }
         "domain.save" => vec![event(EventKind::Saved), event(EventKind::Stopped).detail("saved")],
         "domain.restore" => vec![event(EventKind::Restored)],
+        // A revert between a running and a paused snapshot changes what runs.
+        "domain.snapshot-revert" => match (before, now) {
+            (Some(Before::State(DomainState::Paused)), Some(DomainState::Running)) => {
+                vec![event(EventKind::Resumed).detail("snapshot-revert")]
+            }
+            (Some(Before::State(DomainState::Running)), Some(DomainState::Paused)) => {
+                vec![event(EventKind::Suspended).detail("snapshot-revert")]
+            }
+            _ => Vec::new(),
+        },
         _ => Vec::new(),
     };
     state.send(events);
