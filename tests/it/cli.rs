@@ -2,24 +2,8 @@
 //! codes and refusals. Each `capvirt` run is a fresh process, so state changes are checked
 //! within one run or through files.
 
-use capvirt_tests::{Run, Sandbox};
+use capvirt_tests::{failed, json, ok, Sandbox};
 use insta::assert_snapshot;
-
-fn ok(run: &Run) -> &str {
-    assert_eq!(run.code, 0, "stderr: {}\nstdout: {}", run.stderr, run.stdout);
-    &run.stdout
-}
-
-fn failed(run: &Run, code: i32) -> &str {
-    assert_eq!(run.code, code, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
-    assert!(run.stderr.starts_with("error: "), "one error line expected: {:?}", run.stderr);
-    assert_eq!(run.stderr.trim_end().lines().count(), 1, "one error line expected: {:?}", run.stderr);
-    run.stderr.trim_end()
-}
-
-fn json(run: &Run) -> serde_json::Value {
-    serde_json::from_str(ok(run)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
-}
 
 const WEB_STATE: &str = r#"
 [[domains]]

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capvirt_tests::{capvirt, run, set_mode, Run, Sandbox, TempDir};
+use capvirt_tests::{capvirt, failed, json, ok, run, set_mode, Run, Sandbox, TempDir};
 
 /// A `capvirt daemon` child, killed (and reaped) on drop even when the test fails.
 pub(crate) struct Daemon {
@@ -117,22 +117,6 @@ fn remote(sb: &Sandbox, daemon: &Daemon, args: &[&str]) -> Run {
     let mut all = vec!["-c", uri.as_str()];
     all.extend_from_slice(args);
     sb.capvirt(&all)
-}
-
-fn ok(run: &Run) -> &str {
-    assert_eq!(run.code, 0, "stderr: {}\nstdout: {}", run.stderr, run.stdout);
-    &run.stdout
-}
-
-fn failed(run: &Run, code: i32) -> &str {
-    assert_eq!(run.code, code, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
-    assert!(run.stderr.starts_with("error: "), "one error line expected: {:?}", run.stderr);
-    assert_eq!(run.stderr.trim_end().lines().count(), 1, "one error line expected: {:?}", run.stderr);
-    run.stderr.trim_end()
-}
-
-fn json(run: &Run) -> serde_json::Value {
-    serde_json::from_str(ok(run)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
 }
 
 #[test]

@@ -158,6 +158,25 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Asserts `run` exited 0 and returns its stdout.
+pub fn ok(run: &Run) -> &str {
+    assert_eq!(run.code, 0, "stderr: {}\nstdout: {}", run.stderr, run.stdout);
+    &run.stdout
+}
+
+/// Asserts `run` exited `code` with exactly one `error: ` line, and returns that line.
+pub fn failed(run: &Run, code: i32) -> &str {
+    assert_eq!(run.code, code, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    assert!(run.stderr.starts_with("error: "), "one error line expected: {:?}", run.stderr);
+    assert_eq!(run.stderr.trim_end().lines().count(), 1, "one error line expected: {:?}", run.stderr);
+    run.stderr.trim_end()
+}
+
+/// Asserts `run` exited 0 and parses its stdout as JSON.
+pub fn json(run: &Run) -> serde_json::Value {
+    serde_json::from_str(ok(run)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout))
+}
+
 /// Upper bound for one CLI run in tests; a hang fails the test instead of blocking CI.
 pub const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
