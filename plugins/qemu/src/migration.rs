@@ -532,16 +532,8 @@ mod tests {
     }
 
     fn machine() -> Machine {
-        Machine {
-            name: "vm".into(),
-            memory_mib: 64,
-            vcpus: 1,
-            disks: Vec::new(),
-            devices: vec![spec::Device { kind: spec::Kind::UsbTablet, id: "tablet0".into(), path: None, format: None }],
-            graphics: None,
-            boot: None,
-            interfaces: Vec::new(),
-        }
+        let tablet = spec::Device { kind: spec::Kind::UsbTablet, id: "tablet0".into(), path: None, format: None };
+        Machine { devices: vec![tablet], ..Machine::bare("vm", 64) }
     }
 
     fn header() -> SaveHeader {

@@ -166,6 +166,23 @@ pub struct Machine {
     pub interfaces: Vec<Interface>,
 }
 
+#[cfg(test)]
+impl Machine {
+    /// One vCPU and nothing attached: the unit tests' starting point.
+    pub fn bare(name: &str, memory_mib: u64) -> Machine {
+        Machine {
+            name: name.to_string(),
+            memory_mib,
+            vcpus: 1,
+            disks: Vec::new(),
+            devices: Vec::new(),
+            graphics: None,
+            boot: None,
+            interfaces: Vec::new(),
+        }
+    }
+}
+
 /// A kernel (and initrd) QEMU loads itself, with the guest kernel's command line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1035,16 +1052,7 @@ mod tests {
     }
 
     fn machine() -> Machine {
-        Machine {
-            name: "vm".into(),
-            memory_mib: 64,
-            vcpus: 1,
-            disks: Vec::new(),
-            devices: Vec::new(),
-            graphics: None,
-            boot: None,
-            interfaces: Vec::new(),
-        }
+        Machine::bare("vm", 64)
     }
 
     #[test]

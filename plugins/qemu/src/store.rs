@@ -300,16 +300,7 @@ mod tests {
     use super::*;
 
     fn machine(name: &str, memory_mib: u64) -> Machine {
-        Machine {
-            name: name.to_string(),
-            memory_mib,
-            vcpus: 1,
-            disks: Vec::new(),
-            devices: Vec::new(),
-            graphics: None,
-            boot: None,
-            interfaces: Vec::new(),
-        }
+        Machine::bare(name, memory_mib)
     }
 
     fn ok<T>(result: Result<T, PluginError>) -> T {
