@@ -294,7 +294,10 @@ fn attach(watched: &mut Watched, emit: &mut Emit<'_>, stream: &mut Stream<'_, '_
             let status = monitor.qmp.execute_watching::<_, serde_json::Value>(&qmp::query_status {});
             let status = status.ok();
             let word = status.as_ref().and_then(|s| s.get("status")).and_then(|s| s.as_str()).unwrap_or("");
-            watched.incoming = matches!(word, "inmigrate" | "prelaunch");
+            // A QEMU seen only after its state stream was in (a fast restore or arrival) is
+            // still an incoming one: its runtime directory, new for each QEMU, holds the mark.
+            let marked = watched.start_pending.is_some() && read_mark(&watched.paths, INCOMING).is_some();
+            watched.incoming = marked || matches!(word, "inmigrate" | "prelaunch");
             watched.paused = status.as_ref().is_some_and(|s| run_state(s) == DomainState::Paused) && !watched.incoming;
             watched.monitor = Some(monitor);
             if watched.start_pending.take().is_some() && !watched.incoming {
