@@ -152,7 +152,7 @@ impl AccessPolicy {
     /// database now (a name it does not know matches nobody, with a warning).
     pub fn parse(path: &Path, text: &str) -> Result<AccessPolicy, AccessError> {
         let invalid = |message: String| AccessError::Invalid { path: path.to_path_buf(), message };
-        let file: AccessFile = toml::from_str(text).map_err(|e| invalid(crate::maint::one_line(&e.to_string())))?;
+        let file: AccessFile = toml::from_str(text).map_err(|e| invalid(crate::error::one_line(&e.to_string())))?;
         let rule = |label: String, text: Vec<String>| -> Result<Rule, AccessError> {
             let patterns: Result<Vec<Pattern>, AccessError> =
                 text.iter().map(|p| parse_pattern(p).map_err(|why| invalid(format!("{label}: {why}")))).collect();

@@ -197,7 +197,7 @@ impl SystemConfig {
     pub fn parse(path: &Path, text: &str) -> Result<SystemConfig, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
         let mut config: SystemConfig =
-            toml::from_str(text).map_err(|e| invalid(crate::maint::one_line(&e.to_string())))?;
+            toml::from_str(text).map_err(|e| invalid(crate::error::one_line(&e.to_string())))?;
         let relative = config.audit.path.iter().chain(&config.images.allow).find(|p| !p.is_absolute());
         if let Some(relative) = relative {
             return Err(invalid(format!("{} is not an absolute path", relative.display())));
@@ -329,7 +329,7 @@ impl HostFileConfig {
     pub fn parse(path: &Path, text: &str) -> Result<HostFileConfig, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
         let config: HostFileConfig =
-            toml::from_str(text).map_err(|e| invalid(crate::maint::one_line(&e.to_string())))?;
+            toml::from_str(text).map_err(|e| invalid(crate::error::one_line(&e.to_string())))?;
         if config.audit.is_some() {
             return Err(invalid(format!(
                 "[audit] is set only by root, in {SYSTEM_DIR}/{SYSTEM_FILE} (a user cannot loosen auditing)"
@@ -344,10 +344,14 @@ impl HostFileConfig {
         Ok(config)
     }
 
-    /// Records `pins` in the config at `location` (created if absent), keeping everything
-    /// else in the file (comments included) and replacing older pins of the same files.
-    /// Written atomically: readers see the old file or the new one.
-    pub fn write_pins(location: &ConfigLocation, pins: &BTreeMap<PathBuf, String>) -> Result<(), ConfigError> {
+    /// Rewrites the config at `location` (created if absent) with `edit` applied to its
+    /// text: the result must parse, or nothing is written. Written atomically: readers see
+    /// the old file or the new one. (`capvirt plugins --pin` edits `[pins]` keeping the
+    /// rest of the file, comments included; the format-preserving editor lives in the CLI.)
+    pub fn rewrite(
+        location: &ConfigLocation,
+        edit: impl FnOnce(&str) -> Result<String, String>,
+    ) -> Result<(), ConfigError> {
         let path = &location.path;
         let read_error = |source: io::Error| ConfigError::Read { path: path.clone(), source };
         let text = match fs::read_to_string(path) {
@@ -355,7 +359,7 @@ impl HostFileConfig {
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(read_error(e)),
         };
-        let text = with_pins(&text, pins).map_err(|message| ConfigError::Invalid { path: path.clone(), message })?;
+        let text = edit(&text).map_err(|message| ConfigError::Invalid { path: path.clone(), message })?;
         HostFileConfig::parse(path, &text)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(read_error)?;
@@ -372,22 +376,6 @@ impl HostFileConfig {
             Err(source) => Err(ConfigError::Read { path: location.path.clone(), source }),
         }
     }
-}
-
-/// `text` (a config file) with `pins` set in its `[pins]` table.
-fn with_pins(text: &str, pins: &BTreeMap<PathBuf, String>) -> Result<String, String> {
-    let mut doc: toml_edit::DocumentMut =
-        text.parse().map_err(|e: toml_edit::TomlError| crate::maint::one_line(&e.to_string()))?;
-    let table = doc
-        .entry("pins")
-        .or_insert_with(toml_edit::table)
-        .as_table_mut()
-        .ok_or_else(|| "`pins` is not a table".to_string())?;
-    for (file, digest) in pins {
-        let key = file.to_str().ok_or_else(|| format!("cannot pin {}: the path is not UTF-8", file.display()))?;
-        table.insert(key, toml_edit::value(digest.as_str()));
-    }
-    Ok(doc.to_string())
 }
 
 #[cfg(test)]
@@ -418,20 +406,8 @@ mod tests {
     }
 
     #[test]
-    fn pins_are_sha256_digests_and_are_written_keeping_the_rest_of_the_file() {
+    fn pins_must_be_sha256_digests() {
         let path = Path::new("c.toml");
-        let digest = format!("sha256:{}", "ab".repeat(32));
-        let pins = BTreeMap::from([(PathBuf::from("/p/libcapvirt_driver_x.so"), digest.clone())]);
-        let original = "# my host\nenable = [\"a.b\"] # experimental\n";
-        let text = with_pins(original, &pins).unwrap_or_else(|e| panic!("{e}"));
-        assert!(text.starts_with(original), "{text}");
-        let parsed = HostFileConfig::parse(path, &text).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(parsed, HostFileConfig { enable: vec!["a.b".into()], pins: pins.clone(), ..Default::default() });
-        // Re-pinning replaces the old digest.
-        let newer =
-            BTreeMap::from([(PathBuf::from("/p/libcapvirt_driver_x.so"), format!("sha256:{}", "cd".repeat(32)))]);
-        let again = HostFileConfig::parse(path, &with_pins(&text, &newer).unwrap_or_else(|e| panic!("{e}")));
-        assert_eq!(again.map(|c| c.pins).ok(), Some(newer));
         for bad in ["md5:00", "sha256:AB", "sha256:abc", "ab"] {
             let text = format!("[pins]\n\"/p/x.so\" = \"{bad}\"\n");
             let err = HostFileConfig::parse(path, &text).map(|_| ()).map_err(|e| e.to_string());

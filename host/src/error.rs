@@ -118,3 +118,8 @@ impl HostError {
         }
     }
 }
+
+/// Joins a multi-line message (toml's errors quote the source) into one line.
+pub fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}

@@ -1,5 +1,5 @@
 //! The capvirt management host as a library: the registry, the plugin loader, the one
-//! dispatch path, and the CLI built on them.
+//! dispatch path, and what the CLI (`capvirt-cli`), the daemon and isolated drivers build on.
 //!
 //! ```no_run
 //! use capvirt_host::{Host, HostConfig, Value};
@@ -15,7 +15,6 @@ mod abi_report;
 pub mod access;
 pub mod audit;
 pub mod caller;
-pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod convert;
@@ -24,7 +23,6 @@ pub mod error;
 pub mod host;
 pub mod isolate;
 mod loader;
-pub mod maint;
 pub mod plugin_cache;
 pub mod plugins;
 pub mod policy;

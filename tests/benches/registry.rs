@@ -7,7 +7,7 @@
 
 use std::hint::black_box;
 
-use capvirt_host::maint::lint;
+use capvirt_maint::lint;
 use capvirt_tests::generated;
 use criterion::{criterion_group, criterion_main, Criterion};
 

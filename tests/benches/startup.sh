@@ -3,7 +3,7 @@
 # installed, with and without the manifest cache, against `virsh -c test:///default list`, in
 # one hyperfine run (so the peer is measured under the same machine load).
 #
-#   cargo build --release -p capvirt-host -p capvirt-driver-test
+#   cargo build --release -p capvirt-cli -p capvirt-driver-test
 #   sh tests/benches/startup.sh [hyperfine options, e.g. --export-markdown out.md]
 #
 # The 50 files are the test driver and 49 copies of it under other file names. Every copy is
@@ -13,7 +13,7 @@ set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin="$root/target/release/capvirt"
 plugin="$root/target/release/libcapvirt_driver_test.so"
-[ -x "$bin" ] && [ -f "$plugin" ] || { echo "build first: cargo build --release -p capvirt-host -p capvirt-driver-test" >&2; exit 2; }
+[ -x "$bin" ] && [ -f "$plugin" ] || { echo "build first: cargo build --release -p capvirt-cli -p capvirt-driver-test" >&2; exit 2; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

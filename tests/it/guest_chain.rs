@@ -14,7 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capvirt_host::{cli::args::read_toml_file, CallError, Connection, Host, HostConfig, Value};
+use capvirt_cli::args::read_toml_file;
+use capvirt_host::{CallError, Connection, Host, HostConfig, Value};
 use capvirt_tests::{
     container,
     qemu::{free_local_port, guest_spec_toml, http_get, wait_until, Sandbox, GUEST_PAGE, GUEST_READY},

@@ -9,10 +9,8 @@ use std::{
     process::Command,
 };
 
-use capvirt_host::{
-    maint::diff::{self, Bump, ChangeClass},
-    registry::{source, Registry, SourceFile},
-};
+use capvirt_host::registry::{source, Registry, SourceFile};
+use capvirt_maint::diff::{self, Bump, ChangeClass};
 use capvirt_tests::{capvirt, run, test_plugin_dir, workspace_root, Run, TempDir};
 
 const DATE: &str = "2026-12-01";
@@ -92,7 +90,7 @@ fn ok(run: &Run, what: &str) {
 
 fn registry_version(dir: &Path) -> semver::Version {
     let files = source::read_dir(&dir.join("proposals")).unwrap_or_else(|e| panic!("{e}"));
-    capvirt_host::maint::registry_file(&files).unwrap_or_else(|e| panic!("{e}")).version
+    capvirt_maint::registry_file(&files).unwrap_or_else(|e| panic!("{e}")).version
 }
 
 // ---------------------------------------------------------------------------------------

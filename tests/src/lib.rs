@@ -32,7 +32,7 @@ pub struct Artifacts {
 
 /// Packages built for the tests, with the artifact each one contributes.
 const PACKAGES: &[&str] = &[
-    "capvirt-host",
+    "capvirt-cli",
     "capvirt-driver-test",
     "capvirt-fixture-plugin",
     "capvirt-driver-qemu",

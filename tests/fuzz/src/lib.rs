@@ -15,8 +15,8 @@ use std::{
 };
 
 use arbitrary::{Arbitrary, Unstructured};
+use capvirt_cli::args;
 use capvirt_host::{
-    cli::args,
     policy::{self, Policy},
     registry::{Registry, SourceFile, TypeBody},
     validate, Value,
