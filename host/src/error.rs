@@ -21,6 +21,21 @@ pub enum ErrorCategory {
     Other,
 }
 
+impl ErrorCategory {
+    /// The process exit code every capvirt program (`capvirt`, `capvirtd`) uses for it:
+    /// 1 other, 2 usage, 3 denied, 4 unsupported, 5 not found, 6 invalid state.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorCategory::Other => 1,
+            ErrorCategory::Usage => 2,
+            ErrorCategory::Denied => 3,
+            ErrorCategory::Unsupported => 4,
+            ErrorCategory::NotFound => 5,
+            ErrorCategory::InvalidState => 6,
+        }
+    }
+}
+
 /// Why a capability call did not produce a result.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {

@@ -18,6 +18,7 @@ pub mod caller;
 pub mod config;
 pub mod connection;
 pub mod convert;
+pub mod daemon;
 pub mod driver;
 pub mod error;
 pub mod host;
@@ -28,6 +29,7 @@ pub mod plugins;
 pub mod policy;
 pub mod registry;
 pub mod remote;
+pub mod setup;
 pub mod validate;
 pub mod verify;
 

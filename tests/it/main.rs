@@ -2,6 +2,7 @@
 //! plugin cdylibs through the real host.
 
 mod access;
+mod architecture;
 mod audit;
 mod cli;
 mod console;

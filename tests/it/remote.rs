@@ -439,8 +439,8 @@ fn socket_options_override_the_config_and_bad_ones_are_usage_errors() {
     assert!(line.contains("capvirt.toml") && line.contains("[daemon]"), "{line}");
 }
 
-/// `capvirt daemon` under `systemd-socket-activate -l SOCKET` (what systemd does with
-/// `capvirt.socket`): the daemon starts at the first connection, serves the socket it was
+/// `capvirtd` (what `capvirt.service` runs) under `systemd-socket-activate -l SOCKET` (what
+/// systemd does with `capvirt.socket`): the daemon starts at the first connection, serves the socket it was
 /// passed (LISTEN_FDS, fd 3), says READY=1 on NOTIFY_SOCKET, and leaves the socket in place.
 struct Activated {
     dir: TempDir,
@@ -454,7 +454,7 @@ impl Activated {
         Activated { dir, socket }
     }
 
-    /// `systemd-socket-activate` listening, about to run `capvirt daemon ARGS…` (its pid becomes
+    /// `systemd-socket-activate` listening, about to run `capvirtd ARGS…` (its pid becomes
     /// the daemon's: it execs in place).
     fn spawn(&self, args: &[&str]) -> KillOnDrop {
         let mut cmd = std::process::Command::new("systemd-socket-activate");
@@ -469,7 +469,7 @@ impl Activated {
         for (name, value) in env {
             cmd.arg("-E").arg(format!("{name}={}", value.display()));
         }
-        cmd.arg(&capvirt_tests::artifacts().capvirt).arg("daemon").args(args);
+        cmd.arg(&capvirt_tests::artifacts().capvirtd).args(args);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run systemd-socket-activate (package systemd): {e}"));
         let child = KillOnDrop(child);
@@ -549,9 +549,9 @@ fn the_systemd_units_verify() {
     // Restarting the daemon must not take its QEMUs with it (systemd's default kills the cgroup).
     assert!(service.contains("\nKillMode=process\n") && service.contains("\nType=notify\n"));
     // systemd-analyze wants ExecStart's program to exist: the one just built stands in.
-    let exe = capvirt_tests::artifacts().capvirt.display().to_string();
+    let exe = capvirt_tests::artifacts().capvirtd.display().to_string();
     std::fs::write(dir.path().join("capvirt.socket"), socket).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(dir.path().join("capvirt.service"), service.replace("/usr/bin/capvirt", &exe))
+    std::fs::write(dir.path().join("capvirt.service"), service.replace("/usr/bin/capvirtd", &exe))
         .unwrap_or_else(|e| panic!("{e}"));
     let mut verify = std::process::Command::new("systemd-analyze");
     verify.arg("verify").arg(dir.path().join("capvirt.socket")).arg(dir.path().join("capvirt.service"));

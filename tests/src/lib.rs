@@ -1,7 +1,7 @@
 //! Support for capvirt's integration tests and benchmarks.
 //!
 //! `cargo test` leaves cdylibs only in `target/*/deps/` and exposes no binary of another
-//! package, so [`artifacts`] builds the `capvirt` binary and the plugins once per test
+//! package, so [`artifacts`] builds the `capvirt` and `capvirtd` binaries and the plugins once per test
 //! process with `cargo build --message-format=json` and reads their paths from cargo's output.
 //! Tests then copy the plugins they want into private directories, so each test controls
 //! exactly what the host discovers.
@@ -24,6 +24,8 @@ pub mod qemu;
 #[derive(Debug)]
 pub struct Artifacts {
     pub capvirt: PathBuf,
+    /// The daemon without the CLI (`capvirtd`), what the systemd unit runs.
+    pub capvirtd: PathBuf,
     pub test_plugin: PathBuf,
     pub fixture_plugin: PathBuf,
     pub qemu_plugin: PathBuf,
@@ -33,6 +35,7 @@ pub struct Artifacts {
 /// Packages built for the tests, with the artifact each one contributes.
 const PACKAGES: &[&str] = &[
     "capvirt-cli",
+    "capvirt-daemon",
     "capvirt-driver-test",
     "capvirt-fixture-plugin",
     "capvirt-driver-qemu",
@@ -65,7 +68,7 @@ fn build() -> Artifacts {
     if !output.status.success() {
         panic!("cargo build for the tests failed:\n{}", String::from_utf8_lossy(&output.stderr));
     }
-    let mut capvirt = None;
+    let (mut capvirt, mut capvirtd) = (None, None);
     let mut libraries = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
@@ -73,8 +76,10 @@ fn build() -> Artifacts {
             continue;
         }
         if let Some(exe) = message["executable"].as_str() {
-            if message["target"]["name"] == "capvirt" {
-                capvirt = Some(PathBuf::from(exe));
+            match message["target"]["name"].as_str() {
+                Some("capvirt") => capvirt = Some(PathBuf::from(exe)),
+                Some("capvirtd") => capvirtd = Some(PathBuf::from(exe)),
+                _ => {}
             }
         }
         for file in message["filenames"].as_array().into_iter().flatten().filter_map(|f| f.as_str()) {
@@ -92,6 +97,7 @@ fn build() -> Artifacts {
     };
     Artifacts {
         capvirt: capvirt.unwrap_or_else(|| panic!("cargo built no capvirt binary")),
+        capvirtd: capvirtd.unwrap_or_else(|| panic!("cargo built no capvirtd binary")),
         test_plugin: library("libcapvirt_driver_test.so"),
         fixture_plugin: library("libcapvirt_fixture_plugin.so"),
         qemu_plugin: library("libcapvirt_driver_qemu.so"),

@@ -4,16 +4,14 @@ use std::{ffi::OsString, path::PathBuf, sync::Arc};
 
 use clap::ArgMatches;
 
-use super::{opt_string, output::OutputFormat, CliError};
 use capvirt_host::{
-    access::AccessPolicy,
     audit::AuditSetting,
-    config::SystemConfig,
-    host::{Connection, Host, HostConfig, RegistrySource, DEFAULT_URI},
-    plugins,
-    policy::Policy,
-    registry::{source, Registry},
+    host::{Connection, Host, DEFAULT_URI},
+    registry::Registry,
+    setup::{self, HostOptions, SystemFiles},
 };
+
+use super::{opt_string, output::OutputFormat, CliError};
 
 /// Options every command accepts.
 #[derive(Debug, Clone, Default)]
@@ -80,15 +78,7 @@ pub fn prescan_registry_dir(argv: &[OsString]) -> Option<PathBuf> {
 }
 
 pub fn load_registry(dir: Option<&std::path::Path>) -> Result<Arc<Registry>, CliError> {
-    let registry = match dir {
-        None => Registry::embedded(),
-        Some(dir) => {
-            let files = source::read_dir(dir)
-                .map_err(|e| CliError::usage(format!("cannot read registry {}: {e}", dir.display())))?;
-            Registry::from_sources(&files)
-        }
-    };
-    registry.map(Arc::new).map_err(|e| CliError::other(e.to_string().replace('\n', "; ")))
+    Ok(setup::load_registry(dir)?)
 }
 
 /// What a command has to work with; the host and connection are built on first use.
@@ -96,7 +86,7 @@ pub struct Context {
     pub globals: GlobalOptions,
     pub registry: Arc<Registry>,
     host: Option<Host>,
-    system: Option<(SystemConfig, AccessPolicy)>,
+    system: Option<SystemFiles>,
     /// Set when the first thing built is a remote connection: the daemon's plugins serve it,
     /// so the client loads none (a remote `list` starts as fast as a local one).
     no_local_plugins: bool,
@@ -107,27 +97,31 @@ impl Context {
         Context { globals, registry, host: None, system: None, no_local_plugins: false }
     }
 
-    /// The root-owned system config and access policy ([`capvirt_host::config::system_dir`]); a file
-    /// there that root does not control, or that does not parse, fails the command (exit 1):
-    /// nothing is called under a policy that cannot be trusted.
-    pub fn system(&mut self) -> Result<&(SystemConfig, AccessPolicy), CliError> {
+    /// Root's system config and access policy ([`SystemFiles::load`]), read once.
+    pub fn system(&mut self) -> Result<&SystemFiles, CliError> {
         if self.system.is_none() {
-            let dir = capvirt_host::config::system_dir();
-            let config = SystemConfig::load(&dir).map_err(|e| CliError::other(e.to_string()))?;
-            let access = AccessPolicy::load(&dir).map_err(|e| CliError::other(e.to_string()))?;
-            self.system = Some((config, access));
+            self.system = Some(SystemFiles::load()?);
         }
         self.system.as_ref().ok_or_else(|| CliError::other("system config unavailable"))
     }
 
-    /// How this command audits: the log [`super::commands::audit::log_path`] picks, failing
-    /// open only when the system config says so.
+    /// The front end's side of the host's settings; [`setup`] derives the rest.
+    pub fn host_options(&self) -> HostOptions {
+        HostOptions {
+            plugin_dirs: self.globals.plugin_dirs.clone(),
+            registry_dir: self.globals.registry_dir.clone(),
+            enable: self.globals.enable.clone(),
+            audit_log: self.globals.audit_log.clone(),
+            isolate: self.globals.isolate,
+            no_local_plugins: self.no_local_plugins,
+        }
+    }
+
+    /// How this command audits (see [`setup::audit_log_path`]).
     pub fn audit_setting(&mut self) -> Result<AuditSetting, CliError> {
-        let uri = self.globals.uri();
-        let globals = self.globals.clone();
-        let (system, _) = self.system()?;
-        let path = super::commands::audit::log_path(&globals, system, &uri)?;
-        Ok(AuditSetting::Log { path, fail_open: system.audit.fail_open })
+        let (uri, options) = (self.globals.uri(), self.host_options());
+        let system = self.system()?;
+        Ok(options.audit_setting(&system.config, &uri)?)
     }
 
     pub fn output(&self) -> OutputFormat {
@@ -137,58 +131,11 @@ impl Context {
     /// The host with every plugin on the search path loaded.
     pub fn host(&mut self) -> Result<&Host, CliError> {
         if self.host.is_none() {
-            let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from));
-            let env_dirs = std::env::var("CAPVIRT_PLUGIN_DIR").ok();
-            let plugin_dirs = if self.no_local_plugins {
-                Vec::new()
-            } else {
-                plugins::search_path(&self.globals.plugin_dirs, env_dirs.as_deref(), exe_dir.as_deref())
-            };
-            let mut enabled: std::collections::BTreeSet<String> = self.globals.enable.iter().cloned().collect();
-            if let Ok(list) = std::env::var("CAPVIRT_ENABLE") {
-                enabled.extend(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
-            }
-            let file_config =
-                capvirt_host::config::HostFileConfig::load(capvirt_host::config::locate_from_env().as_ref());
-            let file_config = file_config.map_err(|e| CliError::usage(e.to_string()))?;
-            enabled.extend(file_config.enable);
-            let audit = self.audit_setting()?;
-            let (system, access) = self.system()?;
-            let (access, image_allow, qemu_user) =
-                (access.clone(), system.images.allow.clone(), system.qemu.user.clone());
-            let config = HostConfig {
-                registry: match &self.globals.registry_dir {
-                    Some(dir) => RegistrySource::Dir(dir.clone()),
-                    None => RegistrySource::Embedded,
-                },
-                plugin_dirs,
-                policy: Policy { enabled, access },
-                // On unless turned off (`CAPVIRT_CHECK_RESULTS=0`).
-                check_results: std::env::var_os("CAPVIRT_CHECK_RESULTS").is_none_or(|v| v != "0"),
-                pins: file_config.pins,
-                audit,
-                image_allow,
-                qemu_user,
-                isolation: self.isolation()?,
-                plugin_cache: capvirt_host::plugin_cache::default_dir(),
-            };
+            let (uri, options) = (self.globals.uri(), self.host_options());
+            let config = options.host_config(self.system()?, &uri)?;
             self.host = Some(Host::with_registry(config, Arc::clone(&self.registry)));
         }
         self.host.as_ref().ok_or_else(|| CliError::other("host unavailable"))
-    }
-
-    /// Isolated drivers run as children of this very binary.
-    fn isolation(&self) -> Result<Option<capvirt_host::isolate::Isolation>, CliError> {
-        let Some(idle_timeout) = self.globals.isolate else { return Ok(None) };
-        let program = std::env::current_exe()
-            .map_err(|e| CliError::other(format!("--isolate: cannot find this program to run drivers: {e}")))?;
-        Ok(Some(capvirt_host::isolate::Isolation { program, idle_timeout }))
-    }
-
-    /// The host, owned: a long-running command (`daemon`) shares it across threads.
-    pub fn take_host(&mut self) -> Result<Host, CliError> {
-        self.host()?;
-        self.host.take().ok_or_else(|| CliError::other("host unavailable"))
     }
 
     /// A connection to the selected URI.

@@ -16,14 +16,7 @@ use capvirt_host::error::{CallError, ErrorCategory, HostError};
 
 /// The exit code for a category.
 pub fn exit_code(category: ErrorCategory) -> u8 {
-    match category {
-        ErrorCategory::Other => 1,
-        ErrorCategory::Usage => 2,
-        ErrorCategory::Denied => 3,
-        ErrorCategory::Unsupported => 4,
-        ErrorCategory::NotFound => 5,
-        ErrorCategory::InvalidState => 6,
-    }
+    category.exit_code()
 }
 
 /// An error as the CLI reports it.
@@ -85,6 +78,12 @@ impl fmt::Display for CliError {
 impl From<CallError> for CliError {
     fn from(e: CallError) -> Self {
         CliError::Message { category: e.category(), message: e.to_string() }
+    }
+}
+
+impl From<capvirt_host::setup::SetupError> for CliError {
+    fn from(e: capvirt_host::setup::SetupError) -> Self {
+        CliError::Message { category: e.category, message: e.message }
     }
 }
 

@@ -163,13 +163,13 @@ fn child(m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
         Some(dir) => capvirt_host::host::RegistrySource::Dir(dir.clone()),
         None => capvirt_host::host::RegistrySource::Embedded,
     };
-    let (system, access) = ctx.system()?;
+    let system = ctx.system()?;
     let base = capvirt_host::host::HostConfig {
         registry,
         audit,
-        policy: capvirt_host::policy::Policy { access: access.clone(), ..Default::default() },
-        image_allow: system.images.allow.clone(),
-        qemu_user: system.qemu.user.clone(),
+        policy: capvirt_host::policy::Policy { access: system.access.clone(), ..Default::default() },
+        image_allow: system.config.images.allow.clone(),
+        qemu_user: system.config.qemu.user.clone(),
         ..Default::default()
     };
     let options = suite::SuiteOptions { plugin_dir: &dir, uri: opt_string(m, "uri"), spec, scratch: &scratch, base };
