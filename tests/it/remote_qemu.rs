@@ -1,15 +1,17 @@
 //! A daemon restart during a running QEMU guest loses nothing: the guest's QEMU outlives the
 //! daemon (stopped with SIGTERM, then killed with SIGKILL), and the next daemon on the same
 //! socket finds it again, same process, and drives it (info, suspend/resume, destroy). Real
-//! daemons, real QEMU, the test guest answering HTTP throughout.
+//! daemons, real QEMU, the test guest answering HTTP throughout. And the daemon keeps a
+//! domain's QEMU monitor connection open from one call to the next.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
     time::{Duration, Instant},
 };
 
 use capvirt_tests::qemu::{
-    free_local_port, guest_spec_toml, http_get, qemu_plugin_dir, signal, wait_until, Sandbox, GUEST_PAGE,
+    free_local_port, guest_spec_toml, http_get, qemu_plugin_dir, signal, spec_toml, wait_until, Sandbox, GUEST_PAGE,
 };
 use rustix::process::Signal;
 
@@ -97,4 +99,61 @@ fn a_daemon_restart_during_a_running_guest_loses_nothing() {
     assert!(wait_until(Duration::from_secs(10), || !is_alive(pid)), "QEMU {pid} outlived destroy");
     sandbox.ok_uri(&remote, &["undefine", "guest"]);
     drop(current);
+}
+
+/// Inodes of the connected sockets on the QEMU monitor sockets under `run` (`qmp*.sock`), from
+/// `/proc/net/unix`: an accepted connection carries the listening socket's path, and a new
+/// connection is a new inode.
+fn monitor_connections(run: &Path) -> BTreeSet<u64> {
+    const CONNECTED: &str = "03";
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_else(|e| panic!("/proc/net/unix: {e}"));
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // Num RefCount Protocol Flags Type St Inode Path
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (state, inode, path) = (fields.get(5)?, fields.get(6)?, Path::new(fields.get(7)?));
+            let monitor = path.parent() == Some(run)
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("qmp") && n.ends_with(".sock"));
+            (monitor && *state == CONNECTED).then(|| inode.parse().ok()).flatten()
+        })
+        .collect()
+}
+
+#[test]
+fn the_daemon_keeps_a_domains_monitor_connection_across_calls() {
+    let sandbox = Sandbox::new();
+    let sockets = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let socket = sockets.path().join("capvirt-sock");
+    let local = sandbox.uri("m", "&accel=tcg");
+    let remote = format!("{}&socket={}", local.replacen("qemu://", "qemu+unix://", 1), socket.display());
+    let disk = sandbox.blank_image("vm", "qcow2");
+    let spec = sandbox.write("vm.toml", &spec_toml("vm", 64, &disk, true));
+    let run = sandbox.root("m").join("domains").join("vm").join("run");
+
+    let daemon = daemon(&socket);
+    sandbox.ok_uri(&remote, &["define", spec.to_str().unwrap_or_default()]);
+    sandbox.ok_uri(&remote, &["start", "vm"]);
+    sandbox.ok_uri(&remote, &["suspend", "vm"]);
+    let open = monitor_connections(&run);
+    assert!(!open.is_empty(), "no monitor connection is open after a call through the daemon");
+    for _ in 0..3 {
+        sandbox.ok_uri(&remote, &["resume", "vm"]);
+        assert_eq!(sandbox.json_uri(&remote, &["dominfo", "vm"])["state"], "running");
+        sandbox.ok_uri(&remote, &["suspend", "vm"]);
+        assert_eq!(monitor_connections(&run), open, "the daemon connected to the monitor again");
+    }
+    // The check can fail: the next daemon has connections of its own (new inodes).
+    stop(daemon, Signal::TERM);
+    let daemon = self::daemon(&socket);
+    sandbox.ok_uri(&remote, &["resume", "vm"]);
+    let reopened = monitor_connections(&run);
+    assert!(!reopened.is_empty() && reopened.is_disjoint(&open), "{open:?} then {reopened:?}");
+    sandbox.ok_uri(&remote, &["destroy", "vm"]);
+    sandbox.ok_uri(&remote, &["undefine", "vm"]);
+    drop(daemon);
 }
