@@ -7,6 +7,7 @@
 //! [`capvirt_plugin_api::Value`] to and from it losslessly. [`server`] serves any [`Executor`]
 //! (the daemon's host today, an isolated driver child later); [`client`] calls one.
 
+mod channel;
 pub mod client;
 pub mod server;
 pub mod tls;
