@@ -5,13 +5,19 @@
 //! each request to its connection task and spawns a task per request to await the response:
 //! three task hops and their allocations per call, most of the client's cost per call once the
 //! encoding is done (README "Remote calls"). Here the caller's future sends the request on the
-//! `h2` stream and polls the response itself; the only other task is the connection's, which
-//! reads and writes the socket. The framing stays gRPC's (tonic) over HTTP/2 (`h2`).
+//! `h2` stream, drives the connection (reads and writes the socket) and polls the response
+//! itself, on the calling thread: no task, no hand-off. The framing stays gRPC's (tonic) over
+//! HTTP/2 (`h2`).
+//!
+//! Whoever waits drives: every pending call polls the shared connection, and a call that ends
+//! wakes the others so one of them takes over (the socket wakes only its last poller).
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
-    task::{ready, Context, Poll},
+    sync::{Arc, Mutex, MutexGuard},
+    task::{ready, Context, Poll, Waker},
 };
 
 use bytes::Bytes;
@@ -26,15 +32,93 @@ pub(crate) const CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// One HTTP/2 connection as a tower service of gRPC requests (cheap to clone: clones share
 /// the connection).
-#[derive(Clone)]
 pub struct H2Channel {
     send: h2::client::SendRequest<Bytes>,
+    driver: Arc<Driver>,
+    /// While this handle waits for the connection to take another stream (the far side's
+    /// limit on concurrent streams), it drives the connection under this number.
+    waiting_ready: Option<u64>,
+}
+
+impl Clone for H2Channel {
+    fn clone(&self) -> Self {
+        H2Channel { send: self.send.clone(), driver: Arc::clone(&self.driver), waiting_ready: None }
+    }
+}
+
+impl Drop for H2Channel {
+    fn drop(&mut self) {
+        if let Some(id) = self.waiting_ready.take() {
+            self.driver.leave(id);
+        }
+    }
+}
+
+/// The connection's reading and writing, done by the calls waiting on it.
+struct Driver {
+    state: Mutex<DriverState>,
+}
+
+struct DriverState {
+    /// `None` once it ended (the far side closed it, or it failed): the calls' streams then
+    /// fail with its error.
+    connection: Option<Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>>,
+    /// The calls waiting on the connection, by call number.
+    waiting: HashMap<u64, Waker>,
+    next_call: u64,
+}
+
+impl Driver {
+    fn state(&self) -> MutexGuard<'_, DriverState> {
+        // Nothing panics while holding it with the state half-changed.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn register(&self) -> u64 {
+        let mut state = self.state();
+        state.next_call += 1;
+        state.next_call
+    }
+
+    /// Reads and writes what the connection can now, on behalf of call `call`.
+    fn drive(&self, call: u64, cx: &mut Context<'_>) {
+        let mut state = self.state();
+        match state.waiting.get_mut(&call) {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => {
+                state.waiting.insert(call, cx.waker().clone());
+            }
+        }
+        if let Some(connection) = state.connection.as_mut() {
+            if connection.as_mut().poll(cx).is_ready() {
+                state.connection = None;
+            }
+        }
+    }
+
+    /// Call `call` no longer waits: another waiting call takes over driving, and what it left
+    /// to send (a reset when it was dropped early) is written now.
+    fn leave(&self, call: u64) {
+        let mut state = self.state();
+        if state.waiting.remove(&call).is_none() {
+            return;
+        }
+        if let Some(connection) = state.connection.as_mut() {
+            let mut cx = Context::from_waker(Waker::noop());
+            if connection.as_mut().poll(&mut cx).is_ready() {
+                state.connection = None;
+            }
+        }
+        for waker in state.waiting.values() {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 impl H2Channel {
-    /// Performs the HTTP/2 handshake on `io` and starts the connection's task on the current
-    /// runtime. The task ends when the far side closes the connection or every clone of the
-    /// channel is dropped.
+    /// Performs the HTTP/2 handshake on `io`. The connection is driven by the calls made on
+    /// the channel; it closes when every clone of the channel and every call is dropped.
     pub(crate) async fn handshake<S>(io: S) -> Result<H2Channel, h2::Error>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -45,11 +129,8 @@ impl H2Channel {
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await?;
-        tokio::spawn(async move {
-            // Its end is seen by the calls: they fail with the connection's error.
-            let _ = connection.await;
-        });
-        Ok(H2Channel { send })
+        let state = DriverState { connection: Some(Box::pin(connection)), waiting: HashMap::new(), next_call: 0 };
+        Ok(H2Channel { send, driver: Arc::new(Driver { state: Mutex::new(state) }), waiting_ready: None })
     }
 }
 
@@ -60,17 +141,29 @@ impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.send.poll_ready(cx).map_err(Into::into)
+        let mut ready = self.send.poll_ready(cx);
+        if ready.is_pending() {
+            let id = *self.waiting_ready.get_or_insert_with(|| self.driver.register());
+            self.driver.drive(id, cx);
+            ready = self.send.poll_ready(cx);
+        }
+        if ready.is_ready() {
+            if let Some(id) = self.waiting_ready.take() {
+                self.driver.leave(id);
+            }
+        }
+        ready.map_err(Into::into)
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let (parts, body) = request.into_parts();
         let end_of_stream = body.is_end_stream();
+        let call = Some(Call { driver: Arc::clone(&self.driver), id: self.driver.register() });
         match self.send.send_request(http::Request::from_parts(parts, ()), end_of_stream) {
             Ok((response, stream)) => {
-                ResponseFuture { sending: (!end_of_stream).then_some((body, stream)), response: Ok(response) }
+                ResponseFuture { sending: (!end_of_stream).then_some((body, stream)), response: Ok(response), call }
             }
-            Err(error) => ResponseFuture { sending: None, response: Err(Some(error)) },
+            Err(error) => ResponseFuture { sending: None, response: Err(Some(error)), call },
         }
     }
 }
@@ -82,6 +175,20 @@ pub struct ResponseFuture {
     sending: Option<(tonic::body::Body, h2::SendStream<Bytes>)>,
     /// The refusal of a request `h2` did not take (returned at the first poll).
     response: Result<h2::client::ResponseFuture, Option<h2::Error>>,
+    /// Handed to the response's body once the head arrived.
+    call: Option<Call>,
+}
+
+/// One call's share in driving the connection; leaving when dropped.
+struct Call {
+    driver: Arc<Driver>,
+    id: u64,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.driver.leave(self.id);
+    }
 }
 
 impl Future for ResponseFuture {
@@ -133,16 +240,54 @@ impl Future for ResponseFuture {
                 }
             }
         }
-        let response = ready!(Pin::new(response).poll(cx)).map_err(StdError::from)?;
-        Poll::Ready(Ok(response.map(|recv| ResponseBody { recv, data_done: false, done: false })))
+        if let Poll::Ready(outcome) = Pin::new(&mut *response).poll(cx) {
+            return Poll::Ready(this.head(outcome));
+        }
+        if let Some(call) = &this.call {
+            call.driver.drive(call.id, cx);
+        }
+        let outcome = ready!(Pin::new(response).poll(cx));
+        Poll::Ready(this.head(outcome))
+    }
+}
+
+impl ResponseFuture {
+    fn head(
+        &mut self,
+        outcome: Result<http::Response<h2::RecvStream>, h2::Error>,
+    ) -> Result<http::Response<ResponseBody>, StdError> {
+        let response = outcome.map_err(StdError::from)?;
+        let call = self.call.take();
+        Ok(response.map(|recv| ResponseBody { recv, call, data_done: false, done: false }))
     }
 }
 
 /// A response's body: its data frames, then its trailers (gRPC's status).
 pub struct ResponseBody {
     recv: h2::RecvStream,
+    /// Dropped (the call leaves the connection) once the trailers are in.
+    call: Option<Call>,
     data_done: bool,
     done: bool,
+}
+
+impl ResponseBody {
+    /// Polls `poll` on the stream; when the stream has nothing yet, drives the connection
+    /// and polls once more (the frames read may be this stream's).
+    fn poll_driven<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl Fn(&mut h2::RecvStream, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        if let Poll::Ready(ready) = poll(&mut self.recv, cx) {
+            return Poll::Ready(ready);
+        }
+        match &self.call {
+            Some(call) => call.driver.drive(call.id, cx),
+            None => return Poll::Pending,
+        }
+        poll(&mut self.recv, cx)
+    }
 }
 
 impl Body for ResponseBody {
@@ -155,7 +300,7 @@ impl Body for ResponseBody {
             return Poll::Ready(None);
         }
         if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
+            match ready!(this.poll_driven(cx, |recv, cx| recv.poll_data(cx))) {
                 Some(Ok(data)) => {
                     // Read: the far side may send as much again.
                     let _ = this.recv.flow_control().release_capacity(data.len());
@@ -165,8 +310,9 @@ impl Body for ResponseBody {
                 None => this.data_done = true,
             }
         }
-        let trailers = ready!(this.recv.poll_trailers(cx));
+        let trailers = ready!(this.poll_driven(cx, |recv, cx| recv.poll_trailers(cx)));
         this.done = true;
+        this.call = None;
         Poll::Ready(match trailers {
             Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
             Ok(None) => None,
