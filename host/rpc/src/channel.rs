@@ -59,10 +59,13 @@ struct Driver {
     state: Mutex<DriverState>,
 }
 
+/// `h2`'s connection over whichever byte stream the channel was made on.
+type ConnectionFuture = Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>;
+
 struct DriverState {
     /// `None` once it ended (the far side closed it, or it failed): the calls' streams then
     /// fail with its error.
-    connection: Option<Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>>,
+    connection: Option<ConnectionFuture>,
     /// The calls waiting on the connection, by call number.
     waiting: HashMap<u64, Waker>,
     next_call: u64,
