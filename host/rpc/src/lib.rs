@@ -9,6 +9,7 @@
 
 mod channel;
 pub mod client;
+pub mod codec;
 pub mod server;
 pub mod tls;
 pub mod value;
