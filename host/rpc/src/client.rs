@@ -63,7 +63,8 @@ impl From<Status> for ClientError {
 #[derive(Clone)]
 pub struct Client {
     inner: Stub,
-    far: Hello,
+    /// Shared by clones: a clone per call (isolated drivers) must not copy every capability id.
+    far: std::sync::Arc<Hello>,
     max_message_bytes: usize,
 }
 
@@ -192,7 +193,7 @@ impl Client {
                 reason: format!("it speaks capvirt protocol {}, this client {PROTOCOL_MAJOR}", far.protocol_major),
             });
         }
-        Ok(Client { inner, far, max_message_bytes })
+        Ok(Client { inner, far: std::sync::Arc::new(far), max_message_bytes })
     }
 
     /// What the far side said in `Hello`.
