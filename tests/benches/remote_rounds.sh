@@ -6,7 +6,9 @@
 #   tests/benches/remote_rounds.sh CLIENTS CALLS ROUNDS LIBVIRT_SOCKET DAEMON_BINARY...
 #   e.g. tests/benches/remote_rounds.sh 1 2000 10 /tmp/lv/libvirt-sock /tmp/capvirt-old target/release/capvirt
 #
-# The first DAEMON_BINARY is also the client of every capvirt round (only the daemons differ).
+# The first DAEMON_BINARY is also the client of every capvirt round (only the daemons differ),
+# unless OWN_CLIENT=1: then each binary is the client of its own daemon (client and daemon
+# compared together, e.g. before and after a protocol change).
 # CAPVIRT_PLUGIN_DIR must name a directory holding the test driver; libvirtd must be running
 # (see the README for a private one).
 set -euo pipefail
@@ -29,6 +31,7 @@ figures() { sed -n 's/.*calls\/s: \([0-9]*\).*/\1/p;s/.*p50 \([0-9.]*\).*/\1/p' 
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 for _ in $(seq "$rounds"); do
   for i in "${!daemons[@]}"; do
+    if [ "${OWN_CLIENT:-0}" = 1 ]; then client=${daemons[$i]}; fi
     "$client" -c "test+unix:///default?socket=$work/sock$i" bench call domain.info --arg domain=test \
       --calls "$calls" --clients "$clients" 2>&1 | figures >> "$work/r$i"
   done

@@ -1,22 +1,23 @@
-//! The client side: a connection to a daemon's Unix socket, version negotiation at connect,
-//! and calls whose updates are handed to a callback as they arrive. Dropping a call's future
-//! cancels the call on the far side.
+//! The client side: a connection to a daemon's Unix socket (or any byte stream, or TLS),
+//! version negotiation at connect, and calls whose updates are handed to a callback as they
+//! arrive. Dropping a call's future cancels the call on the far side.
 
 use std::path::{Path, PathBuf};
 
 use capvirt_plugin_api::Value;
-use hyper_util::rt::TokioIo;
 use prost::Message;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::UnixStream,
 };
 use tonic::{
+    codec::Streaming,
     transport::{Channel, Endpoint, Uri},
     Code, Status,
 };
 
 use crate::{
+    channel::H2Channel,
     proto::{self, call_update::Kind, capvirt_client::CapvirtClient},
     tls::TlsMaterial,
     value, CallFailure, Hello, Update, ValueError, PROTOCOL_MAJOR,
@@ -61,25 +62,40 @@ impl From<Status> for ClientError {
 /// A connection to a daemon (cheap to clone; clones share the connection).
 #[derive(Clone)]
 pub struct Client {
-    inner: CapvirtClient<Channel>,
-    far: Hello,
+    inner: Stub,
+    /// Shared by clones: a clone per call (isolated drivers) must not copy every capability id.
+    far: std::sync::Arc<Hello>,
     max_message_bytes: usize,
 }
+
+/// The generated client over the connection's transport: `h2` directly on local byte streams
+/// (Unix sockets, socket pairs, ssh pipes), tonic's `Channel` for TLS (its rustls setup).
+#[derive(Clone)]
+enum Stub {
+    Local(CapvirtClient<H2Channel>),
+    Tls(CapvirtClient<Channel>),
+}
+
+/// The same method on either stub.
+macro_rules! on_stub {
+    ($stub:expr, $client:ident => $call:expr) => {
+        match $stub {
+            Stub::Local(mut $client) => $call,
+            Stub::Tls(mut $client) => $call,
+        }
+    };
+}
+
+/// The authority local connections name (`h2` requires one; nothing reads it).
+const LOCAL_ORIGIN: &str = "http://capvirt.local";
 
 impl Client {
     /// Connects to the socket at `socket` and negotiates versions with `ours`.
     pub async fn connect_unix(socket: &Path, ours: Hello, max_message_bytes: usize) -> Result<Client, ClientError> {
-        let path = socket.to_path_buf();
-        let unreachable = |reason: String| ClientError::Unreachable { socket: socket.to_path_buf(), reason };
-        // The authority is not used: every connection dials the socket.
-        let channel = Endpoint::from_static("http://capvirt.sock")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
-            }))
+        let stream = UnixStream::connect(socket)
             .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
-        Client::negotiate(channel, socket, ours, max_message_bytes).await
+            .map_err(|e| ClientError::Unreachable { socket: socket.to_path_buf(), reason: error_chain(&e) })?;
+        Client::over_io(stream, socket, ours, max_message_bytes).await
     }
 
     /// A client over one already connected socket (the host's end of an isolated driver's
@@ -105,19 +121,11 @@ impl Client {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let stream = std::sync::Mutex::new(Some(stream));
-        let channel = Endpoint::from_static("http://capvirt.pair")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let taken = stream.lock().ok().and_then(|mut s| s.take());
-                async move {
-                    taken.map(TokioIo::new).ok_or_else(|| {
-                        std::io::Error::new(std::io::ErrorKind::NotConnected, "the connection was closed")
-                    })
-                }
-            }))
+        let channel = H2Channel::handshake(stream)
             .await
             .map_err(|e| ClientError::Unreachable { socket: name.to_path_buf(), reason: error_chain(&e) })?;
-        Client::negotiate(channel, name, ours, max_message_bytes).await
+        let stub = CapvirtClient::with_origin(channel, Uri::from_static(LOCAL_ORIGIN));
+        Client::negotiate(Stub::Local(stub), name, ours, max_message_bytes).await
     }
 
     /// Connects to a daemon's TLS listener at `host:port`, presenting `tls`'s client
@@ -144,7 +152,7 @@ impl Client {
         let channel = endpoint.connect().await.map_err(|e| unreachable(tls_reason(&error_chain(&e), cert)))?;
         // With TLS 1.3 the daemon judges the client's certificate after the client's side of
         // the handshake is done: its refusal arrives on the first exchange.
-        match Client::negotiate(channel, &name, ours, max_message_bytes).await {
+        match Client::negotiate(Stub::Tls(CapvirtClient::new(channel)), &name, ours, max_message_bytes).await {
             Err(ClientError::Unreachable { socket, reason }) => {
                 Err(ClientError::Unreachable { socket, reason: tls_reason(&reason, cert) })
             }
@@ -153,16 +161,23 @@ impl Client {
     }
 
     async fn negotiate(
-        channel: Channel,
+        stub: Stub,
         socket: &Path,
         ours: Hello,
         max_message_bytes: usize,
     ) -> Result<Client, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable { socket: socket.to_path_buf(), reason };
-        let mut inner = CapvirtClient::new(channel)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
-        let far: Hello = match inner.hello(proto::HelloMessage::from(ours)).await {
+        let inner = match stub {
+            Stub::Local(stub) => Stub::Local(
+                stub.max_decoding_message_size(max_message_bytes).max_encoding_message_size(max_message_bytes),
+            ),
+            Stub::Tls(stub) => Stub::Tls(
+                stub.max_decoding_message_size(max_message_bytes).max_encoding_message_size(max_message_bytes),
+            ),
+        };
+        let hello = proto::HelloMessage::from(ours);
+        let reply = on_stub!(inner.clone(), client => client.hello(hello).await);
+        let far: Hello = match reply {
             Ok(reply) => reply.into_inner().into(),
             Err(status) if status.code() == Code::FailedPrecondition => {
                 return Err(ClientError::ProtocolMismatch {
@@ -178,7 +193,7 @@ impl Client {
                 reason: format!("it speaks capvirt protocol {}, this client {PROTOCOL_MAJOR}", far.protocol_major),
             });
         }
-        Ok(Client { inner, far, max_message_bytes })
+        Ok(Client { inner, far: std::sync::Arc::new(far), max_message_bytes })
     }
 
     /// What the far side said in `Hello`.
@@ -195,7 +210,7 @@ impl Client {
         options: Option<&Value>,
     ) -> Result<Result<(), CallFailure>, ClientError> {
         let request = proto::OpenRequest { uri: uri.to_owned(), readonly, options: options.map(value::to_wire) };
-        match self.inner.clone().open(request).await {
+        match on_stub!(self.inner.clone(), client => client.open(request).await) {
             Ok(_) => Ok(Ok(())),
             Err(status) if status.code() == Code::Aborted => {
                 match <proto::CallFailure as Message>::decode(status.details()) {
@@ -231,7 +246,8 @@ impl Client {
                 self.max_message_bytes
             )));
         }
-        let mut stream = self.inner.clone().call(request).await?.into_inner();
+        let mut stream: Streaming<proto::CallUpdate> =
+            on_stub!(self.inner.clone(), client => client.call(request).await)?.into_inner();
         let mut outcome = None;
         while let Some(message) = stream.message().await? {
             let Some(mut kind) = message.kind else { continue };

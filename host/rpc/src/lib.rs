@@ -7,7 +7,9 @@
 //! [`capvirt_plugin_api::Value`] to and from it losslessly. [`server`] serves any [`Executor`]
 //! (the daemon's host today, an isolated driver child later); [`client`] calls one.
 
+mod channel;
 pub mod client;
+pub mod codec;
 pub mod server;
 pub mod tls;
 pub mod value;

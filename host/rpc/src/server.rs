@@ -11,15 +11,11 @@ use std::{
 
 use capvirt_plugin_api::Value;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{
-    transport::server::{Connected, UdsConnectInfo},
-    Code, Request, Response, Status,
-};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     proto::{self, call_update::Kind, capvirt_server::CapvirtServer},
@@ -210,13 +206,9 @@ impl tokio_stream::Stream for CallUpdates {
     }
 }
 
-/// The caller's OS identity, when the transport is a Unix socket.
+/// The caller's OS identity, when the transport is a Unix socket (set by [`serve_local`]).
 fn peer_identity<T>(request: &Request<T>) -> Option<PeerIdentity> {
-    request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred).map(|cred| PeerIdentity {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid: cred.pid(),
-    })
+    request.extensions().get::<PeerIdentity>().copied()
 }
 
 /// The verified client certificate's subject, when the transport is TLS (the handshake
@@ -266,48 +258,11 @@ pub async fn serve_connection<E: Executor>(
     stream: UnixStream,
     executor: Arc<E>,
     max_message_bytes: usize,
-) -> Result<(), tonic::transport::Error> {
-    let (closed_tx, closed_rx) = oneshot::channel();
-    let stream = WatchedStream { inner: stream, _closed: closed_tx };
-    // With one connection and no shutdown signal, tonic returns once it has handed the
-    // connection to its own task; the connection's end is seen when hyper drops the stream.
-    tonic::transport::Server::builder()
-        .add_service(CapvirtService::new(executor).into_server(max_message_bytes))
-        .serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(stream)))
-        .await?;
-    let _ = closed_rx.await;
-    Ok(())
-}
-
-/// A socket that says when it is dropped (its connection ended).
-struct WatchedStream {
-    inner: UnixStream,
-    _closed: oneshot::Sender<()>,
-}
-
-impl Connected for WatchedStream {
-    type ConnectInfo = UdsConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-impl AsyncRead for WatchedStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for WatchedStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+) -> Result<(), std::io::Error> {
+    let service = CapvirtService::new(executor).into_server(max_message_bytes);
+    let peer = peer_of(&stream);
+    let (_never, stop) = tokio::sync::watch::channel(false);
+    serve_local(stream, peer, service, stop).await
 }
 
 /// Serves `executor` on `listener` until `shutdown` completes; in-flight calls finish first.
@@ -316,11 +271,78 @@ pub async fn serve_unix<E: Executor>(
     executor: Arc<E>,
     max_message_bytes: usize,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(CapvirtService::new(executor).into_server(max_message_bytes))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
+) -> Result<(), std::io::Error> {
+    let service = CapvirtService::new(executor).into_server(max_message_bytes);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let peer = peer_of(&stream);
+                    connections.spawn(serve_local(stream, peer, service.clone(), stop.clone()));
+                }
+                // A connection that went away before it was accepted concerns nobody else.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+                // Out of descriptors or memory: the listener stays; accepting resumes shortly,
+                // without spinning.
+                Err(_) => tokio::time::sleep(ACCEPT_RETRY).await,
+            },
+            // Finished connections are reaped as they end (their errors concern their client).
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// How long a listener waits after a failed `accept` (e.g. out of descriptors) before the next.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The peer's identity as the kernel reports it (`SO_PEERCRED`).
+fn peer_of(stream: &UnixStream) -> Option<PeerIdentity> {
+    stream.peer_cred().ok().map(|cred| PeerIdentity { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() })
+}
+
+/// One local connection on hyper's HTTP/2 server with the generated service and nothing in
+/// between (tonic's `Server` adds a router and layers this protocol does not use), every
+/// request carrying the peer's identity. Ends when the client goes away, or, once `stop` says
+/// so, after its in-flight calls.
+async fn serve_local<S, E>(
+    stream: S,
+    peer: Option<PeerIdentity>,
+    service: CapvirtServer<CapvirtService<E>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), std::io::Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    E: Executor,
+{
+    let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(peer);
+        }
+        tower::ServiceExt::oneshot(service.clone(), request)
+    });
+    let connection = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(crate::channel::STREAM_WINDOW)
+        .initial_connection_window_size(crate::channel::CONNECTION_WINDOW)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let stopping = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let outcome = tokio::select! {
+        outcome = connection.as_mut() => outcome,
+        () = stopping => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    outcome.map_err(std::io::Error::other)
 }
 
 impl Update {

@@ -35,6 +35,10 @@ impl Executor for TestExecutor {
                 ("cn", Value::from(call.certificate.and_then(|c| c.common_name))),
             ])),
             "fail" => Err(CallFailure::new(ErrorKind::NotFound, "domain `nope` not found")),
+            "slow" => {
+                std::thread::sleep(Duration::from_millis(150));
+                Ok(Value::from("slow"))
+            }
             "chatty" => {
                 reporter.progress(1, 2);
                 reporter.event("tick", &Value::record([("n", 1u64)]));
@@ -352,4 +356,74 @@ async fn a_silent_tcp_peer_does_not_hold_up_the_handshakes_of_others() {
     let client = tokio::time::timeout(Duration::from_secs(5), connect).await.expect("not held up").expect("connects");
     let outcome = client.call("test:///default", false, "echo", &Value::Unit, |_| {}).await.expect("transport ok");
     assert!(outcome.is_ok());
+}
+
+/// Many calls at once on one connection, from several tasks and threads: each call drives the
+/// shared connection while it waits, and the last one standing (the slow call, after every
+/// quick one ended) still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_connection_and_all_complete() {
+    let served = serve(LIMIT).await;
+    let client = Client::connect_unix(&served.socket, ours(), LIMIT).await.expect("connects");
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call("test:///default", false, "slow", &Value::Unit, |_| {}).await })
+    };
+    let mut quick = tokio::task::JoinSet::new();
+    for n in 0..40u64 {
+        let client = client.clone();
+        quick.spawn(async move {
+            let args = Value::record([("n", n)]);
+            let result = client.call("test:///default", false, "echo", &args, |_| {}).await;
+            (n, result)
+        });
+    }
+    let all = async {
+        while let Some(joined) = quick.join_next().await {
+            let (n, result) = joined.expect("joins");
+            let result = result.expect("transport ok").expect("call ok");
+            assert_eq!(result.get("args"), Some(&Value::record([("n", n)])));
+        }
+        slow.await.expect("joins")
+    };
+    let slow = tokio::time::timeout(Duration::from_secs(10), all).await.expect("every call completes");
+    assert_eq!(slow.expect("transport ok"), Ok(Value::from("slow")));
+}
+
+/// The isolated driver's transport: one connected socket pair, the server on one end
+/// (`serve_connection`), the client on the other (`over_stream`). The peer identity is the
+/// kernel's for the pair; the server returns once the client is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_pair_carries_the_protocol_and_the_server_ends_with_the_client() {
+    let (ours_end, theirs) = tokio::net::UnixStream::pair().expect("pair");
+    let (tx, _cancelled) = std_mpsc::channel();
+    let executor = Arc::new(TestExecutor { cancelled: Mutex::new(Some(tx)) });
+    let server = tokio::spawn(crate::serve_connection(theirs, executor, LIMIT));
+    let name = std::path::Path::new("pair");
+    let client = Client::over_stream(ours_end, name, ours(), LIMIT).await.expect("connects");
+    assert_eq!(client.far_side().software, "test");
+    let mut updates = Vec::new();
+    let outcome = client.call("test:///default", false, "chatty", &Value::Unit, |u| updates.push(u)).await;
+    assert_eq!(outcome.expect("transport ok"), Ok(Value::Unit));
+    assert_eq!(updates.len(), 2, "{updates:?}");
+    let result = client.call("test:///default", true, "echo", &Value::Unit, |_| {}).await.expect("transport ok");
+    assert_eq!(result.expect("call ok").get("uid"), Some(&Value::UInt(u64::from(rustix_uid()))));
+    drop(client);
+    let served = tokio::time::timeout(Duration::from_secs(5), server).await.expect("the server ended");
+    assert!(served.expect("joins").is_ok());
+}
+
+/// A call on a connection whose far side has gone fails as a transport error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_after_the_far_side_closed_fails_promptly() {
+    let (ours_end, theirs) = tokio::net::UnixStream::pair().expect("pair");
+    let (tx, _cancelled) = std_mpsc::channel();
+    let executor = Arc::new(TestExecutor { cancelled: Mutex::new(Some(tx)) });
+    let server = tokio::spawn(crate::serve_connection(theirs, executor, LIMIT));
+    let client = Client::over_stream(ours_end, std::path::Path::new("pair"), ours(), LIMIT).await.expect("connects");
+    server.abort();
+    let _ = server.await;
+    let call = client.call("test:///default", false, "echo", &Value::Unit, |_| {});
+    let outcome = tokio::time::timeout(Duration::from_secs(5), call).await.expect("no hang");
+    assert!(outcome.is_err(), "{outcome:?}");
 }
