@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use capvirt_plugin_api::Value;
 
+pub use capvirt_rpc::DriverSupport;
+
 use crate::{
     caller::Caller,
     driver::{CallObserver, NoObserver},
-    error::CallError,
+    error::{CallError, HostError},
     host::LocalConnection,
     plugins::LoadedPlugin,
     registry::Registry,
@@ -44,6 +46,31 @@ impl Connection {
         match self {
             Connection::Local(c) => Some(c.plugin()),
             Connection::Remote(_) => None,
+        }
+    }
+
+    /// The driver serving this connection: its name, version, the capabilities callable
+    /// through it (with the contract version it implements) and those it declares but cannot
+    /// serve here. A remote connection asks the daemon (see [`RemoteConnection::driver_support`]).
+    pub fn driver_support(&self) -> Result<DriverSupport, HostError> {
+        match self {
+            Connection::Local(c) => {
+                let plugin = c.plugin();
+                let callable = c
+                    .registry()
+                    .capabilities()
+                    .iter()
+                    .filter(|cap| plugin.implements(cap.index))
+                    .map(|cap| (cap.id().to_string(), plugin.implemented_version(cap.id()).unwrap_or(0)))
+                    .collect();
+                Ok(DriverSupport {
+                    name: plugin.info.name.clone(),
+                    version: plugin.info.version.clone(),
+                    callable,
+                    ignored: plugin.ignored.clone(),
+                })
+            }
+            Connection::Remote(c) => c.driver_support(),
         }
     }
 

@@ -17,7 +17,9 @@ use std::{
 };
 
 use capvirt_plugin_api::{PluginError, Value};
-use capvirt_rpc::{CallFailure, ClientCertificate, Executor, Hello, IncomingCall, Reporter, TlsFiles, Update};
+use capvirt_rpc::{
+    CallFailure, ClientCertificate, DriverSupport, Executor, Hello, IncomingCall, Reporter, TlsFiles, Update,
+};
 
 use crate::{
     caller::Caller,
@@ -351,6 +353,24 @@ impl RemoteConnection {
         self.client.far_side()
     }
 
+    /// The driver serving this URI in the daemon, as the daemon describes it (one `Open`
+    /// round trip, made only when asked: `capvirt capabilities`).
+    pub fn driver_support(&self) -> Result<DriverSupport, HostError> {
+        let failed = |error: PluginError| HostError::Connect { uri: self.uri.clone(), error };
+        match self.runtime.block_on(self.client.connect(&self.target.uri, self.readonly, None)) {
+            Ok(Ok(Some(driver))) => Ok(driver),
+            Ok(Ok(None)) => Err(failed(PluginError::unsupported(format!(
+                "the daemon at {} ({}) does not describe its drivers",
+                self.target.transport.describe(),
+                self.daemon().software
+            )))),
+            Ok(Err(refusal)) => {
+                Err(failed(refusal.driver_error().unwrap_or_else(|| PluginError::driver_failure(refusal.message))))
+            }
+            Err(error) => Err(failed(PluginError::driver_failure(error.to_string()))),
+        }
+    }
+
     /// Sends the call to the daemon; its refusal comes back with the daemon's category.
     pub fn call(&self, id: &str, args: Value, observer: &dyn CallObserver) -> Result<Value, CallError> {
         let outcome =
@@ -623,6 +643,21 @@ impl HostExecutor {
 impl Executor for HostExecutor {
     fn hello(&self) -> Hello {
         self.hello.clone()
+    }
+
+    /// Opens the cached connection (a URI no plugin serves is refused here) and describes its
+    /// driver. What a driver implements is no secret: nothing is called, so no caller check.
+    fn connect(
+        &self,
+        uri: &str,
+        readonly: bool,
+        _options: Option<Value>,
+        _peer: Option<capvirt_rpc::PeerIdentity>,
+    ) -> Result<Option<DriverSupport>, CallFailure> {
+        let conn = self
+            .connection(uri, readonly)
+            .map_err(|e| CallFailure::new(kind(e.category()), e.to_string().replace('\n', "; ")))?;
+        Ok(conn.driver_support().ok())
     }
 
     fn call(&self, call: IncomingCall, reporter: &Reporter) -> Result<Value, CallFailure> {

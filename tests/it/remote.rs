@@ -126,6 +126,15 @@ fn main_commands_work_unchanged_against_the_daemon() {
     let local = Sandbox::new();
     // Reads render exactly like local ones.
     assert_eq!(ok(&remote(&sb, &daemon, &["list"])), ok(&local.capvirt(&["list"])));
+    // `capabilities` describes the daemon's driver (the client loads no plugin): the same
+    // table as in process, but for the URI line.
+    let mut described = json(&remote(&sb, &daemon, &["-o", "json", "capabilities"]));
+    let mut in_process = json(&local.capvirt(&["-o", "json", "capabilities"]));
+    assert_eq!(described["driver"], "test");
+    for doc in [&mut described, &mut in_process] {
+        doc["uri"] = serde_json::Value::Null;
+    }
+    assert_eq!(described, in_process);
     assert_eq!(ok(&remote(&sb, &daemon, &["list", "--all"])), ok(&local.capvirt(&["list", "--all"])));
     let info = json(&remote(&sb, &daemon, &["-o", "json", "dominfo", "test"]));
     assert_eq!(info["name"], "test");

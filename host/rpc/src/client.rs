@@ -20,7 +20,7 @@ use crate::{
     channel::H2Channel,
     proto::{self, call_update::Kind, capvirt_client::CapvirtClient},
     tls::TlsMaterial,
-    value, CallFailure, Hello, Update, ValueError, PROTOCOL_MAJOR,
+    value, CallFailure, DriverSupport, Hello, Update, ValueError, PROTOCOL_MAJOR,
 };
 
 /// Why a call did not reach the far side or came back unreadable (a refusal *by* the far
@@ -201,17 +201,18 @@ impl Client {
         &self.far
     }
 
-    /// Opens the far side's connection to `uri` (its driver may refuse the URI). The outer
-    /// error is the transport's, the inner one the far side's refusal.
+    /// Opens the far side's connection to `uri` (its driver may refuse the URI) and returns
+    /// the driver's description when the far side gives one. The outer error is the
+    /// transport's, the inner one the far side's refusal.
     pub async fn connect(
         &self,
         uri: &str,
         readonly: bool,
         options: Option<&Value>,
-    ) -> Result<Result<(), CallFailure>, ClientError> {
+    ) -> Result<Result<Option<DriverSupport>, CallFailure>, ClientError> {
         let request = proto::OpenRequest { uri: uri.to_owned(), readonly, options: options.map(value::to_wire) };
         match on_stub!(self.inner.clone(), client => client.open(request).await) {
-            Ok(_) => Ok(Ok(())),
+            Ok(reply) => Ok(Ok(reply.into_inner().driver.map(Into::into))),
             Err(status) if status.code() == Code::Aborted => {
                 match <proto::CallFailure as Message>::decode(status.details()) {
                     Ok(failure) => Ok(Err(CallFailure::from_wire(failure))),

@@ -30,8 +30,8 @@ pub use value::ValueError;
 
 /// The protocol major both sides must share; bumped only by an incompatible wire change.
 pub const PROTOCOL_MAJOR: u32 = 1;
-/// Additions within the major (informational).
-pub const PROTOCOL_MINOR: u32 = 0;
+/// Additions within the major (informational). 1: `Open` replies with the driver's support.
+pub const PROTOCOL_MINOR: u32 = 1;
 
 /// The largest message either side encodes or accepts unless configured otherwise: a 16 MiB
 /// bytes argument (the CLI's largest `@FILE`) with room for its record.
@@ -88,6 +88,43 @@ impl From<proto::HelloMessage> for Hello {
             registry_version: h.registry_version,
             capabilities: h.capabilities,
             software: h.software,
+        }
+    }
+}
+
+/// The driver serving a connection, as the far side describes it (`Open`'s reply).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriverSupport {
+    pub name: String,
+    pub version: String,
+    /// Callable capability ids with the contract version the driver implements.
+    pub callable: Vec<(String, u32)>,
+    /// Declared but not callable there, with why.
+    pub ignored: Vec<(String, String)>,
+}
+
+impl From<DriverSupport> for proto::DriverSupport {
+    fn from(d: DriverSupport) -> Self {
+        proto::DriverSupport {
+            name: d.name,
+            version: d.version,
+            callable: d
+                .callable
+                .into_iter()
+                .map(|(id, version)| proto::ImplementedCapability { id, version })
+                .collect(),
+            ignored: d.ignored.into_iter().map(|(id, reason)| proto::IgnoredCapability { id, reason }).collect(),
+        }
+    }
+}
+
+impl From<proto::DriverSupport> for DriverSupport {
+    fn from(d: proto::DriverSupport) -> Self {
+        DriverSupport {
+            name: d.name,
+            version: d.version,
+            callable: d.callable.into_iter().map(|c| (c.id, c.version)).collect(),
+            ignored: d.ignored.into_iter().map(|i| (i.id, i.reason)).collect(),
         }
     }
 }

@@ -20,7 +20,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::{
     proto::{self, call_update::Kind, capvirt_server::CapvirtServer},
     tls::{ClientCertificate, TlsError, TlsMaterial},
-    value, CallFailure, Hello, Update, PROTOCOL_MAJOR,
+    value, CallFailure, DriverSupport, Hello, Update, PROTOCOL_MAJOR,
 };
 
 /// The OS identity of the peer process, from `SO_PEERCRED` (Unix sockets).
@@ -51,16 +51,16 @@ pub trait Executor: Send + Sync + 'static {
     /// Performs one call on a blocking thread, reporting through `reporter`.
     fn call(&self, call: IncomingCall, reporter: &Reporter) -> Result<Value, CallFailure>;
     /// Opens (or checks) the connection to `uri` before any call, on a blocking thread, so
-    /// a refused URI is reported at connect time. By default every URI is accepted here and
-    /// judged at its first call.
+    /// a refused URI is reported at connect time, and describes the driver serving it when
+    /// this side knows it. By default every URI is accepted here and judged at its first call.
     fn connect(
         &self,
         _uri: &str,
         _readonly: bool,
         _options: Option<Value>,
         _peer: Option<PeerIdentity>,
-    ) -> Result<(), CallFailure> {
-        Ok(())
+    ) -> Result<Option<DriverSupport>, CallFailure> {
+        Ok(None)
     }
 }
 
@@ -142,7 +142,7 @@ impl<E: Executor> proto::capvirt_server::Capvirt for CapvirtService<E> {
                 .await
                 .map_err(|e| Status::internal(format!("connect did not finish: {e}")))?;
         match outcome {
-            Ok(()) => Ok(Response::new(proto::OpenReply {})),
+            Ok(driver) => Ok(Response::new(proto::OpenReply { driver: driver.map(Into::into) })),
             // The failure travels in the status details, exact (see `Client::connect`).
             Err(failure) => Err(Status::with_details(
                 Code::Aborted,

@@ -10,8 +10,8 @@ use tokio::net::UnixListener;
 
 use crate::{
     proto::{self, capvirt_client::CapvirtClient},
-    serve_unix, CallFailure, Client, ClientError, ErrorKind, Executor, Hello, IncomingCall, Reporter, Update,
-    PROTOCOL_MAJOR,
+    serve_unix, CallFailure, Client, ClientError, DriverSupport, ErrorKind, Executor, Hello, IncomingCall,
+    PeerIdentity, Reporter, Update, PROTOCOL_MAJOR,
 };
 
 /// Answers by capability id: `echo` returns its arguments with the caller's uid, `fail`
@@ -23,6 +23,25 @@ struct TestExecutor {
 impl Executor for TestExecutor {
     fn hello(&self) -> Hello {
         Hello::new("1.1.0".into(), vec!["echo".into(), "fail".into()], "test".into())
+    }
+
+    /// `test:` URIs are described, `refused:` ones refused, others accepted undescribed.
+    fn connect(
+        &self,
+        uri: &str,
+        _readonly: bool,
+        _options: Option<Value>,
+        _peer: Option<PeerIdentity>,
+    ) -> Result<Option<DriverSupport>, CallFailure> {
+        if uri.starts_with("refused:") {
+            return Err(CallFailure::new(ErrorKind::NotFound, format!("no driver serves {uri}")));
+        }
+        Ok(uri.starts_with("test:").then(|| DriverSupport {
+            name: "test".into(),
+            version: "1.0.0".into(),
+            callable: vec![("echo".into(), 1), ("fail".into(), 2)],
+            ignored: vec![("domain.suspnd".into(), "unknown to this registry".into())],
+        }))
     }
 
     fn call(&self, call: IncomingCall, reporter: &Reporter) -> Result<Value, CallFailure> {
@@ -108,6 +127,21 @@ fn rustix_uid() -> u32 {
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").map(str::to_owned)))
         .and_then(|l| l.split_whitespace().next().and_then(|u| u.parse().ok()))
         .unwrap_or(u32::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_describes_the_driver_or_relays_the_refusal() {
+    let served = serve(LIMIT).await;
+    let client = Client::connect_unix(&served.socket, ours(), LIMIT).await.expect("connects");
+    let described = client.connect("test:///default", false, None).await.expect("transport ok").expect("opened");
+    let driver = described.expect("a test: URI is described");
+    assert_eq!((driver.name.as_str(), driver.callable.len()), ("test", 2));
+    assert_eq!(driver.callable[1], ("fail".to_string(), 2));
+    assert_eq!(driver.ignored, [("domain.suspnd".to_string(), "unknown to this registry".to_string())]);
+    let undescribed = client.connect("other:///x", true, None).await.expect("transport ok");
+    assert_eq!(undescribed, Ok(None));
+    let refused = client.connect("refused:///x", false, None).await.expect("transport ok");
+    assert_eq!(refused.map_err(|f| f.kind), Err(ErrorKind::NotFound));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

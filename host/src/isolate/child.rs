@@ -14,7 +14,7 @@ use std::{
 
 use abi_stable::{sabi_trait::TD_Opaque, std_types::RStr};
 use capvirt_plugin_api::{CallContext_TO, DriverBox, PluginModuleRef, Value};
-use capvirt_rpc::{CallFailure, ErrorKind, Executor, Hello, IncomingCall, PeerIdentity, Reporter};
+use capvirt_rpc::{CallFailure, DriverSupport, ErrorKind, Executor, Hello, IncomingCall, PeerIdentity, Reporter};
 
 use crate::{driver::ObserverBridge, loader, remote::ReporterObserver};
 
@@ -105,9 +105,10 @@ impl Executor for PluginExecutor {
         readonly: bool,
         options: Option<Value>,
         _peer: Option<PeerIdentity>,
-    ) -> Result<(), CallFailure> {
+    ) -> Result<Option<DriverSupport>, CallFailure> {
         let options = options.unwrap_or_else(|| Value::record([("readonly", Value::Bool(readonly))]));
-        self.open(uri, readonly, &options)
+        // The host that started this child knows the plugin already.
+        self.open(uri, readonly, &options).map(|()| None)
     }
 
     fn call(&self, call: IncomingCall, reporter: &Reporter) -> Result<Value, CallFailure> {

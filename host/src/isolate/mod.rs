@@ -250,7 +250,7 @@ impl IsolatedDriver {
             Ok::<_, std::io::Error>((client, opened?))
         });
         match connected {
-            Ok((client, Ok(()))) => Ok(Running { process, client }),
+            Ok((client, Ok(_))) => Ok(Running { process, client }),
             Ok((_, Err(refusal))) => {
                 stop(&mut process, REAP_GRACE);
                 Err(refusal

@@ -11,45 +11,36 @@ pub fn cli() -> Command {
 pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
     let format = ctx.output();
     let conn = ctx.connect()?;
-    let plugin = conn.plugin().ok_or_else(|| {
-        CliError::new(
-            capvirt_host::ErrorCategory::Unsupported,
-            format!("`capabilities` lists a local driver's support; {} is served by a daemon", conn.uri()),
-        )
-    })?;
+    // In process: the loaded plugin; remote: the daemon's description of its plugin.
+    let driver = conn.driver_support()?;
     let registry = conn.registry();
-    let rows: Vec<(String, String, bool, Option<u32>, String)> = registry
+    let rows: Vec<(String, String, Option<u32>, String)> = registry
         .capabilities()
         .iter()
         .map(|cap| {
             let command = cap.doc.cli.as_ref().map(|h| h.command.clone()).unwrap_or_default();
-            (
-                cap.id().to_string(),
-                cap.stage().to_string(),
-                plugin.implements(cap.index),
-                plugin.implemented_version(cap.id()),
-                command,
-            )
+            let version = driver.callable.iter().find(|(id, _)| id == cap.id()).map(|(_, v)| *v);
+            (cap.id().to_string(), cap.stage().to_string(), version, command)
         })
         .collect();
     match format {
         OutputFormat::Json => {
             let list: Vec<serde_json::Value> = rows
                 .iter()
-                .map(|(id, stage, implemented, version, command)| {
+                .map(|(id, stage, version, command)| {
                     serde_json::json!({
-                        "id": id, "stage": stage, "implemented": implemented,
+                        "id": id, "stage": stage, "implemented": version.is_some(),
                         "version": version, "command": if command.is_empty() { None } else { Some(command) },
                     })
                 })
                 .collect();
             let doc = serde_json::json!({
                 "uri": conn.uri(),
-                "driver": plugin.info.name,
-                "driver_version": plugin.info.version,
+                "driver": driver.name,
+                "driver_version": driver.version,
                 "registry_version": registry.version().to_string(),
                 "capabilities": list,
-                "ignored": plugin.ignored.iter().map(|(id, why)| serde_json::json!({"id": id, "reason": why})).collect::<Vec<_>>(),
+                "ignored": driver.ignored.iter().map(|(id, why)| serde_json::json!({"id": id, "reason": why})).collect::<Vec<_>>(),
             });
             output::print(&output::json_value(&doc));
         }
@@ -57,23 +48,20 @@ pub fn exec(_m: &ArgMatches, ctx: &mut Context) -> Result<(), CliError> {
             let header: Vec<String> = ["Capability", "Stage", "Driver", "Command"].map(String::from).to_vec();
             let cells: Vec<Vec<String>> = rows
                 .iter()
-                .map(|(id, stage, implemented, version, command)| {
-                    let support = match (implemented, version) {
-                        (true, Some(v)) => format!("yes (v{v})"),
-                        (true, None) | (false, _) => "no".to_string(),
-                    };
+                .map(|(id, stage, version, command)| {
+                    let support = version.map_or_else(|| "no".to_string(), |v| format!("yes (v{v})"));
                     vec![id.clone(), stage.clone(), support, command.clone()]
                 })
                 .collect();
             let mut text = format!(
                 "Driver {} {} on {} (registry {})\n\n",
-                plugin.info.name,
-                plugin.info.version,
+                driver.name,
+                driver.version,
                 conn.uri(),
                 registry.version()
             );
             text.push_str(&output::table(&header, &cells));
-            for (id, why) in &plugin.ignored {
+            for (id, why) in &driver.ignored {
                 text.push_str(&format!("ignored: {id}: {why}\n"));
             }
             output::print(&text);
