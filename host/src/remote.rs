@@ -303,7 +303,8 @@ impl RemoteConnection {
         let connected = match &target.transport {
             Transport::Unix { socket } => runtime.block_on(capvirt_rpc::Client::connect_unix(socket, ours, limit)),
             Transport::Tls { host, port, files } => {
-                let material = files.load().map_err(|e| failed(PluginError::driver_failure, e.to_string()))?;
+                // Missing or unusable client files are the caller's to fix (`?pkipath=`): a usage error.
+                let material = files.load().map_err(|e| failed(PluginError::invalid_argument, e.to_string()))?;
                 runtime.block_on(capvirt_rpc::Client::connect_tls(host, *port, &material, ours, limit))
             }
             Transport::Ssh(target_ssh) => {
