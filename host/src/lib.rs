@@ -25,6 +25,7 @@ pub mod host;
 pub mod isolate;
 mod loader;
 pub mod maint;
+pub mod migration;
 pub mod plugin_cache;
 pub mod plugins;
 pub mod policy;
