@@ -246,10 +246,15 @@ fn a_running_guest_migrates_between_two_hosts_through_their_daemons() {
         "failed at connect on tls://10.231.0.2:16515",
     );
     assert!(line.contains("migration of domain 'guest'"), "{line}");
+    eprintln!("migration_hosts: {line}");
     running_on_a_only();
     // B's driver refuses to prepare: the destination would run the guest on another accelerator.
     let elsewhere = over_tls(&sandbox.uri("b", "&accel=kvm"), TwoHosts::B_ADDRESS, TLS_PORT, &a.pki());
-    refused(&sandbox.run_uri(&on_a, &["migrate", "guest", &elsewhere]), "failed at prepare on tls://10.231.0.2:16514");
+    let line = refused(
+        &sandbox.run_uri(&on_a, &["migrate", "guest", &elsewhere]),
+        "failed at prepare on tls://10.231.0.2:16514",
+    );
+    eprintln!("migration_hosts: {line}");
     running_on_a_only();
 
     // The migration, through the host library as a client of A's daemon, watching progress.
