@@ -4,6 +4,7 @@ use capvirt_plugin_api::{ErrorKind, PluginError};
 
 use crate::{
     audit::AuditError,
+    migration::MigrationPhase,
     registry::{RegistryError, Stage, ValidationError},
 };
 
@@ -73,6 +74,11 @@ pub enum CallError {
     /// category), or the connection to it failed.
     #[error("{message}")]
     Remote { id: String, category: ErrorCategory, message: String },
+    /// A migration to another host failed at one of its phases, on the host named (`host`: the
+    /// source connection's URI or the destination daemon's address). `category` is the
+    /// failed phase's.
+    #[error("migration of domain '{domain}' failed at {phase} on {host}: {message}")]
+    Migration { domain: String, phase: MigrationPhase, host: String, category: ErrorCategory, message: String },
 }
 
 impl CallError {
@@ -93,7 +99,7 @@ impl CallError {
                 ErrorKind::DriverFailure | ErrorKind::Timeout | ErrorKind::Internal => ErrorCategory::Other,
             },
             CallError::MalformedResult { .. } | CallError::AuditUnavailable { .. } => ErrorCategory::Other,
-            CallError::Remote { category, .. } => *category,
+            CallError::Remote { category, .. } | CallError::Migration { category, .. } => *category,
         }
     }
 

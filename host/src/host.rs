@@ -20,7 +20,7 @@ use crate::{
     error::{CallError, HostError},
     plugins::{Discovery, LoadedPlugin, PluginSet},
     policy::{self, Grant, Policy},
-    registry::{source, Capability, Registry},
+    registry::{source, Capability, CapabilityIndex, Registry},
     validate::{self, ValidArgs},
 };
 
@@ -249,6 +249,7 @@ impl Host {
             check_results: self.check_results,
             audit: self.audit.clone(),
             caller: Arc::new(caller),
+            migrate: self.registry.lookup(crate::migration::MIGRATE).map(|c| c.index),
         }))
     }
 
@@ -289,6 +290,8 @@ pub struct LocalConnection {
     audit: Option<Arc<AuditLog>>,
     /// On whose behalf calls are made unless [`Connection::call_as`] names another caller.
     caller: Arc<Caller>,
+    /// `domain.migrate`, whose remote destinations the host reaches itself (`crate::migration`).
+    migrate: Option<CapabilityIndex>,
 }
 
 impl LocalConnection {
@@ -305,6 +308,10 @@ impl LocalConnection {
     }
 
     pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub(crate) fn registry_arc(&self) -> &Arc<Registry> {
         &self.registry
     }
 
@@ -342,7 +349,7 @@ impl LocalConnection {
 
     /// The one dispatch path: registry → policy (stage, read-only, access by `caller`) →
     /// validation → driver → audit.
-    fn dispatch(
+    pub(crate) fn dispatch(
         &self,
         caller: &Caller,
         id: &str,
@@ -381,7 +388,7 @@ impl LocalConnection {
         if !self.plugin.implements(grant.capability().index) {
             return Err(self.not_implemented(id));
         }
-        self.drive(&grant, &args, observer)
+        self.act(caller, &grant, &args, observer)
     }
 
     /// The dispatch path of a mutating call on an audited connection: every refusal is
@@ -428,7 +435,7 @@ impl LocalConnection {
             }
             Err(error) => return Err(CallError::AuditUnavailable { id: id.to_string(), error }),
         };
-        let outcome = self.drive(&grant, &args, observer);
+        let outcome = self.act(caller, &grant, &args, observer);
         // The outcome. The call has happened: a failure to record it is only reported.
         if let Some(intent) = intent {
             let error = outcome.as_ref().err().map(|e| redact::message(&e.to_string(), &recorded.secrets));
@@ -460,6 +467,24 @@ impl LocalConnection {
     #[cold]
     fn not_implemented(&self, id: &str) -> CallError {
         CallError::NotImplemented { id: id.to_string(), driver: self.plugin.info.name.clone() }
+    }
+
+    /// The granted call: the driver's, except a migration to another host, which the host runs
+    /// as phases (each through this dispatch path, here and in the destination's daemon).
+    #[inline(always)]
+    fn act(
+        &self,
+        caller: &Caller,
+        grant: &Grant<'_>,
+        args: &ValidArgs,
+        observer: &dyn CallObserver,
+    ) -> Result<Value, CallError> {
+        if self.migrate == Some(grant.capability().index) {
+            if let Some(destination) = crate::migration::remote_destination(args.value())? {
+                return crate::migration::between_hosts(self, caller, destination, observer);
+            }
+        }
+        self.drive(grant, args, observer)
     }
 
     /// The driver call, and the result check when enabled.

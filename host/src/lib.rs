@@ -24,6 +24,7 @@ pub mod error;
 pub mod host;
 pub mod isolate;
 mod loader;
+pub mod migration;
 pub mod plugin_cache;
 pub mod plugins;
 pub mod policy;

@@ -13,6 +13,7 @@ mod fuzz_regressions;
 mod guest_chain;
 mod isolate;
 mod maint;
+mod migration_hosts;
 mod network;
 mod plugins;
 mod qemu;

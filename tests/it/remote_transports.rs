@@ -12,8 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capvirt_tests::{artifacts, capvirt, failed, json, ok, run, set_mode, Run, Sandbox, TempDir};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use capvirt_tests::{artifacts, capvirt, failed, json, ok, pki::Ca, run, set_mode, Run, Sandbox, TempDir};
 
 /// How long a daemon or sshd may take to listen.
 const START_BOUND: Duration = Duration::from_secs(30);
@@ -27,37 +26,6 @@ fn write(path: &Path, text: &str) {
         std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
     }
     std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-}
-
-/// A certificate authority made for the test.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
-        Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
-    }
-
-    /// Writes `{role}cert.pem` and `{role}key.pem` (signed by this CA, subject `CN=cn`) and
-    /// `trusted`'s `cacert.pem` into `dir`, libvirt's layout.
-    fn issue(&self, dir: &Path, role: &str, cn: &str, sans: &[&str], trusted: &Ca) {
-        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(sans).unwrap_or_else(|e| panic!("{e}"));
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-        let cert = params.signed_by(&key, &self.issuer).unwrap_or_else(|e| panic!("{e}"));
-        write(&dir.join(format!("{role}cert.pem")), &cert.pem());
-        write(&dir.join(format!("{role}key.pem")), &key.serialize_pem());
-        write(&dir.join("cacert.pem"), &trusted.pem);
-    }
 }
 
 /// A child process killed (and reaped) on drop even when the test fails.

@@ -18,6 +18,7 @@ pub mod generated;
 pub use tempfile::TempDir;
 
 pub mod container;
+pub mod pki;
 pub mod qemu;
 
 /// Paths of the freshly built binaries.

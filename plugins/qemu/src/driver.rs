@@ -61,6 +61,11 @@ pub const CAPABILITIES: &[&str] = &[
     "domain.snapshot-delete",
     "domain.events",
     "domain.console-write",
+    "domain.migrate-begin",
+    "domain.migrate-prepare",
+    "domain.migrate-perform",
+    "domain.migrate-finish",
+    "domain.migrate-confirm",
 ];
 
 /// How long a call waits for a free monitor channel of a domain.
@@ -131,6 +136,15 @@ impl Plugin for QemuDriver {
                 other => Err(unknown_device(&other)),
             },
             "domain.migrate" => self.migrate(args.str("domain")?, args.str("dest_uri")?, ctx),
+            "domain.migrate-begin" => self.migrate_begin(args.str("domain")?),
+            "domain.migrate-prepare" => {
+                self.migrate_prepare(args.str("domain")?, args.get("description")?, args.str("address")?)
+            }
+            "domain.migrate-perform" => {
+                self.migrate_perform(args.str("domain")?, args.str("address")?, args.u64("port")?, ctx)
+            }
+            "domain.migrate-finish" => self.migrate_finish(args.str("domain")?, args.bool_or("succeeded", false)?, ctx),
+            "domain.migrate-confirm" => self.migrate_confirm(args.str("domain")?, args.bool_or("succeeded", false)?),
             "domain.save" => self.save(args.str("domain")?, args.str("path")?, ctx),
             "domain.restore" => self.restore(args.str("path")?, ctx),
             "domain.screenshot" => self.screenshot(args.str("domain")?),

@@ -22,6 +22,7 @@ mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 mod migration;
+mod migration_phases;
 mod monitor;
 mod privilege;
 mod qemu;

@@ -60,7 +60,7 @@ struct SaveHeader {
 }
 
 /// Bound on transferring `memory_mib` of guest memory.
-fn transfer_timeout(memory_mib: u64) -> Duration {
+pub(crate) fn transfer_timeout(memory_mib: u64) -> Duration {
     Duration::from_secs(120) + Duration::from_millis(memory_mib.saturating_mul(50))
 }
 
@@ -161,7 +161,7 @@ impl QemuDriver {
     }
 
     /// Polls the source's `query-migrate` until the transfer ends, reporting progress.
-    fn watch_migration(&self, name: &str, memory_mib: u64, ctx: &Context<'_>) -> Result<(), PluginError> {
+    pub(crate) fn watch_migration(&self, name: &str, memory_mib: u64, ctx: &Context<'_>) -> Result<(), PluginError> {
         let deadline = Instant::now() + transfer_timeout(memory_mib);
         loop {
             let info: serde_json::Value =
@@ -314,7 +314,7 @@ impl QemuDriver {
 }
 
 /// A channel of a QEMU this call just started (not cached: the call ends with it).
-fn open_fresh(paths: &DomainPaths) -> Result<Monitor, PluginError> {
+pub(crate) fn open_fresh(paths: &DomainPaths) -> Result<Monitor, PluginError> {
     monitor::open(paths, Duration::from_secs(5)).map_err(|e| {
         PluginError::driver_failure(format!(
             "cannot reach the monitor of the QEMU just started for '{}': {e}",
@@ -323,11 +323,11 @@ fn open_fresh(paths: &DomainPaths) -> Result<Monitor, PluginError> {
     })
 }
 
-fn migrate_command(uri: &str) -> qmp::migrate {
+pub(crate) fn migrate_command(uri: &str) -> qmp::migrate {
     qmp::migrate { uri: uri.to_string(), blk: None, inc: None, detach: None, resume: None }
 }
 
-fn set_local_bandwidth(q: &mut Qmp) -> Result<(), QmpError> {
+pub(crate) fn set_local_bandwidth(q: &mut Qmp) -> Result<(), QmpError> {
     let parameters = qmp::MigrateSetParameters { max_bandwidth: Some(LOCAL_BANDWIDTH), ..Default::default() };
     q.execute(&qmp::migrate_set_parameters(parameters)).map(drop)
 }
@@ -342,14 +342,14 @@ fn ram_progress(info: &serde_json::Value) -> (u64, u64) {
     (field("transferred"), field("total"))
 }
 
-enum Incoming {
+pub(crate) enum Incoming {
     Qmp(QmpError),
     Failed(String),
     Timeout,
 }
 
 /// Waits for an incoming migration (restore) to complete.
-fn wait_incoming(q: &mut Qmp, memory_mib: u64, ctx: &Context<'_>) -> Result<(), Incoming> {
+pub(crate) fn wait_incoming(q: &mut Qmp, memory_mib: u64, ctx: &Context<'_>) -> Result<(), Incoming> {
     let deadline = Instant::now() + transfer_timeout(memory_mib);
     loop {
         let info: serde_json::Value = q.execute_loose(&qmp::query_migrate {}).map_err(Incoming::Qmp)?;
@@ -370,7 +370,7 @@ fn wait_incoming(q: &mut Qmp, memory_mib: u64, ctx: &Context<'_>) -> Result<(), 
 
 /// Waits until a destination QEMU has left `inmigrate` (it then runs or stays paused, as the
 /// source was).
-fn settle_incoming(q: &mut Qmp) -> Result<(), QmpError> {
+pub(crate) fn settle_incoming(q: &mut Qmp) -> Result<(), QmpError> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
         let status: serde_json::Value = q.execute_loose(&qmp::query_status {})?;
@@ -479,7 +479,7 @@ fn read_save(path: &Path) -> Result<(SaveHeader, File), PluginError> {
 }
 
 /// Checks the USB port assignment of a live configuration read from a file.
-fn check_live(live: Live, path: &str) -> Result<Live, PluginError> {
+pub(crate) fn check_live(live: Live, path: &str) -> Result<Live, PluginError> {
     let bad = |why: String| PluginError::invalid_argument(format!("{path}: {why}"));
     if !matches!(live.accel.as_str(), "kvm" | "tcg") {
         return Err(bad(format!("unknown accelerator {:?}", live.accel)));
