@@ -2,7 +2,7 @@
 
 use abi_stable::{sabi_types::RRef, std_types::RStr};
 
-use crate::{abi::CallContext_TO, Manifest, PluginError, Value};
+use crate::{abi::CallContext_TO, Manifest, PluginError, Text, Value};
 
 /// A driver, as a vendor writes it. The SDK adapts it to the ABI, catching panics.
 pub trait Plugin: Send + Sync + Sized + 'static {
@@ -46,6 +46,13 @@ impl<'a> Args<'a> {
     pub fn str(&self, name: &str) -> Result<&'a str, PluginError> {
         let v = self.get(name)?;
         v.as_str().ok_or_else(|| mistyped(name, "a string", v))
+    }
+
+    /// A string argument as the host holds it: cloning it copies no bytes when the caller
+    /// passed a `'static` string, so a result that repeats the argument can reuse it.
+    pub fn text(&self, name: &str) -> Result<&'a Text, PluginError> {
+        let v = self.get(name)?;
+        v.as_text().ok_or_else(|| mistyped(name, "a string", v))
     }
 
     pub fn opt_str(&self, name: &str) -> Result<Option<&'a str>, PluginError> {
