@@ -853,24 +853,22 @@ impl DomainInfo {
     /// driver answering `domain.info` passes the argument's text ([`crate::Args::text`]), which
     /// is the domain's name, so a borrowed name is not copied.
     pub fn into_value_named(self, name: Text) -> Value {
-        // Sized once and filled with one copy: `domain.info` is the hottest call there is.
-        let mut fields = Vec::with_capacity(9);
-        fields.extend([
-            Field { name: Text::from("name"), value: Value::Str(name) },
-            Field { name: Text::from("state"), value: Value::Str(Text::from(self.state.as_str())) },
-            Field { name: Text::from("vcpus"), value: Value::UInt(self.vcpus) },
-            Field { name: Text::from("memory_kib"), value: Value::UInt(self.memory_kib) },
-            Field { name: Text::from("max_memory_kib"), value: Value::UInt(self.max_memory_kib) },
-            Field { name: Text::from("cpu_time_ns"), value: Value::UInt(self.cpu_time_ns) },
-            Field { name: Text::from("persistent"), value: Value::Bool(self.persistent) },
-        ]);
+        // Sized once: `domain.info` is the hottest call there is.
+        let mut fields = RVec::with_capacity(9);
+        fields.push(Field::new("name", Value::Str(name)));
+        fields.push(Field::new("state", self.state.as_str()));
+        fields.push(Field::new("vcpus", Value::UInt(self.vcpus)));
+        fields.push(Field::new("memory_kib", Value::UInt(self.memory_kib)));
+        fields.push(Field::new("max_memory_kib", Value::UInt(self.max_memory_kib)));
+        fields.push(Field::new("cpu_time_ns", Value::UInt(self.cpu_time_ns)));
+        fields.push(Field::new("persistent", Value::Bool(self.persistent)));
         if let Some(version) = self.hypervisor_version {
             fields.push(Field::new("hypervisor_version", Value::Str(version)));
         }
         if !self.interfaces.is_empty() {
             fields.push(Field::new("interfaces", Value::list(self.interfaces.iter().map(InterfaceInfo::to_value))));
         }
-        Value::Record(RVec::from(fields))
+        Value::Record(fields)
     }
 }
 

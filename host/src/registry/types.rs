@@ -567,7 +567,7 @@ fn trivially_valid(ty: &Ty, bounds: Bounds, value: &Value) -> bool {
 /// compares instead of a `memcmp` call, which cost ~90 instructions per field of every checked
 /// argument and result record.
 #[inline(always)]
-fn same_text(a: &str, b: &str) -> bool {
+pub(crate) fn same_text(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let n = a.len();
     if n != b.len() {
