@@ -13,7 +13,6 @@ use std::{env, fs, path::Path};
 mod model;
 
 fn main() {
-    pack_relative_relocations();
     let manifest_dir = env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let proposals = Path::new(&manifest_dir).join("..").join("proposals");
     println!("cargo:rerun-if-changed={}", proposals.display());
@@ -66,33 +65,4 @@ fn main() {
     }
     out.push_str("];\n");
     fs::write(Path::new(&out_dir).join("embedded_registry.rs"), out).expect("write embedded_registry.rs");
-}
-
-/// Links the `capvirt` binary with packed relative relocations (`DT_RELR`): the position
-/// independent binary has ~22,000 of them, which as classic `RELA` entries are 540 KB that
-/// the dynamic loader reads (page faults) and applies at every start; packed, they are a few
-/// KB and applied in a tight loop. Only where the C library supports it (glibc 2.36 and
-/// later, which the linked binary then requires; the build machine's glibc when it is also
-/// the target), so older systems link as before.
-fn pack_relative_relocations() {
-    println!("cargo:rerun-if-env-changed=CAPVIRT_NO_RELR");
-    let same_machine = env::var("HOST").ok() == env::var("TARGET").ok();
-    let linux_gnu = env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
-    if !same_machine || !linux_gnu || env::var_os("CAPVIRT_NO_RELR").is_some() {
-        return;
-    }
-    let glibc = std::process::Command::new("getconf")
-        .arg("GNU_LIBC_VERSION")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| {
-            let version = text.trim().strip_prefix("glibc ")?.to_string();
-            let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
-            Some((parts.next()??, parts.next()??))
-        });
-    if glibc.is_some_and(|version| version >= (2, 36)) {
-        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
-    }
 }

@@ -361,15 +361,21 @@ impl Registry {
     }
 
     /// Validates a capability's argument record in place (see [`TypeTable::validate_record`]).
+    #[inline]
     pub fn validate_args(&self, capability: &Capability, args: &mut Value) -> Result<(), ValidationError> {
+        if self.types.record_passes_quick(&capability.params, args) {
+            return Ok(());
+        }
         self.types.validate_record("argument record", &capability.params, args, &ValuePath::root(""))
     }
 
     /// Validates a driver's result against the declared result type.
+    #[inline]
     pub fn validate_result(&self, capability: &Capability, result: &mut Value) -> Result<(), ValidationError> {
         let path = ValuePath::root("result");
         // Records (most results) straight to their fields' checks.
         match self.types.record_of(&capability.result) {
+            Some((_, fields)) if self.types.record_passes_quick(fields, result) => Ok(()),
             Some((name, fields)) => self.types.validate_record(name, fields, result, &path),
             None => self.types.validate(&capability.result, Bounds::default(), result, &path),
         }

@@ -405,6 +405,30 @@ impl TypeTable {
         Ok(next == given.len())
     }
 
+    /// Whether `value` is a record whose fields all pass their quick checks as given: the shape
+    /// [`Self::validate_fields_in_order`] accepts, with every value of the usual kind. Decided
+    /// without a path, an error or a change to the value, so the usual argument and result
+    /// records cost one pass over their fields; `false` leaves the decision (and the wording of
+    /// any error) to [`Self::validate_record`].
+    #[inline]
+    pub(crate) fn record_passes_quick(&self, fields: &[FieldDef], value: &Value) -> bool {
+        let Value::Record(given) = value else { return false };
+        let mut next = 0;
+        for decl in fields {
+            match given.get(next) {
+                Some(field) if same_text(field.name.as_str(), &decl.name) => {
+                    if !self.quick_valid(decl.quick, &field.value) {
+                        return false;
+                    }
+                    next += 1;
+                }
+                _ if !decl.required && decl.default.is_none() => {}
+                _ => return false,
+            }
+        }
+        next == given.len()
+    }
+
     /// Whether `value` passes `quick` as is (`false` leaves the decision to the general check).
     #[inline(always)]
     fn quick_valid(&self, quick: Quick, value: &Value) -> bool {
