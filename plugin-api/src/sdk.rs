@@ -2,7 +2,7 @@
 
 use abi_stable::{sabi_types::RRef, std_types::RStr};
 
-use crate::{abi::CallContext_TO, Manifest, PluginError, Value};
+use crate::{abi::CallContext_TO, Manifest, PluginError, Text, Value};
 
 /// A driver, as a vendor writes it. The SDK adapts it to the ABI, catching panics.
 pub trait Plugin: Send + Sync + Sized + 'static {
@@ -34,18 +34,29 @@ impl<'a> Args<'a> {
     }
 
     /// An optional argument (absent or `Unit` gives `None`).
+    #[inline]
     pub fn opt(&self, name: &str) -> Option<&'a Value> {
         self.record.get(name).filter(|v| !v.is_unit())
     }
 
     /// A required argument.
+    #[inline]
     pub fn get(&self, name: &str) -> Result<&'a Value, PluginError> {
-        self.opt(name).ok_or_else(|| PluginError::invalid_argument(format!("missing argument `{name}`")))
+        self.opt(name).ok_or_else(|| missing(name))
     }
 
+    #[inline]
     pub fn str(&self, name: &str) -> Result<&'a str, PluginError> {
         let v = self.get(name)?;
         v.as_str().ok_or_else(|| mistyped(name, "a string", v))
+    }
+
+    /// A string argument as the host holds it: cloning it copies no bytes when the caller
+    /// passed a `'static` string, so a result that repeats the argument can reuse it.
+    #[inline]
+    pub fn text(&self, name: &str) -> Result<&'a Text, PluginError> {
+        let v = self.get(name)?;
+        v.as_text().ok_or_else(|| mistyped(name, "a string", v))
     }
 
     pub fn opt_str(&self, name: &str) -> Result<Option<&'a str>, PluginError> {
@@ -69,6 +80,13 @@ impl<'a> Args<'a> {
     }
 }
 
+// The error paths stay out of line: every driver call reads its arguments through these.
+#[cold]
+fn missing(name: &str) -> PluginError {
+    PluginError::invalid_argument(format!("missing argument `{name}`"))
+}
+
+#[cold]
 fn mistyped(name: &str, expected: &str, got: &Value) -> PluginError {
     PluginError::invalid_argument(format!("argument `{name}` must be {expected}, got {}", got.kind_name()))
 }

@@ -844,10 +844,18 @@ impl DomainInfo {
         }
     }
 
-    pub fn into_value(self) -> Value {
+    pub fn into_value(mut self) -> Value {
+        let name = Text::from(std::mem::take(&mut self.name));
+        self.into_value_named(name)
+    }
+
+    /// [`DomainInfo::into_value`] with `name` as the record's name instead of `self.name`: a
+    /// driver answering `domain.info` passes the argument's text ([`crate::Args::text`]), which
+    /// is the domain's name, so a borrowed name is not copied.
+    pub fn into_value_named(self, name: Text) -> Value {
         // Sized once: `domain.info` is the hottest call there is.
         let mut fields = RVec::with_capacity(9);
-        fields.push(Field::new("name", self.name));
+        fields.push(Field::new("name", Value::Str(name)));
         fields.push(Field::new("state", self.state.as_str()));
         fields.push(Field::new("vcpus", Value::UInt(self.vcpus)));
         fields.push(Field::new("memory_kib", Value::UInt(self.memory_kib)));

@@ -70,9 +70,10 @@ impl Value {
     }
 
     /// The field `name` of a record (`None` for other values or a missing field).
+    #[inline]
     pub fn get(&self, name: &str) -> Option<&Value> {
         match self {
-            Value::Record(fields) => fields.iter().find(|f| f.name.as_str() == name).map(|f| &f.value),
+            Value::Record(fields) => fields.iter().find(|f| same_text(f.name.as_str(), name)).map(|f| &f.value),
             _ => None,
         }
     }
@@ -98,6 +99,15 @@ impl Value {
     pub fn fields(&self) -> Option<&[Field]> {
         match self {
             Value::Record(fields) => Some(fields.as_slice()),
+            _ => None,
+        }
+    }
+
+    /// The text of a string value as it is held: cloning a borrowed (`'static`) `Text` copies
+    /// no bytes, so a result that repeats an argument (a domain's name) can reuse it.
+    pub fn as_text(&self) -> Option<&Text> {
+        match self {
+            Value::Str(s) => Some(s),
             _ => None,
         }
     }
@@ -209,6 +219,27 @@ impl fmt::Display for Value {
     }
 }
 
+/// String equality for the short field and argument names looked up on every call: compared
+/// inline in a word or two instead of a call to `memcmp`.
+#[inline(always)]
+pub(crate) fn same_text(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        // Two overlapping words cover 8..=16 bytes, two overlapping half words 4..=7 (fixed-size
+        // chunks: the length is known, so these are plain loads without bounds checks).
+        8..=16 => a.first_chunk::<8>() == b.first_chunk::<8>() && a.last_chunk::<8>() == b.last_chunk::<8>(),
+        4..=7 => a.first_chunk::<4>() == b.first_chunk::<4>() && a.last_chunk::<4>() == b.last_chunk::<4>(),
+        // First, middle and last byte cover 1..=3.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        0 => true,
+        _ => a == b,
+    }
+}
+
 macro_rules! value_from {
     ($($ty:ty => $variant:ident via $conv:expr),* $(,)?) => {
         $(impl From<$ty> for Value {
@@ -299,6 +330,17 @@ mod tests {
         assert_eq!(v.get("vcpus").and_then(Value::as_u64), Some(4));
         assert_eq!(v.fields().map(<[Field]>::len), Some(3));
         assert_eq!(v.get("missing"), None);
+    }
+
+    #[test]
+    fn same_text_is_equality() {
+        let words = ["", "a", "ab", "ba", "abc", "abd", "name", "nama", "domain", "domaim", "memory_kib", "memory_kia"];
+        let long = ["max_memory_kib_x", "max_memory_kib_y", "hypervisor_version", "hypervisor_versiom"];
+        for a in words.iter().chain(&long) {
+            for b in words.iter().chain(&long) {
+                assert_eq!(same_text(a, b), a == b, "{a:?} vs {b:?}");
+            }
+        }
     }
 
     #[test]

@@ -158,8 +158,59 @@ pub struct Registry {
     pub info: RegistryFile,
     pub types: TypeTable,
     capabilities: Vec<Capability>,
-    /// Looked up on every call: a fast, non-DoS-resistant hash is fine for trusted keys.
-    by_id: FxHashMap<String, CapabilityIndex>,
+    /// Looked up on every call.
+    by_id: IdTable,
+}
+
+/// Capability id → index, looked up on every call: open addressing over a power-of-two table
+/// at most half full, keyed by the id's FxHash (fast and not DoS-resistant, fine for the
+/// registry's own ids), each hit confirmed by an inline comparison of the short id.
+#[derive(Debug, Clone, Default)]
+struct IdTable {
+    /// `(hash, index + 1)`; index 0 marks an empty slot.
+    slots: Vec<(u64, usize)>,
+}
+
+impl IdTable {
+    fn new(capabilities: &[Capability]) -> IdTable {
+        let size = (capabilities.len() * 2).next_power_of_two().max(8);
+        let mut slots = vec![(0, 0); size];
+        for capability in capabilities {
+            let hash = id_hash(capability.id());
+            let mut at = hash as usize & (size - 1);
+            while slots[at].1 != 0 {
+                at = (at + 1) & (size - 1);
+            }
+            slots[at] = (hash, capability.index.0 + 1);
+        }
+        IdTable { slots }
+    }
+
+    #[inline]
+    fn find<'a>(&self, capabilities: &'a [Capability], id: &str) -> Option<&'a Capability> {
+        let hash = id_hash(id);
+        let mask = self.slots.len().wrapping_sub(1);
+        let mut at = hash as usize & mask;
+        loop {
+            let (slot_hash, index) = *self.slots.get(at)?;
+            if index == 0 {
+                return None;
+            }
+            if slot_hash == hash {
+                let capability = capabilities.get(index - 1)?;
+                if types::same_text(capability.id(), id) {
+                    return Some(capability);
+                }
+            }
+            at = (at + 1) & mask;
+        }
+    }
+}
+
+#[inline]
+fn id_hash(id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(id)
 }
 
 impl Registry {
@@ -279,6 +330,7 @@ impl Registry {
         }
 
         if problems.is_empty() {
+            let by_id = IdTable::new(&capabilities);
             Ok(Registry { info, types, capabilities, by_id })
         } else {
             Err(RegistryError { problems })
@@ -291,7 +343,7 @@ impl Registry {
 
     /// Looks a capability up by id.
     pub fn lookup(&self, id: &str) -> Option<&Capability> {
-        self.by_id.get(id).map(|i| &self.capabilities[i.0])
+        self.by_id.find(&self.capabilities, id)
     }
 
     pub fn capability(&self, index: CapabilityIndex) -> &Capability {
@@ -309,15 +361,21 @@ impl Registry {
     }
 
     /// Validates a capability's argument record in place (see [`TypeTable::validate_record`]).
+    #[inline]
     pub fn validate_args(&self, capability: &Capability, args: &mut Value) -> Result<(), ValidationError> {
+        if self.types.record_passes_quick(&capability.params, args) {
+            return Ok(());
+        }
         self.types.validate_record("argument record", &capability.params, args, &ValuePath::root(""))
     }
 
     /// Validates a driver's result against the declared result type.
+    #[inline]
     pub fn validate_result(&self, capability: &Capability, result: &mut Value) -> Result<(), ValidationError> {
         let path = ValuePath::root("result");
         // Records (most results) straight to their fields' checks.
         match self.types.record_of(&capability.result) {
+            Some((_, fields)) if self.types.record_passes_quick(fields, result) => Ok(()),
             Some((name, fields)) => self.types.validate_record(name, fields, result, &path),
             None => self.types.validate(&capability.result, Bounds::default(), result, &path),
         }

@@ -405,6 +405,30 @@ impl TypeTable {
         Ok(next == given.len())
     }
 
+    /// Whether `value` is a record whose fields all pass their quick checks as given: the shape
+    /// [`Self::validate_fields_in_order`] accepts, with every value of the usual kind. Decided
+    /// without a path, an error or a change to the value, so the usual argument and result
+    /// records cost one pass over their fields; `false` leaves the decision (and the wording of
+    /// any error) to [`Self::validate_record`].
+    #[inline]
+    pub(crate) fn record_passes_quick(&self, fields: &[FieldDef], value: &Value) -> bool {
+        let Value::Record(given) = value else { return false };
+        let mut next = 0;
+        for decl in fields {
+            match given.get(next) {
+                Some(field) if same_text(field.name.as_str(), &decl.name) => {
+                    if !self.quick_valid(decl.quick, &field.value) {
+                        return false;
+                    }
+                    next += 1;
+                }
+                _ if !decl.required && decl.default.is_none() => {}
+                _ => return false,
+            }
+        }
+        next == given.len()
+    }
+
     /// Whether `value` passes `quick` as is (`false` leaves the decision to the general check).
     #[inline(always)]
     fn quick_valid(&self, quick: Quick, value: &Value) -> bool {
@@ -567,18 +591,17 @@ fn trivially_valid(ty: &Ty, bounds: Bounds, value: &Value) -> bool {
 /// compares instead of a `memcmp` call, which cost ~90 instructions per field of every checked
 /// argument and result record.
 #[inline(always)]
-fn same_text(a: &str, b: &str) -> bool {
+pub(crate) fn same_text(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let n = a.len();
     if n != b.len() {
         return false;
     }
-    let word = |s: &[u8], at: usize| s.get(at..at + 8).and_then(|w| w.try_into().ok()).map(u64::from_ne_bytes);
-    let half = |s: &[u8], at: usize| s.get(at..at + 4).and_then(|w| w.try_into().ok()).map(u32::from_ne_bytes);
     match n {
-        // Two overlapping words cover 8..=16 bytes, two overlapping half words 4..=7.
-        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
-        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        // Two overlapping words cover 8..=16 bytes, two overlapping half words 4..=7 (fixed-size
+        // chunks: the length is known, so these are plain loads without bounds checks).
+        8..=16 => a.first_chunk::<8>() == b.first_chunk::<8>() && a.last_chunk::<8>() == b.last_chunk::<8>(),
+        4..=7 => a.first_chunk::<4>() == b.first_chunk::<4>() && a.last_chunk::<4>() == b.last_chunk::<4>(),
         // First, middle and last byte cover 1..=3.
         1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
         0 => true,

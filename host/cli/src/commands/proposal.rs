@@ -1,6 +1,6 @@
 //! `capvirt proposal new|check|review|promote`: the maintainer workflow on the registry's
 //! source tree (`--registry DIR`, else the nearest `proposals/` from the current directory).
-//! The work happens in [`capvirt_host::maint`]; this file parses arguments, reads and writes files,
+//! The work happens in [`capvirt_maint`]; this file parses arguments, reads and writes files,
 //! and prints.
 
 use std::path::{Path, PathBuf};
