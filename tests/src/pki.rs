@@ -10,6 +10,10 @@ fn write(path: &Path, text: &str) {
         std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
     }
     std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    // Private keys must be private (the host refuses others like OpenSSH does).
+    if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with("key.pem")) {
+        crate::set_mode(path, 0o600);
+    }
 }
 
 /// A certificate authority made for the test.

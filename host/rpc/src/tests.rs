@@ -271,6 +271,11 @@ mod pki {
     fn write(path: &PathBuf, text: &str) {
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(path, text).expect("write");
+        // Private keys must be private: the loader refuses others.
+        if path.to_string_lossy().ends_with("key.pem") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
     }
 }
 
@@ -366,8 +371,19 @@ fn bad_tls_files_are_named_with_the_reason() {
     std::fs::write(&not_pem, "hello\n").expect("write");
     let text = crate::TlsFiles { cert: not_pem.clone(), ..files.clone() }.load().expect_err("refused").to_string();
     assert!(text.contains("garbage.pem") && text.contains("no PEM certificate"), "{text}");
-    let text = crate::TlsFiles { key: files.cert.clone(), ..files.clone() }.load().expect_err("refused").to_string();
+    let cert_as_key = dir.path().join("certaskey.pem");
+    std::fs::copy(&files.cert, &cert_as_key).expect("copy");
+    std::fs::set_permissions(&cert_as_key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    let text = crate::TlsFiles { key: cert_as_key, ..files.clone() }.load().expect_err("refused").to_string();
     assert!(text.contains("private key") && text.contains("no PEM private key"), "{text}");
+    // A key group or others can read is refused, naming the mode and the fix; private, it loads.
+    for mode in [0o640, 0o604, 0o620] {
+        std::fs::set_permissions(&files.key, std::os::unix::fs::PermissionsExt::from_mode(mode)).expect("chmod");
+        let text = files.load().expect_err("refused").to_string();
+        assert!(text.contains(&format!("mode {mode:04o}")) && text.contains("chmod 600"), "{text}");
+    }
+    std::fs::set_permissions(&files.key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    assert!(files.load().is_ok());
     // An expired certificate is named with its end date.
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     params.not_before = rcgen::date_time_ymd(2000, 1, 1);

@@ -68,6 +68,7 @@ impl TlsFiles {
     pub fn load(&self) -> Result<TlsMaterial, TlsError> {
         let cert_pem = read(&self.cert, "certificate")?;
         check_certificates(&self.cert, "certificate", &cert_pem)?;
+        refuse_exposed_key(&self.key)?;
         let key_pem = read(&self.key, "private key")?;
         if let Err(e) = PrivateKeyDer::from_pem_slice(&key_pem) {
             return Err(TlsError::Invalid {
@@ -80,6 +81,29 @@ impl TlsFiles {
         check_certificates(&self.ca, "CA certificate", &ca_pem)?;
         Ok(TlsMaterial { files: self.clone(), cert_pem, key_pem, ca_pem })
     }
+}
+
+/// A private key others can read or change is refused, as OpenSSH refuses one: whoever can
+/// read it can be this side, whoever can write it can choose who this side is.
+fn refuse_exposed_key(path: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| TlsError::Read {
+        what: "private key",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TlsError::Invalid {
+            what: "private key",
+            path: path.to_path_buf(),
+            reason: format!(
+                "group or others can access it (mode {mode:04o}); make it private: chmod 600 {}",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
