@@ -210,15 +210,20 @@ fn certificates_of_another_ca_or_none_are_refused_clearly() {
     let line = failed(&remote(&sb, &daemon.uri(&pki), &["list"]), 1).to_string();
     assert!(line.contains("refused this client's certificate"), "{line}");
     assert!(line.contains(&pki.join("clientcert.pem").display().to_string()), "{line}");
-    // A client with no certificate: its file is named (the daemon would refuse it: see the
-    // handshake tests in capvirt-rpc).
+    // A client with no certificate: its file is named, as the caller's to fix (exit 2; the
+    // daemon would refuse it too: see the handshake tests in capvirt-rpc).
     let empty = daemon.dir.path().join("clients/empty");
     std::fs::create_dir_all(&empty).unwrap_or_else(|e| panic!("mkdir: {e}"));
-    let line = failed(&remote(&sb, &daemon.uri(&empty), &["list"]), 1).to_string();
+    let line = failed(&remote(&sb, &daemon.uri(&empty), &["list"]), 2).to_string();
     assert!(
         line.contains(&empty.join("clientcert.pem").display().to_string()) && line.contains("No such file"),
         "{line}"
     );
+    // A client key others can read is refused before anything is sent (exit 2, the fix named).
+    let exposed = daemon.client_pki("exposed", "admin", None);
+    capvirt_tests::set_mode(&exposed.join("clientkey.pem"), 0o644);
+    let line = failed(&remote(&sb, &daemon.uri(&exposed), &["list"]), 2).to_string();
+    assert!(line.contains("clientkey.pem") && line.contains("mode 0644") && line.contains("chmod 600"), "{line}");
     // A client that does not trust the daemon's CA refuses the daemon.
     let lost = daemon.dir.path().join("clients/lost");
     daemon.ca.issue(&lost, "client", "admin", &[], &other);
