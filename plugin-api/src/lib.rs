@@ -54,7 +54,7 @@ pub use abi::{CallContext, CallContext_TO, Driver, DriverBox, Driver_TO, PluginM
 pub use error::{ErrorKind, PluginError};
 pub use manifest::{CapabilityImpl, Manifest};
 pub use sdk::{Args, Context, Plugin};
-pub use value::{Field, Text, Value};
+pub use value::{same_text, Field, Text, Value};
 
 /// The ABI version this crate speaks. Plugins and hosts are compatible when the majors match.
 pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -220,9 +220,10 @@ impl fmt::Display for Value {
 }
 
 /// String equality for the short field and argument names looked up on every call: compared
-/// inline in a word or two instead of a call to `memcmp`.
+/// inline in a word or two instead of a call to `memcmp` (~90 instructions per field). The
+/// SDK's record lookups and the host's argument and result checks both use it.
 #[inline(always)]
-pub(crate) fn same_text(a: &str, b: &str) -> bool {
+pub fn same_text(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let n = a.len();
     if n != b.len() {

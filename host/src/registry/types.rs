@@ -587,27 +587,9 @@ fn trivially_valid(ty: &Ty, bounds: Bounds, value: &Value) -> bool {
     }
 }
 
-/// `a == b` for the short texts of the hot path (field names, enum words): inline word
-/// compares instead of a `memcmp` call, which cost ~90 instructions per field of every checked
-/// argument and result record.
-#[inline(always)]
-pub(crate) fn same_text(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    match n {
-        // Two overlapping words cover 8..=16 bytes, two overlapping half words 4..=7 (fixed-size
-        // chunks: the length is known, so these are plain loads without bounds checks).
-        8..=16 => a.first_chunk::<8>() == b.first_chunk::<8>() && a.last_chunk::<8>() == b.last_chunk::<8>(),
-        4..=7 => a.first_chunk::<4>() == b.first_chunk::<4>() && a.last_chunk::<4>() == b.last_chunk::<4>(),
-        // First, middle and last byte cover 1..=3.
-        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
-        0 => true,
-        _ => a == b,
-    }
-}
+/// `a == b` for the short texts of the hot path (field names, enum words), inline; shared
+/// with the SDK.
+pub(crate) use capvirt_plugin_api::same_text;
 
 fn check_int_bounds(n: i128, bounds: Bounds, path: &ValuePath<'_>) -> Result<(), ValidationError> {
     if let Some(min) = bounds.min {
