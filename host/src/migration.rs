@@ -103,7 +103,7 @@ pub(crate) fn between_hosts(
     let fail = |phase, host: &str, e: CallError| failure(&domain, phase, host, e.category(), e.to_string());
     let refuse = |host: &str, why: String| failure(&domain, MigrationPhase::Connect, host, ErrorCategory::Usage, why);
 
-    let (ours, theirs) = (uri_scheme(&here).ok(), target.uri.split_once("://").map(|(s, _)| s));
+    let (ours, theirs) = (uri_scheme(&here).ok(), uri_scheme(&target.uri).ok());
     if ours != theirs {
         return Err(refuse(
             &there,
