@@ -96,7 +96,9 @@ impl CallError {
                 ErrorKind::InvalidArgument => ErrorCategory::Usage,
                 ErrorKind::InvalidState => ErrorCategory::InvalidState,
                 ErrorKind::Unsupported => ErrorCategory::Unsupported,
-                ErrorKind::DriverFailure | ErrorKind::Timeout | ErrorKind::Internal => ErrorCategory::Other,
+                // DriverFailure, Timeout, Internal, and codes from a later plugin-api (shown
+                // with their number).
+                _ => ErrorCategory::Other,
             },
             CallError::MalformedResult { .. } | CallError::AuditUnavailable { .. } => ErrorCategory::Other,
             CallError::Remote { category, .. } | CallError::Migration { category, .. } => *category,

@@ -106,6 +106,27 @@ fn a_plugin_built_against_another_registry_major_is_refused() {
 }
 
 #[test]
+fn an_error_kind_from_a_later_plugin_api_is_a_driver_failure_naming_its_code() {
+    // ErrorKind is an open numeric code (plugin-api 2.0): a plugin built against a later 2.y
+    // may answer a kind this host does not know. In process and through an isolated child, it
+    // arrives intact, exits 1 and names the code beside the plugin's message.
+    let sb = fixture_sandbox();
+    for isolate in [false, true] {
+        let mut argv = vec!["-c", "fixture:///x", "dominfo", "vm1"];
+        if isolate {
+            argv.insert(0, "--isolate");
+        }
+        let run = sb.capvirt_env(&argv, &[("CAPVIRT_FIXTURE_MODE", "later-kind")]);
+        assert_eq!(run.code, 1, "isolate={isolate}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("unknown error kind (code 4242): the domain is hibernating"),
+            "isolate={isolate}: {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
 fn a_panic_while_connecting_is_an_error_not_a_crash() {
     let sb = fixture_sandbox();
     let run = sb.capvirt_env(&["-c", "fixture:///x", "list"], &[("CAPVIRT_FIXTURE_MODE", "connect-panic")]);

@@ -198,7 +198,8 @@ impl CallFailure {
             Driver::InvalidArgument => ErrorKind::InvalidArgument,
             Driver::InvalidState => ErrorKind::InvalidState,
             Driver::Unsupported => ErrorKind::Unsupported,
-            Driver::DriverFailure | Driver::Timeout | Driver::Internal => ErrorKind::Other,
+            // DriverFailure, Timeout, Internal and codes added after this release.
+            _ => ErrorKind::Other,
         };
         CallFailure { kind, message: error.message.to_string(), driver_kind: Some(error.kind) }
     }
@@ -209,39 +210,36 @@ impl CallFailure {
     }
 
     pub(crate) fn to_wire(&self) -> proto::CallFailure {
-        use capvirt_plugin_api::ErrorKind as Driver;
-        use proto::DriverErrorKind as Wire;
-        let driver_kind = match self.driver_kind {
-            None => Wire::Unspecified,
-            Some(Driver::NotFound) => Wire::NotFound,
-            Some(Driver::InvalidArgument) => Wire::InvalidArgument,
-            Some(Driver::InvalidState) => Wire::InvalidState,
-            Some(Driver::Unsupported) => Wire::Unsupported,
-            Some(Driver::DriverFailure) => Wire::DriverFailure,
-            Some(Driver::Timeout) => Wire::Timeout,
-            Some(Driver::Internal) => Wire::Internal,
-        };
         proto::CallFailure {
             kind: proto::ErrorKind::from(self.kind).into(),
             message: self.message.clone(),
-            driver_kind: driver_kind.into(),
+            driver_kind: self.driver_kind.map_or(proto::DriverErrorKind::Unspecified as i32, driver_kind_to_wire),
         }
     }
 
     pub(crate) fn from_wire(failure: proto::CallFailure) -> Self {
-        use capvirt_plugin_api::ErrorKind as Driver;
-        use proto::DriverErrorKind as Wire;
-        let driver_kind = match failure.driver_kind() {
-            Wire::Unspecified => None,
-            Wire::NotFound => Some(Driver::NotFound),
-            Wire::InvalidArgument => Some(Driver::InvalidArgument),
-            Wire::InvalidState => Some(Driver::InvalidState),
-            Wire::Unsupported => Some(Driver::Unsupported),
-            Wire::DriverFailure => Some(Driver::DriverFailure),
-            Wire::Timeout => Some(Driver::Timeout),
-            Wire::Internal => Some(Driver::Internal),
-        };
+        let driver_kind = driver_kind_from_wire(failure.driver_kind);
         CallFailure { kind: failure.kind().into(), message: failure.message, driver_kind }
+    }
+}
+
+/// A driver's error kind on the wire is its code + 1 (0 is "not a driver error"). Codes this
+/// release does not know travel as their number (proto3 enums are open), so an isolated
+/// driver built against a later plugin-api keeps its exact kind. A code too large for the
+/// wire's `int32` travels as a driver failure.
+fn driver_kind_to_wire(kind: capvirt_plugin_api::ErrorKind) -> i32 {
+    i32::try_from(kind.code())
+        .ok()
+        .and_then(|code| code.checked_add(1))
+        .unwrap_or(proto::DriverErrorKind::DriverFailure as i32)
+}
+
+fn driver_kind_from_wire(wire: i32) -> Option<capvirt_plugin_api::ErrorKind> {
+    match u32::try_from(wire) {
+        Ok(0) => None,
+        Ok(code_plus_one) => Some(capvirt_plugin_api::ErrorKind::from_code(code_plus_one - 1)),
+        // Not something this protocol sends; still a driver's error, of no known kind.
+        Err(_) => Some(capvirt_plugin_api::ErrorKind::DriverFailure),
     }
 }
 

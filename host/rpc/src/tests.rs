@@ -477,3 +477,22 @@ async fn a_call_after_the_far_side_closed_fails_promptly() {
     let outcome = tokio::time::timeout(Duration::from_secs(5), call).await.expect("no hang");
     assert!(outcome.is_err(), "{outcome:?}");
 }
+
+#[test]
+fn driver_error_kinds_cross_the_wire_exactly_including_later_codes() {
+    use capvirt_plugin_api::{ErrorKind as Driver, PluginError};
+    let later = Driver::from_code(4242);
+    for kind in Driver::KNOWN.into_iter().chain([later]) {
+        let failure = CallFailure::from_driver(&PluginError::new(kind, "why"));
+        let back = CallFailure::from_wire(failure.to_wire());
+        assert_eq!(back, failure, "{kind:?}");
+        assert_eq!(back.driver_error(), Some(PluginError::new(kind, "why")));
+    }
+    assert_eq!(CallFailure::from_driver(&PluginError::new(later, "why")).kind, ErrorKind::Other);
+    // Not representable in the wire's int32: still a driver error, as a driver failure.
+    let huge = CallFailure::from_driver(&PluginError::new(Driver::from_code(u32::MAX), "why"));
+    assert_eq!(CallFailure::from_wire(huge.to_wire()).driver_kind, Some(Driver::DriverFailure));
+    // "Not a driver error" stays that.
+    let host_refusal = CallFailure::new(ErrorKind::Denied, "no");
+    assert_eq!(CallFailure::from_wire(host_refusal.to_wire()).driver_kind, None);
+}

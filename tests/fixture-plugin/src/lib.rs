@@ -14,6 +14,8 @@
 //!   malformed `host.info`, and answers `driver-failure` instead of `invalid-state` when asked to
 //!   resume a running domain; everything else follows the contracts;
 //! - `abort`: like `liar`, but aborts the process inside `invoke` of `domain.list`;
+//! - `later-kind`: `domain.info` fails with error code 4242, one a later plugin-api might add
+//!   (the host must carry it as a driver failure naming the code, in process and isolated);
 //! - `newer`: built for registry 1.9.0, declares `domain.hibernate` (unknown here) and
 //!   contract version 2 of `domain.info`.
 
@@ -65,6 +67,9 @@ impl Plugin for Fixture {
             "liar" => return liar(capability, args),
             "abort" if capability == "domain.list" => std::process::abort(),
             "abort" => return liar(capability, args),
+            "later-kind" if capability == "domain.info" => {
+                return Err(PluginError::new(ErrorKind::from_code(4242), "the domain is hibernating"))
+            }
             _ => {}
         }
         match capability {
