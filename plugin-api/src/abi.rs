@@ -1,4 +1,4 @@
-//! The frozen 1.x boundary: the root module every plugin exports and the trait objects that
+//! The frozen 2.x boundary: the root module every plugin exports and the trait objects that
 //! cross it. Nothing here may change layout within a major version (see the crate docs).
 
 use abi_stable::{

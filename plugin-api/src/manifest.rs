@@ -23,7 +23,7 @@ pub struct Manifest {
     /// Every capability the driver implements, with the capability version it implements.
     pub capabilities: RVec<CapabilityImpl>,
     pub description: RString,
-    /// Extension point for manifest data added after ABI 1.0 (a record; `Unit` when empty).
+    /// Extension point for manifest data added later (a record; `Unit` when empty).
     pub extra: Value,
 }
 
