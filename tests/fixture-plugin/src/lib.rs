@@ -15,7 +15,12 @@
 //!   resume a running domain; everything else follows the contracts;
 //! - `abort`: like `liar`, but aborts the process inside `invoke` of `domain.list`;
 //! - `newer`: built for registry 1.9.0, declares `domain.hibernate` (unknown here) and
-//!   contract version 2 of `domain.info`.
+//!   contract version 2 of `domain.info`;
+//! - `newer-fields`: built for registry 1.2.0; its `domain.info` result (for any domain) carries
+//!   fields this host's registry does not declare, at the top and inside an interface, as a
+//!   plugin for a newer minor may (the host drops them); for domain `bad` `vcpus` is also a
+//!   string (malformed for any minor);
+//! - `extra-fields`: the same results, built for registry 1.1.0 (the host refuses them).
 
 use std::{
     collections::BTreeMap,
@@ -24,7 +29,7 @@ use std::{
 
 use capvirt_plugin_api::{
     prelude::*,
-    types::{domain_summary, DomainInfo, DomainSpec, DomainState},
+    types::{domain_summary, DomainInfo, DomainSpec, DomainState, InterfaceInfo, InterfaceKind},
 };
 
 pub struct Fixture;
@@ -49,6 +54,8 @@ impl Plugin for Fixture {
             // Built for a newer registry minor: a capability this host does not know yet, and
             // a newer contract version of one it does.
             "newer" => base("1.9.0").capabilities(["domain.list", "domain.hibernate"]).capability("domain.info", 2),
+            "newer-fields" => base("1.2.0").capabilities(["domain.list", "domain.info"]),
+            "extra-fields" => base("1.1.0").capabilities(["domain.list", "domain.info"]),
             _ => base("1.0.0").capabilities(["domain.list", "domain.info", "host.info"]),
         }
     }
@@ -65,6 +72,9 @@ impl Plugin for Fixture {
             "liar" => return liar(capability, args),
             "abort" if capability == "domain.list" => std::process::abort(),
             "abort" => return liar(capability, args),
+            "newer-fields" | "extra-fields" if capability == "domain.info" => {
+                return Ok(info_with_newer_fields(args.str("domain")?));
+            }
             _ => {}
         }
         match capability {
@@ -189,6 +199,28 @@ fn liar(capability: &str, args: &Args<'_>) -> Result<Value, PluginError> {
 }
 
 capvirt_plugin_api::export_plugin!(Fixture);
+
+/// A valid `DomainInfo` plus fields a later registry minor might add: `balloon_kib` at the top
+/// and `mtu` in its interface.
+fn info_with_newer_fields(domain: &str) -> Value {
+    let mut info = DomainInfo::new(domain, DomainState::Running);
+    info.vcpus = 2;
+    info.interfaces = vec![InterfaceInfo::new("net0", InterfaceKind::User, "52:54:00:12:34:56")];
+    let mut value = info.into_value();
+    value.set("balloon_kib", Value::UInt(4096));
+    if domain == "bad" {
+        // Wrong for any registry minor.
+        value.set("vcpus", "two");
+    }
+    if let Some(Value::List(interfaces)) = value.get("interfaces").cloned() {
+        let mut interfaces: Vec<Value> = interfaces.into_iter().collect();
+        for interface in &mut interfaces {
+            interface.set("mtu", Value::UInt(1500));
+        }
+        value.set("interfaces", Value::list(interfaces));
+    }
+    value
+}
 
 /// Dies or hangs as the domain's name says (see the crate docs); otherwise panics.
 fn crash(domain: &str) -> Result<Value, PluginError> {
