@@ -20,7 +20,7 @@ use crate::{
     error::{CallError, HostError},
     plugins::{Discovery, LoadedPlugin, PluginSet},
     policy::{self, Grant, Policy},
-    registry::{source, Capability, CapabilityIndex, Registry},
+    registry::{source, Capability, CapabilityIndex, Registry, ValidationError},
     validate::{self, ValidArgs},
 };
 
@@ -496,10 +496,35 @@ impl LocalConnection {
             .invoke(grant, args, observer)
             .map_err(|error: PluginError| CallError::Driver { id: id.to_string(), error })?;
         if self.check_results {
-            self.registry.validate_result(grant.capability(), &mut result).map_err(|error| {
-                CallError::MalformedResult { id: id.to_string(), driver: self.plugin.info.name.clone(), error }
-            })?;
+            if let Err(error) = self.registry.validate_result(grant.capability(), &mut result) {
+                return self.refuse_or_trim_result(grant.capability(), result, error);
+            }
         }
+        Ok(result)
+    }
+
+    /// A result that failed its check: malformed, unless the plugin targets a newer registry
+    /// minor and only fields added since make it so (they are dropped; see
+    /// [`LoadedPlugin::targets_newer_registry`]). Decided here, off the hot path: ordinary
+    /// results never get this far.
+    #[cold]
+    #[inline(never)]
+    fn refuse_or_trim_result(
+        &self,
+        capability: &Capability,
+        mut result: Value,
+        error: ValidationError,
+    ) -> Result<Value, CallError> {
+        let malformed = |error| CallError::MalformedResult {
+            id: capability.id().to_string(),
+            driver: self.plugin.info.name.clone(),
+            error,
+        };
+        if !self.plugin.targets_newer_registry() {
+            return Err(malformed(error));
+        }
+        self.registry.types.drop_unknown_fields(&capability.result, &mut result);
+        self.registry.validate_result(capability, &mut result).map_err(malformed)?;
         Ok(result)
     }
 

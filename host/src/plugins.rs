@@ -76,6 +76,9 @@ pub struct LoadedPlugin {
     callable: Vec<bool>,
     /// Declared capabilities that are never callable, with the reason.
     pub ignored: Vec<(String, String)>,
+    /// Built for a newer minor of this host's registry major: its results may carry optional
+    /// fields added in that minor, which the host drops instead of refusing the result.
+    pub(crate) newer_registry: bool,
 }
 
 impl LoadedPlugin {
@@ -86,6 +89,12 @@ impl LoadedPlugin {
     /// The declared version of a capability, if the plugin implements it.
     pub fn implemented_version(&self, id: &str) -> Option<u32> {
         self.info.capabilities.iter().find(|(c, _)| c == id).map(|(_, v)| *v)
+    }
+
+    /// Whether the plugin targets a newer minor of this host's registry (its results may carry
+    /// fields this host does not know; they are dropped, see `Connection::call`).
+    pub fn targets_newer_registry(&self) -> bool {
+        self.newer_registry
     }
 }
 
@@ -382,7 +391,17 @@ impl PluginSet {
         }
         match PluginSet::admit(registry, &info, claims) {
             Ok((callable, ignored)) => {
-                Loaded::Plugin(LoadedPlugin { path: path.to_path_buf(), info, module: raw.module, callable, ignored })
+                // `admit` has parsed the version and checked the major.
+                let newer_registry = semver::Version::parse(&info.registry_version)
+                    .is_ok_and(|built_for| built_for > *registry.version());
+                Loaded::Plugin(LoadedPlugin {
+                    path: path.to_path_buf(),
+                    info,
+                    module: raw.module,
+                    callable,
+                    ignored,
+                    newer_registry,
+                })
             }
             Err(reason) => {
                 let admissible = PluginSet::admit(registry, &info, std::iter::empty()).is_ok();

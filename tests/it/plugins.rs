@@ -603,6 +603,37 @@ fn a_plugin_for_a_newer_registry_minor_loads_and_says_what_is_not_callable() {
 }
 
 #[test]
+fn result_fields_of_a_newer_registry_minor_are_dropped_for_that_plugin_only() {
+    let sb = fixture_sandbox();
+    // Built for 1.2.0: the fields 1.1.0 does not declare are dropped, at the top and nested.
+    let newer = sb.capvirt_env(
+        &["-c", "fixture:///x", "-o", "json", "dominfo", "web"],
+        &[("CAPVIRT_FIXTURE_MODE", "newer-fields")],
+    );
+    assert_eq!(newer.code, 0, "{}", newer.stderr);
+    let info: serde_json::Value =
+        serde_json::from_str(&newer.stdout).unwrap_or_else(|e| panic!("{e}: {}", newer.stdout));
+    assert_eq!(
+        (&info["name"], &info["state"], &info["vcpus"]),
+        (&"web".into(), &"running".into(), &2.into()),
+        "{info}"
+    );
+    assert!(info.get("balloon_kib").is_none(), "{info}");
+    let interface = &info["interfaces"][0];
+    assert_eq!(interface["id"], "net0", "{info}");
+    assert!(interface.get("mtu").is_none(), "{info}");
+    // Only unknown fields are forgiven: a known field of the wrong type is still refused.
+    let bad = sb.capvirt_env(&["-c", "fixture:///x", "dominfo", "bad"], &[("CAPVIRT_FIXTURE_MODE", "newer-fields")]);
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert!(bad.stderr.contains("`result.vcpus`: expected an unsigned integer, got a string"), "{}", bad.stderr);
+    // The same result from a plugin built for this host's registry is malformed, naming the field.
+    let same = sb.capvirt_env(&["-c", "fixture:///x", "dominfo", "web"], &[("CAPVIRT_FIXTURE_MODE", "extra-fields")]);
+    assert_eq!(same.code, 1, "{}", same.stderr);
+    assert!(same.stderr.contains("malformed result for `domain.info`"), "{}", same.stderr);
+    assert!(same.stderr.contains("unknown field `balloon_kib`"), "{}", same.stderr);
+}
+
+#[test]
 fn a_plugin_for_another_registry_major_is_refused_naming_both_versions() {
     let sb = fixture_sandbox();
     let listed = plugins_json(&sb.capvirt_env(&["-o", "json", "plugins"], &[("CAPVIRT_FIXTURE_MODE", "major")]));

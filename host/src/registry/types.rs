@@ -495,6 +495,30 @@ impl TypeTable {
         }
     }
 
+    /// Removes, at every depth, the record fields `ty` does not declare: a result from a plugin
+    /// built for a newer registry minor may carry optional fields added in that minor. Nothing
+    /// else changes; the result is checked as usual afterwards.
+    pub(crate) fn drop_unknown_fields(&self, ty: &Ty, value: &mut Value) {
+        match (ty, value) {
+            (Ty::List(item), Value::List(items)) => {
+                for item_value in items.iter_mut() {
+                    self.drop_unknown_fields(item, item_value);
+                }
+            }
+            (Ty::Named(id), Value::Record(given)) => {
+                if let TypeBody::Record { fields } = &self.get(*id).body {
+                    given.retain(|field| fields.iter().any(|decl| decl.name == field.name.as_str()));
+                    for field in given.iter_mut() {
+                        if let Some(decl) = fields.iter().find(|decl| decl.name == field.name.as_str()) {
+                            self.drop_unknown_fields(&decl.ty, &mut field.value);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The fields of `ty` when it is a record type: results are checked against them directly.
     #[inline]
     pub(crate) fn record_of(&self, ty: &Ty) -> Option<(&str, &[FieldDef])> {

@@ -17,7 +17,12 @@
 //! - `later-kind`: `domain.info` fails with error code 4242, one a later plugin-api might add
 //!   (the host must carry it as a driver failure naming the code, in process and isolated);
 //! - `newer`: built for registry 1.9.0, declares `domain.hibernate` (unknown here) and
-//!   contract version 2 of `domain.info`.
+//!   contract version 2 of `domain.info`;
+//! - `newer-fields`: built for registry 1.2.0; its `domain.info` result (for any domain) carries
+//!   fields this host's registry does not declare, at the top and inside an interface, as a
+//!   plugin for a newer minor may (the host drops them); for domain `bad` `vcpus` is also a
+//!   string (malformed for any minor);
+//! - `extra-fields`: the same results, built for registry 1.1.0 (the host refuses them).
 
 use std::{
     collections::BTreeMap,
@@ -26,7 +31,7 @@ use std::{
 
 use capvirt_plugin_api::{
     prelude::*,
-    types::{domain_summary, DomainInfo, DomainSpec, DomainState},
+    types::{domain_summary, DomainInfo, DomainSpec, DomainState, InterfaceInfo, InterfaceKind},
 };
 
 pub struct Fixture;
@@ -51,6 +56,8 @@ impl Plugin for Fixture {
             // Built for a newer registry minor: a capability this host does not know yet, and
             // a newer contract version of one it does.
             "newer" => base("1.9.0").capabilities(["domain.list", "domain.hibernate"]).capability("domain.info", 2),
+            "newer-fields" => base("1.2.0").capabilities(["domain.list", "domain.info"]),
+            "extra-fields" => base("1.1.0").capabilities(["domain.list", "domain.info"]),
             _ => base("1.0.0").capabilities(["domain.list", "domain.info", "host.info"]),
         }
     }
@@ -69,6 +76,9 @@ impl Plugin for Fixture {
             "abort" => return liar(capability, args),
             "later-kind" if capability == "domain.info" => {
                 return Err(PluginError::new(ErrorKind::from_code(4242), "the domain is hibernating"))
+            }
+            "newer-fields" | "extra-fields" if capability == "domain.info" => {
+                return Ok(info_with_newer_fields(args.str("domain")?));
             }
             _ => {}
         }
@@ -194,6 +204,28 @@ fn liar(capability: &str, args: &Args<'_>) -> Result<Value, PluginError> {
 }
 
 capvirt_plugin_api::export_plugin!(Fixture);
+
+/// A valid `DomainInfo` plus fields a later registry minor might add: `balloon_kib` at the top
+/// and `mtu` in its interface.
+fn info_with_newer_fields(domain: &str) -> Value {
+    let mut info = DomainInfo::new(domain, DomainState::Running);
+    info.vcpus = 2;
+    info.interfaces = vec![InterfaceInfo::new("net0", InterfaceKind::User, "52:54:00:12:34:56")];
+    let mut value = info.into_value();
+    value.set("balloon_kib", Value::UInt(4096));
+    if domain == "bad" {
+        // Wrong for any registry minor.
+        value.set("vcpus", "two");
+    }
+    if let Some(Value::List(interfaces)) = value.get("interfaces").cloned() {
+        let mut interfaces: Vec<Value> = interfaces.into_iter().collect();
+        for interface in &mut interfaces {
+            interface.set("mtu", Value::UInt(1500));
+        }
+        value.set("interfaces", Value::list(interfaces));
+    }
+    value
+}
 
 /// Dies or hangs as the domain's name says (see the crate docs); otherwise panics.
 fn crash(domain: &str) -> Result<Value, PluginError> {
