@@ -228,7 +228,7 @@ impl Registry {
     /// The reviewed registry compiled into this host. The build script already parsed the
     /// TOML (a file that does not parse fails the build); this only decodes and compiles it.
     pub fn embedded() -> Result<Registry, RegistryError> {
-        let parsed: ParsedRegistry = serde_json::from_str(source::EMBEDDED_PARSED).map_err(|e| RegistryError {
+        let parsed: ParsedRegistry = rmp_serde::from_slice(source::EMBEDDED_PARSED).map_err(|e| RegistryError {
             problems: vec![Problem { file: "(embedded)".into(), message: format!("corrupt embedded registry: {e}") }],
         })?;
         Registry::from_parsed(ParsedSources {
@@ -584,6 +584,22 @@ mod tests {
         let registry = Registry::embedded().unwrap_or_else(|e| panic!("{e}"));
         assert!(registry.lookup("domain.suspend").is_some());
         assert_eq!(registry.lookup("domain.monitor-command").map(Capability::stage), Some(Stage::Rejected));
+    }
+
+    /// The compact embedded form decodes to exactly what the TOML files parse to: optional
+    /// fields, TOML default values and contract `with` tables included.
+    #[test]
+    fn embedded_encoding_matches_the_toml_files() {
+        let embedded: ParsedRegistry = rmp_serde::from_slice(source::EMBEDDED_PARSED).unwrap_or_else(|e| panic!("{e}"));
+        let from_toml = ParsedSources::parse(&source::embedded_files());
+        assert!(from_toml.problems.is_empty(), "{:?}", from_toml.problems);
+        assert_eq!(Some(embedded.registry), from_toml.info);
+        assert_eq!(embedded.types, from_toml.types);
+        assert_eq!(embedded.capabilities, from_toml.capabilities);
+        let defaults = embedded.capabilities.iter().flat_map(|(_, c)| &c.params).filter(|p| p.default.is_some());
+        assert!(defaults.count() > 0, "the check covers TOML default values");
+        let with_tables = embedded.capabilities.iter().filter_map(|(_, c)| c.contract.as_ref()).flat_map(|c| &c.cases);
+        assert!(with_tables.filter(|case| case.with.is_some()).count() > 0, "the check covers contract `with` tables");
     }
 
     fn sources(capability: &str) -> Vec<SourceFile> {

@@ -9,9 +9,9 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/embedded_registry.rs"));
 }
 
-/// The embedded registry as parsed by the build script ([`super::ParsedRegistry`] as JSON):
-/// decoding it is several times faster than parsing the TOML at every start.
-pub static EMBEDDED_PARSED: &str = include_str!(concat!(env!("OUT_DIR"), "/embedded_registry.json"));
+/// The embedded registry as parsed by the build script ([`super::ParsedRegistry`] as
+/// MessagePack): decoding it is many times faster than parsing the TOML at every start.
+pub static EMBEDDED_PARSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/embedded_registry.msgpack"));
 
 /// The reviewed registry files compiled into this binary.
 pub fn embedded_files() -> Vec<SourceFile> {

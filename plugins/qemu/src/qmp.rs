@@ -166,6 +166,12 @@ impl Qmp {
         // The greeting proves the peer speaks QMP (the version is asked with query-version).
         // Lines before it are skipped: a previous client's unread output (an event, a late
         // reply) can still be in flight when a channel changes hands.
+        // `qmp_capabilities` goes out before the greeting is read: QEMU reads it once it has
+        // greeted, so negotiating costs no round trip of its own (a peer that is no QMP server
+        // gets one line, and the greeting check below refuses it as before).
+        client.encode(&qmp::qmp_capabilities { enable: None })?;
+        // A peer gone before greeting is a closed channel, as when the greeting never comes.
+        client.send(None).map_err(|e| if matches!(e, QmpError::Stale) { QmpError::Closed } else { e })?;
         let deadline = Instant::now() + timeout;
         let mut skipped = 0;
         loop {
@@ -180,7 +186,10 @@ impl Qmp {
                 }
             }
         }
-        client.execute_within(&qmp::qmp_capabilities { enable: None }, timeout)?;
+        client.response::<<qmp::qmp_capabilities as Command>::Ok>(
+            <qmp::qmp_capabilities as Command>::NAME,
+            Instant::now() + timeout,
+        )?;
         Ok(client)
     }
 
@@ -299,7 +308,12 @@ impl Qmp {
         }
         self.encode(command)?;
         self.send(fd)?;
-        let deadline = Instant::now() + timeout;
+        self.response::<T>(C::NAME, Instant::now() + timeout)
+    }
+
+    /// Reads up to the response of the command last sent (`name`, for messages), keeping the
+    /// events that come before it.
+    fn response<T: DeserializeOwned>(&mut self, name: &str, deadline: Instant) -> Result<T, QmpError> {
         loop {
             let line = self.next_line(deadline)?;
             let bytes = &self.buf[line.0..line.1];
@@ -318,7 +332,7 @@ impl Qmp {
             }
             if let Some(ret) = envelope.ret {
                 return serde_json::from_str(ret.get())
-                    .map_err(|e| self.fail(QmpError::Protocol(format!("cannot read the result of {}: {e}", C::NAME))));
+                    .map_err(|e| self.fail(QmpError::Protocol(format!("cannot read the result of {name}: {e}"))));
             }
             if envelope.error.is_some() {
                 let error: qapi::Error = serde_json::from_slice(bytes)
