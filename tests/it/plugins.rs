@@ -630,7 +630,7 @@ fn result_fields_of_a_newer_registry_minor_are_dropped_for_that_plugin_only() {
     let same = sb.capvirt_env(&["-c", "fixture:///x", "dominfo", "web"], &[("CAPVIRT_FIXTURE_MODE", "extra-fields")]);
     assert_eq!(same.code, 1, "{}", same.stderr);
     assert!(same.stderr.contains("malformed result for `domain.info`"), "{}", same.stderr);
-    assert!(same.stderr.contains("unknown field `balloon_kib`"), "{}", same.stderr);
+    assert!(same.stderr.contains("`result.interfaces[0]`: unknown field `mtu`"), "{}", same.stderr);
 }
 
 #[test]
