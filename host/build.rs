@@ -3,9 +3,10 @@
 //! Every file is parsed here with the registry's own model (`src/registry/model.rs`), so a file
 //! that does not match the schema fails the build, and the parsed form is embedded as
 //! MessagePack (self-describing, so optional fields and TOML values survive; decoded without
-//! scanning text: less than half of JSON's cost) so the host does not parse TOML at every start. The raw text is embedded too, for tools that
-//! work on the files as written. Cross-reference checks run when the host compiles the
-//! registry; a unit test makes a registry that fails them fail `cargo test`.
+//! scanning text: less than half of JSON's cost) so the host does not parse TOML at every
+//! start. The raw text is embedded too, for tools that work on the files as written.
+//! Cross-reference checks run when the host compiles the registry; a unit test makes a
+//! registry that fails them fail `cargo test`.
 
 use std::{env, fs, path::Path};
 
