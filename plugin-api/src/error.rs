@@ -73,7 +73,8 @@ impl ErrorKind {
         }
     }
 
-    /// The constant's name (`NotFound`), or `ErrorKind(CODE)` for a code this release does not know.
+    /// The constant's name (`NotFound`); `None` for a code this release does not know (`Debug`
+    /// then shows `ErrorKind(CODE)`).
     fn name(self) -> Option<&'static str> {
         Some(match self {
             ErrorKind::NotFound => "NotFound",
